@@ -1,0 +1,371 @@
+"""The `DoublyNormalizedAttention` layer."""
+
+import keras
+from keras import ops
+
+from keras_dna import ops as dna_ops
+
+
+@keras.saving.register_keras_serializable(package="keras_dna")
+class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
+    """Multi-head attention that does not explain away its inputs.
+
+    A drop-in replacement for `keras.layers.MultiHeadAttention`: the same
+    constructor and call arguments, the same weights (so
+    `dna.set_weights(mha.get_weights())` works) and the same masks. Only the
+    normalization of the attention scores differs. Softmax normalizes each
+    query's scores over the keys, so a key that no query favours can receive
+    almost no attention at all ("explaining away"). Doubly-normalized
+    attention (Ding et al., 2020, "Attention that does not Explain Away")
+    first normalizes each key's scores over the queries, then each query's
+    over the keys; every valid key then receives a total attention of at
+    least `1 / (number of keys a query can see)`.
+
+    Masks (Keras masks of the inputs, `query_mask`, `value_mask`, `key_mask`,
+    `attention_mask`, `use_causal_mask`, `sliding_window`) exclude pairs from
+    both normalization steps, and padded queries do not influence other
+    queries.
+
+    Causality: the first step sums over queries, so with only a causal mask
+    a query's weights would depend on later queries. `use_causal_mask=True`
+    therefore always normalizes causally (over the current and earlier
+    queries). A decoder that instead passes its own causal
+    `attention_mask` (as keras-hub's `TransformerDecoder` does), and decoder
+    cross-attention, whose keys come from the encoder but whose queries are
+    generated one at a time, must set `causal_normalization=True`, or the
+    future leaks into the past through the first step.
+
+    Args:
+        num_heads: Number of attention heads.
+        key_dim: Size of each attention head for query and key.
+        value_dim: Size of each attention head for value; defaults to
+            `key_dim`.
+        dropout: Dropout rate on the attention weights.
+        use_bias: Whether the projections have biases.
+        output_shape: Shape of the output besides the batch and sequence
+            axes; defaults to the query's last dimension.
+        attention_axes: Axes over which attention is applied; defaults to all
+            axes but batch, heads and features. With several axes, the
+            queries are normalized over all query axes jointly, then the keys
+            over all key axes.
+        sliding_window: Optional positive integer: query `i` only attends to
+            keys within `sliding_window - 1` positions of it.
+        flash_attention: Must be `None` or `False`: no fused kernel computes
+            doubly-normalized attention, and the fused softmax kernels that
+            `MultiHeadAttention` may use are never taken.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+        bias_regularizer, activity_regularizer, kernel_constraint,
+        bias_constraint: As in `keras.layers.MultiHeadAttention`.
+        use_gate: Whether to gate the attention output with a sigmoid
+            projection of the query.
+        seed: Optional integer seed for dropout.
+        normalization: `"double"` (default), `"single"` (softmax, exactly
+            `MultiHeadAttention`) or `"hybrid"` (per head,
+            `sigmoid(alpha) * softmax + (1 - sigmoid(alpha)) * double`, with
+            a trainable `alpha` per head starting at 0).
+        causal_normalization: Normalize the first step over the current and
+            earlier queries only. Always on when called with
+            `use_causal_mask=True`.
+        **kwargs: Base layer arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        query: Query tensor of shape `(B, T, dim)`.
+        value: Value tensor of shape `(B, S, dim)`.
+        key: Optional key tensor of shape `(B, S, dim)`; defaults to `value`.
+        query_mask: Optional boolean tensor of shape `(B, T)`; `False` marks
+            padded queries. Combined with the Keras mask of `query`.
+        value_mask: Optional boolean tensor of shape `(B, S)`.
+        key_mask: Optional boolean tensor of shape `(B, S)`.
+        attention_mask: Optional boolean tensor of shape `(B, T, S)` (or
+            broadcastable to it, e.g. `(B, 1, S)`); `True` attends.
+        return_attention_scores: If `True`, also return the normalized
+            attention weights, shaped `(B, num_heads, T, S)`.
+        training: Whether dropout is active.
+        use_causal_mask: Whether query `i` only attends to keys `j <= i`;
+            implies causal normalization.
+
+    Returns:
+        attention_output: Shape `(B, T, E)`, where `E` is the query's last
+            dimension unless `output_shape` is given.
+        attention_scores: (Optional) the attention weights.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        dropout=0.0,
+        use_bias=True,
+        output_shape=None,
+        attention_axes=None,
+        sliding_window=None,
+        flash_attention=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        use_gate=False,
+        seed=None,
+        normalization="double",
+        causal_normalization=False,
+        **kwargs,
+    ):
+        if flash_attention:
+            raise ValueError(
+                "DoublyNormalizedAttention has no flash attention kernel: "
+                "flash kernels compute softmax attention. Pass "
+                f"flash_attention=None or False. Received: "
+                f"flash_attention={flash_attention!r}"
+            )
+        dna_ops.check_normalization(normalization)
+        if not isinstance(causal_normalization, bool):
+            raise TypeError(
+                "Argument `causal_normalization` must be a bool. Received: "
+                f"causal_normalization={causal_normalization!r}"
+            )
+        super().__init__(
+            num_heads=num_heads,
+            key_dim=key_dim,
+            value_dim=value_dim,
+            # Passed after construction: `MultiHeadAttention` rejects
+            # dropout when flash attention is enabled globally, which does
+            # not concern this layer.
+            dropout=0.0,
+            use_bias=use_bias,
+            output_shape=output_shape,
+            attention_axes=attention_axes,
+            sliding_window=sliding_window,
+            flash_attention=False,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            use_gate=use_gate,
+            seed=seed,
+            **kwargs,
+        )
+        self._dropout = dropout
+        self._flash_attention = False
+        self._normalization = normalization
+        self._causal_normalization = causal_normalization
+        # Set by `call` for the duration of one call: `MultiHeadAttention`
+        # folds `use_causal_mask` into the mask it hands to
+        # `_compute_attention`, which must still normalize causally.
+        self._normalize_causally = causal_normalization
+        self._mixing_logits = None
+
+    @property
+    def normalization(self):
+        return self._normalization
+
+    @property
+    def causal_normalization(self):
+        return self._causal_normalization
+
+    @property
+    def mixing_logits(self):
+        """Per-head softmax share logits of `"hybrid"`, else `None`."""
+        return self._mixing_logits
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "normalization": self._normalization,
+            "causal_normalization": self._causal_normalization,
+        }
+
+    def _build_attention(self, rank):
+        super()._build_attention(rank)
+        if self._normalization == "hybrid":
+            self._mixing_logits = self.add_weight(
+                name="mixing_logits",
+                shape=(self._num_heads,),
+                initializer="zeros",
+                trainable=True,
+            )
+
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        self._check_call_inputs(
+            query, value, key, query_mask, value_mask, key_mask, attention_mask
+        )
+        if use_causal_mask and len(self._attention_axes) > 1:
+            raise ValueError(
+                "`use_causal_mask=True` needs a single attention axis. "
+                f"Received: attention_axes={self._attention_axes}"
+            )
+        if query_mask is not None:
+            # `MultiHeadAttention` only reads the Keras mask of `query`. A
+            # padded query changes every output through the per-key step, so
+            # an explicit `query_mask` must reach the attention mask too.
+            query_mask = ops.cast(query_mask, "bool")
+            expanded = query_mask
+            for _ in self._attention_axes:
+                expanded = ops.expand_dims(expanded, -1)
+            attention_mask = (
+                expanded
+                if attention_mask is None
+                else ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
+            )
+        self._normalize_causally = self._causal_normalization or use_causal_mask
+        try:
+            return super().call(
+                query,
+                value,
+                key=key,
+                value_mask=value_mask,
+                key_mask=key_mask,
+                attention_mask=attention_mask,
+                return_attention_scores=return_attention_scores,
+                training=training,
+                use_causal_mask=use_causal_mask,
+            )
+        finally:
+            self._normalize_causally = self._causal_normalization
+
+    def _compute_attention(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        training=None,
+        return_attention_scores=False,
+        use_causal_mask=False,
+    ):
+        # `use_causal_mask` only arrives from `MultiHeadAttention.call` on its
+        # fused softmax path, which a subclass never takes; the causal mask is
+        # already in `attention_mask`.
+        num_axes = len(self._attention_axes)
+        query = ops.multiply(query, ops.cast(self._inverse_sqrt_key_dim, query.dtype))
+        scores = ops.einsum(self._dot_product_equation, key, query)
+        if attention_mask is not None:
+            # Insert the heads axis (and any missing batch axes) in front of
+            # the query and key axes.
+            attention_mask = ops.cast(attention_mask, "bool")
+            while len(attention_mask.shape) < len(scores.shape):
+                attention_mask = ops.expand_dims(attention_mask, -2 * num_axes - 1)
+        weights = dna_ops.normalize_attention_scores(
+            scores,
+            attention_mask,
+            normalization=self._normalization,
+            causal_normalization=self._normalize_causally,
+            mixing_logits=self._mixing_logits,
+            num_attention_axes=num_axes,
+        )
+        if self._dropout > 0.0:
+            dropped = self._dropout_layer(weights, training=training)
+        else:
+            dropped = weights
+        attention_output = ops.einsum(self._combine_equation, dropped, value)
+        return attention_output, weights
+
+    def _check_call_inputs(
+        self, query, value, key, query_mask, value_mask, key_mask, attention_mask
+    ):
+        key = value if key is None else key
+        if not _shapes_compatible(key.shape[:-1], value.shape[:-1]):
+            raise ValueError(
+                "Arguments `key` and `value` must have the same shape except "
+                f"in the last axis. Received: key.shape={key.shape}, "
+                f"value.shape={value.shape}"
+            )
+        for name, tensor, dense in (
+            ("query", query, self._query_dense),
+            ("value", value, self._value_dense),
+            ("key", key, self._key_dense),
+        ):
+            expected = dense.kernel.shape[0]
+            if tensor.shape[-1] is not None and tensor.shape[-1] != expected:
+                raise ValueError(
+                    f"Argument `{name}` must have last dimension {expected}, "
+                    "the size the layer was built with. Received: "
+                    f"{name}.shape={tensor.shape}"
+                )
+        built_rank = len(self._query_dense.equation.split(",")[0])
+        if len(query.shape) != built_rank:
+            raise ValueError(
+                f"Argument `query` must have rank {built_rank}, the rank the "
+                f"layer was built with. Received: query.shape={query.shape}"
+            )
+        _check_mask_shape("query_mask", query_mask, tuple(query.shape[:-1]))
+        _check_mask_shape("value_mask", value_mask, tuple(value.shape[:-1]))
+        _check_mask_shape("key_mask", key_mask, tuple(key.shape[:-1]))
+        key_axes = tuple(key.shape[axis] for axis in self._attention_axes)
+        _check_mask_shape(
+            "attention_mask",
+            attention_mask,
+            tuple(query.shape[:-1]) + key_axes,
+            min_rank=2 * len(self._attention_axes),
+        )
+
+    def compute_output_spec(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        output_spec = super().compute_output_spec(query, value, key=key)
+        if not return_attention_scores:
+            return output_spec
+        key = value if key is None else key
+        rank = len(query.shape)
+        axes = self._attention_axes or tuple(range(1, rank - 1))
+        axes = tuple(axis % rank for axis in axes)
+        batch_axes = tuple(axis for axis in range(rank - 1) if axis not in axes)
+        scores_shape = (
+            tuple(query.shape[axis] for axis in batch_axes)
+            + (self._num_heads,)
+            + tuple(query.shape[axis] for axis in axes)
+            + tuple(key.shape[axis] for axis in axes)
+        )
+        return output_spec, keras.KerasTensor(scores_shape, dtype=self.compute_dtype)
+
+
+def _shapes_compatible(a, b):
+    return len(a) == len(b) and all(
+        x is None or y is None or x == y for x, y in zip(a, b)
+    )
+
+
+def _check_mask_shape(name, mask, target_shape, min_rank=None):
+    """Raises unless `mask` broadcasts to `target_shape` (static dims only)."""
+    if mask is None:
+        return
+    shape = tuple(mask.shape)
+    min_rank = len(target_shape) if min_rank is None else min_rank
+    compatible = min_rank <= len(shape) <= len(target_shape) and all(
+        m is None or t is None or m in (1, t)
+        for m, t in zip(reversed(shape), reversed(target_shape))
+    )
+    if not compatible:
+        raise ValueError(
+            f"Argument `{name}` must be broadcastable to shape {target_shape} "
+            f"(rank {min_rank} to {len(target_shape)}). "
+            f"Received: {name}.shape={shape}"
+        )

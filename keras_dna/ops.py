@@ -1,0 +1,406 @@
+"""Doubly-normalized attention as pure functions in `keras.ops`.
+
+The math follows "Attention that does not Explain Away" (Ding et al., 2020):
+
+1. over queries, per key: `B[i, j] = m exp(s[i, j]) / sum_i' m exp(s[i', j])`
+2. over keys, per query: `A[i, j] = B[i, j] / sum_j' B[i, j']`
+
+computed in log space as a softmax over keys of `s[i, j] - c[j]`, where `c[j]`
+is the log-sum-exp of key `j`'s valid scores over the queries. With causal
+normalization `c[i, j]` only sums over queries `i' <= i`, so no output depends
+on a later query.
+
+The functions here are what `keras_dna.DoublyNormalizedAttention` runs; they
+can also be used on their own, in the style of
+`keras.ops.dot_product_attention`.
+"""
+
+import math
+
+from keras import backend
+from keras import ops
+
+NORMALIZATIONS = ("double", "single", "hybrid")
+
+# Block length of the blocked prefix sum along the query axis. XLA lowers a
+# cumulative sum to a windowed reduction whose cost grows with the square of
+# the axis length, so the prefix sum is taken within short blocks and again
+# over the block totals.
+_PREFIX_BLOCK = 16
+
+
+def _working_dtype(dtype):
+    """The dtype normalization runs in: float32, or float64 for float64."""
+    return "float64" if backend.standardize_dtype(dtype) == "float64" else "float32"
+
+
+def _masked_value(dtype):
+    # Finite, so that differences of two masked entries stay 0 and no
+    # inf - inf can reach a gradient.
+    return -1e30 if dtype == "float32" else -1e300
+
+
+def _underflow_log_threshold(dtype):
+    """Log of the smallest partial sum the fast prefix path trusts.
+
+    exp() flushes to zero below about -87 (float32) or -708 (float64); a
+    partial sum of at least exp(threshold) makes the lost terms negligible
+    (relative error below `length * exp(threshold - flush)`).
+    """
+    return -60.0 if dtype == "float32" else -600.0
+
+
+def check_normalization(normalization):
+    """Returns `normalization` if it is one of `NORMALIZATIONS`, else raises."""
+    if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
+        raise ValueError(
+            "Argument `normalization` must be one of "
+            f"{', '.join(repr(n) for n in NORMALIZATIONS)}. "
+            f"Received: normalization={normalization!r}"
+        )
+    return normalization
+
+
+def _static_length(x, axis):
+    length = x.shape[axis]
+    return length if isinstance(length, int) else None
+
+
+def _masked_softmax(logits, valid):
+    """Softmax over the last axis; rows with no valid entry give zeros."""
+    if valid is None:
+        return ops.softmax(logits, axis=-1)
+    logits = ops.where(valid, logits, _masked_value(logits.dtype))
+    return ops.where(valid, ops.softmax(logits, axis=-1), 0.0)
+
+
+def _key_logsumexp(scores, valid):
+    """`c[j]`: log-sum-exp of each key's valid scores over all queries."""
+    # c does not depend on the shift mathematically; stopping its gradient
+    # saves the backward pass through the max.
+    shift = ops.stop_gradient(ops.max(scores, axis=-2, keepdims=True))
+    terms = ops.exp(scores - shift)
+    if valid is not None:
+        terms = ops.where(valid, terms, 0.0)
+    total = ops.sum(terms, axis=-2, keepdims=True)
+    # A key with no valid query has total 0; its entries are all masked, so
+    # any finite value will do.
+    return shift + ops.log(ops.where(total > 0, total, 1.0))
+
+
+def _cumsum(x, axis):
+    """Inclusive prefix sum along `axis` (negative), blocked for XLA."""
+    length = _static_length(x, axis)
+    if length is None or length <= _PREFIX_BLOCK:
+        return ops.cumsum(x, axis=axis)
+    padding = (-length) % _PREFIX_BLOCK
+    if padding:
+        pad_width = [(0, 0)] * len(x.shape)
+        pad_width[axis] = (0, padding)
+        x = ops.pad(x, pad_width)
+    rank = len(x.shape)
+    axis = axis % rank
+    num_blocks = (length + padding) // _PREFIX_BLOCK
+    shape = ops.shape(x)
+    blocks = ops.reshape(
+        x,
+        tuple(shape[:axis]) + (num_blocks, _PREFIX_BLOCK) + tuple(shape[axis + 1 :]),
+    )
+    within = ops.cumsum(blocks, axis=axis + 1)
+    totals = ops.take(within, _PREFIX_BLOCK - 1, axis=axis + 1)
+    # Exclusive prefix by shifting (not by subtracting, which would cancel).
+    before = _cumsum(totals, axis)
+    before = ops.concatenate(
+        [
+            ops.zeros_like(ops.take(before, ops.arange(1), axis=axis)),
+            ops.take(before, ops.arange(num_blocks - 1), axis=axis),
+        ],
+        axis=axis,
+    )
+    out = within + ops.expand_dims(before, axis + 1)
+    out = ops.reshape(out, shape)
+    if padding:
+        out = ops.take(out, ops.arange(length), axis=axis)
+    return out
+
+
+def _logaddexp(a, b):
+    high = ops.maximum(a, b)
+    return high + ops.log1p(ops.exp(-ops.abs(a - b)))
+
+
+def _exact_prefix_logsumexp(scores):
+    """Prefix log-sum-exp along the query axis, exact for any spread.
+
+    A log-space Hillis-Steele scan: log2(T) passes, each a fused elementwise
+    op under XLA. Only taken when the fast path would lose precision.
+    """
+    length = _static_length(scores, -2)
+    if length is None:
+        # Only a TensorFlow graph can hide the length at trace time.
+        import tensorflow as tf
+
+        return tf.math.cumulative_logsumexp(scores, axis=-2)
+    fill = _masked_value(scores.dtype)
+    shift = 1
+    while shift < length:
+        earlier = ops.take(scores, ops.arange(length - shift), axis=-2)
+        pad_width = [(0, 0)] * (len(scores.shape) - 2) + [(shift, 0), (0, 0)]
+        earlier = ops.pad(earlier, pad_width, constant_values=fill)
+        scores = _logaddexp(scores, earlier)
+        shift *= 2
+    return scores
+
+
+def _prefix_key_logsumexp(scores, valid):
+    """`c[i, j]`: log-sum-exp of key j's valid scores over queries i' <= i.
+
+    Fast path: exponentials against each key's maximum over all queries and
+    a blocked prefix sum, which costs about what the non-causal reduction
+    does. A prefix whose sum underflows against that maximum (scores rising
+    by more than about 60 along the queries) switches the whole call to the
+    exact log-space scan.
+    """
+    dtype = scores.dtype
+    shift = ops.stop_gradient(ops.max(scores, axis=-2, keepdims=True))
+    terms = ops.exp(scores - shift)
+    if valid is not None:
+        terms = ops.where(valid, terms, 0.0)
+    partial = _cumsum(terms, axis=-2)
+    threshold = math.exp(_underflow_log_threshold(dtype))
+    trusted = partial >= threshold
+    if valid is not None:
+        trusted = ops.logical_or(trusted, ops.logical_not(valid))
+    smallest_normal = 1e-37 if dtype == "float32" else 1e-307
+    fast = shift + ops.log(ops.maximum(partial, smallest_normal))
+    return ops.cond(
+        ops.all(trusted),
+        lambda: fast,
+        lambda: _exact_prefix_logsumexp(scores),
+    )
+
+
+def _doubly_normalize(scores, valid, causal):
+    if causal:
+        key_lse = _prefix_key_logsumexp(scores, valid)
+    else:
+        key_lse = _key_logsumexp(scores, valid)
+    return _masked_softmax(scores - key_lse, valid)
+
+
+def normalize_attention_scores(
+    scores,
+    mask=None,
+    *,
+    normalization="double",
+    causal_normalization=False,
+    mixing_logits=None,
+    num_attention_axes=1,
+):
+    """Turns raw attention scores into attention weights.
+
+    Args:
+        scores: Scaled dot products, shaped
+            `(<batch dims>, num_heads, <query axes>, <key axes>)` with
+            `num_attention_axes` query axes and as many key axes.
+        mask: Optional boolean tensor broadcastable to `scores`; `True` marks
+            the (query, key) pairs that may attend. Masked pairs are left out
+            of both normalization steps and get weight 0.
+        normalization: `"double"` (doubly-normalized attention), `"single"`
+            (softmax over keys, as `keras.layers.MultiHeadAttention`) or
+            `"hybrid"` (a per-head mix of the two).
+        causal_normalization: If `True`, the first (per-key) step only sums
+            over the current and earlier queries, so no query's weights
+            depend on later queries. With several query axes, "earlier" is
+            row-major order over them.
+        mixing_logits: For `"hybrid"`: shape `(num_heads,)`; head `h` takes
+            `sigmoid(mixing_logits[h])` of softmax and the rest of double
+            normalization. `None` mixes them equally.
+        num_attention_axes: How many query (and key) axes `scores` has.
+
+    Returns:
+        Weights with the shape and dtype of `scores`. Each query's weights
+        over its valid keys sum to 1; a query with no valid key gets zeros.
+        The normalization runs in float32 (float64 for float64 scores).
+    """
+    check_normalization(normalization)
+    if not isinstance(num_attention_axes, int) or num_attention_axes < 1:
+        raise ValueError(
+            "Argument `num_attention_axes` must be a positive integer. "
+            f"Received: num_attention_axes={num_attention_axes!r}"
+        )
+    scores = ops.convert_to_tensor(scores)
+    rank = len(scores.shape)
+    if rank < 2 * num_attention_axes + 1:
+        raise ValueError(
+            "Argument `scores` must have a heads axis and "
+            f"{num_attention_axes} query and key axes each, so rank at least "
+            f"{2 * num_attention_axes + 1}. Received: shape={scores.shape}"
+        )
+    out_dtype = scores.dtype
+    dtype = _working_dtype(out_dtype)
+    scores = ops.cast(scores, dtype)
+    valid = None
+    if mask is not None:
+        valid = ops.cast(mask, "bool")
+        if len(valid.shape) > rank:
+            raise ValueError(
+                f"Argument `mask` must be broadcastable to the scores, of "
+                f"shape {scores.shape}. Received: mask.shape={valid.shape}"
+            )
+    full_shape = ops.shape(scores)
+    if num_attention_axes > 1:
+        # Joint normalization over several axes is normalization over their
+        # flattened product.
+        if valid is not None:
+            valid = ops.broadcast_to(valid, full_shape)
+        query_axes = full_shape[rank - 2 * num_attention_axes : rank - num_attention_axes]
+        key_axes = full_shape[rank - num_attention_axes :]
+        flat_shape = tuple(full_shape[: rank - 2 * num_attention_axes]) + (
+            math.prod(query_axes),
+            math.prod(key_axes),
+        )
+        scores = ops.reshape(scores, flat_shape)
+        if valid is not None:
+            valid = ops.reshape(valid, flat_shape)
+    if valid is not None:
+        scores = ops.where(valid, scores, _masked_value(dtype))
+
+    if normalization == "single":
+        weights = _masked_softmax(scores, valid)
+    elif normalization == "double":
+        weights = _doubly_normalize(scores, valid, causal_normalization)
+    else:
+        if mixing_logits is None:
+            softmax_share = 0.5
+        else:
+            softmax_share = ops.sigmoid(ops.cast(mixing_logits, dtype))
+            softmax_share = ops.reshape(softmax_share, (-1, 1, 1))
+        weights = softmax_share * _masked_softmax(scores, valid) + (
+            1.0 - softmax_share
+        ) * _doubly_normalize(scores, valid, causal_normalization)
+
+    if num_attention_axes > 1:
+        weights = ops.reshape(weights, full_shape)
+    return ops.cast(weights, out_dtype)
+
+
+def _check_rank4(name, x):
+    if len(x.shape) != 4:
+        raise ValueError(
+            f"Argument `{name}` must have shape (batch, length, num_heads, "
+            f"head_dim). Received: {name}.shape={x.shape}"
+        )
+
+
+def _check_match(what, a_name, a, b_name, b):
+    if a is not None and b is not None and a != b:
+        raise ValueError(
+            f"Arguments `{a_name}` and `{b_name}` must have the same {what}. "
+            f"Received: {a} and {b}"
+        )
+
+
+def doubly_normalized_attention_weights(
+    query,
+    key,
+    mask=None,
+    *,
+    normalization="double",
+    is_causal=False,
+    causal_normalization=False,
+    scale=None,
+    mixing_logits=None,
+):
+    """Attention weights of doubly-normalized attention.
+
+    Args:
+        query: Shape `(batch, query_length, num_heads, head_dim)`.
+        key: Shape `(batch, key_length, num_heads, head_dim)`.
+        mask: Optional boolean tensor broadcastable to
+            `(batch, num_heads, query_length, key_length)`; `True` attends.
+        normalization: `"double"`, `"single"` or `"hybrid"`; see
+            `normalize_attention_scores`.
+        is_causal: If `True`, query `i` only attends to keys `j <= i`, and
+            the normalization is causal too.
+        causal_normalization: If `True`, the per-key step only sums over the
+            current and earlier queries (needed whenever the mask hides the
+            future, e.g. in decoder cross-attention).
+        scale: Multiplies the dot products; defaults to
+            `1 / sqrt(head_dim)`.
+        mixing_logits: For `"hybrid"`, shape `(num_heads,)`.
+
+    Returns:
+        Weights of shape `(batch, num_heads, query_length, key_length)`.
+    """
+    query = ops.convert_to_tensor(query)
+    key = ops.convert_to_tensor(key)
+    _check_rank4("query", query)
+    _check_rank4("key", key)
+    for axis, what in ((0, "batch size"), (2, "number of heads"), (3, "head size")):
+        _check_match(what, "query", query.shape[axis], "key", key.shape[axis])
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    # A Python scale stays a weak type: no float32 rounding of float64 work.
+    scores = ops.multiply(ops.einsum("btnh,bsnh->bnts", query, key), scale)
+    if is_causal:
+        query_index = ops.expand_dims(ops.arange(ops.shape(query)[1]), -1)
+        key_index = ops.expand_dims(ops.arange(ops.shape(key)[1]), 0)
+        causal_mask = query_index >= key_index
+        mask = causal_mask if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal_mask)
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+        if len(mask.shape) > 4:
+            raise ValueError(
+                "Argument `mask` must be broadcastable to (batch, num_heads, "
+                f"query_length, key_length). Received: mask.shape={mask.shape}"
+            )
+    return normalize_attention_scores(
+        scores,
+        mask,
+        normalization=normalization,
+        causal_normalization=causal_normalization or is_causal,
+        mixing_logits=mixing_logits,
+    )
+
+
+def doubly_normalized_attention(
+    query,
+    key,
+    value,
+    mask=None,
+    *,
+    normalization="double",
+    is_causal=False,
+    causal_normalization=False,
+    scale=None,
+    mixing_logits=None,
+):
+    """Doubly-normalized attention, a counterpart of `keras.ops.dot_product_attention`.
+
+    Args:
+        query: Shape `(batch, query_length, num_heads, head_dim)`.
+        key: Shape `(batch, key_length, num_heads, head_dim)`.
+        value: Shape `(batch, key_length, num_heads, value_dim)`.
+        mask, normalization, is_causal, causal_normalization, scale,
+        mixing_logits: As in `doubly_normalized_attention_weights`.
+
+    Returns:
+        Shape `(batch, query_length, num_heads, value_dim)`.
+    """
+    value = ops.convert_to_tensor(value)
+    _check_rank4("value", value)
+    key = ops.convert_to_tensor(key)
+    for axis, what in ((0, "batch size"), (1, "length"), (2, "number of heads")):
+        _check_match(what, "key", key.shape[axis], "value", value.shape[axis])
+    weights = doubly_normalized_attention_weights(
+        query,
+        key,
+        mask,
+        normalization=normalization,
+        is_causal=is_causal,
+        causal_normalization=causal_normalization,
+        scale=scale,
+        mixing_logits=mixing_logits,
+    )
+    return ops.einsum("bnts,bsnh->btnh", weights, ops.cast(value, weights.dtype))

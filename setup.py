@@ -1,0 +1,34 @@
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+here = pathlib.Path(__file__).parent
+version = re.search(
+    r'__version__ = "([^"]+)"', (here / "keras_dna" / "__init__.py").read_text()
+).group(1)
+
+examples = ["tensorflow-text>=2.21", "matplotlib>=3.8", "mlxtend>=0.23"]
+
+setup(
+    name="keras-dna",
+    version=version,
+    description=(
+        "Doubly-normalized attention for Keras: a drop-in replacement for "
+        "MultiHeadAttention that does not explain away its inputs."
+    ),
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["keras_dna", "keras_dna.*"]),
+    python_requires=">=3.10",
+    install_requires=["tensorflow>=2.21", "keras>=3.15", "numpy"],
+    extras_require={
+        "examples": examples,
+        "tests": examples + ["pytest>=8"],
+    },
+    license="Apache-2.0",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,107 @@
+"""Float64 NumPy transcription of ../shared/DNA.md, the numeric oracle.
+
+Written from the formulas, loop by loop, sharing no code with keras_dna.
+"""
+
+import numpy as np
+
+
+def _logsumexp(values):
+    top = np.max(values)
+    return top + np.log(np.sum(np.exp(values - top)))
+
+
+def _row_softmax(logits, valid):
+    out = np.zeros_like(logits)
+    if valid.any():
+        chosen = logits[valid]
+        out[valid] = np.exp(chosen - _logsumexp(chosen))
+    return out
+
+
+def _one_head(s, m, normalization, causal, softmax_share):
+    T, S = s.shape
+    single = np.stack([_row_softmax(s[i], m[i]) for i in range(T)])
+    if normalization == "single":
+        return single
+    log_b = np.zeros_like(s)
+    for i in range(T):
+        queries = range(i + 1) if causal else range(T)
+        for j in range(S):
+            if not m[i, j]:
+                continue
+            column = [s[k, j] for k in queries if m[k, j]]
+            log_b[i, j] = s[i, j] - _logsumexp(np.array(column))
+    double = np.stack([_row_softmax(log_b[i], m[i]) for i in range(T)])
+    if normalization == "double":
+        return double
+    return softmax_share * single + (1.0 - softmax_share) * double
+
+
+def attention_weights(
+    scores, valid=None, normalization="double", causal=False, mixing_logits=None
+):
+    """Weights for scores shaped (..., heads, T, S); `valid` broadcasts to it."""
+    s = np.asarray(scores, dtype=np.float64)
+    m = np.ones(s.shape, bool) if valid is None else np.broadcast_to(valid, s.shape)
+    heads = s.shape[-3]
+    if mixing_logits is None:
+        mixing_logits = np.zeros(heads)
+    share = 1.0 / (1.0 + np.exp(-np.asarray(mixing_logits, np.float64)))
+    out = np.zeros_like(s)
+    for index in np.ndindex(*s.shape[:-2]):
+        out[index] = _one_head(
+            s[index], m[index], normalization, causal, share[index[-1]]
+        )
+    return out
+
+
+def validity(batch, q_len, k_len, query_mask=None, key_mask=None,
+             attention_mask=None, causal=False, sliding_window=None):
+    """The (B, T, S) AND of every mask, as DNA.md's m[i, j]."""
+    m = np.ones((batch, q_len, k_len), bool)
+    if query_mask is not None:
+        m &= np.asarray(query_mask, bool)[:, :, None]
+    if key_mask is not None:
+        m &= np.asarray(key_mask, bool)[:, None, :]
+    if attention_mask is not None:
+        m &= np.broadcast_to(np.asarray(attention_mask, bool), m.shape)
+    i = np.arange(q_len)[:, None]
+    j = np.arange(k_len)[None, :]
+    if causal:
+        m &= j <= i
+    if sliding_window is not None:
+        m &= np.abs(i - j) < sliding_window
+    return m
+
+
+def layer_forward(layer, query, value, key=None, valid=None, causal=False):
+    """Forward pass of a built (B, T, dim) attention layer in float64.
+
+    Returns (output (B, T, E), weights (B, N, T, S)).
+    """
+    key = value if key is None else key
+    q = np.tensordot(np.asarray(query, np.float64),
+                     np.asarray(layer.query_dense.kernel, np.float64), axes=1)
+    k = np.tensordot(np.asarray(key, np.float64),
+                     np.asarray(layer.key_dense.kernel, np.float64), axes=1)
+    v = np.tensordot(np.asarray(value, np.float64),
+                     np.asarray(layer.value_dense.kernel, np.float64), axes=1)
+    if layer.use_bias:
+        q = q + np.asarray(layer.query_dense.bias, np.float64)
+        k = k + np.asarray(layer.key_dense.bias, np.float64)
+        v = v + np.asarray(layer.value_dense.bias, np.float64)
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    mixing = getattr(layer, "mixing_logits", None)
+    weights = attention_weights(
+        scores,
+        None if valid is None else valid[:, None],
+        normalization=getattr(layer, "normalization", "single"),
+        causal=causal,
+        mixing_logits=None if mixing is None else np.asarray(mixing),
+    )
+    context = np.einsum("bnts,bsnh->btnh", weights, v)
+    out = np.tensordot(context, np.asarray(layer.output_dense.kernel, np.float64), axes=2)
+    if layer.use_bias:
+        out = out + np.asarray(layer.output_dense.bias, np.float64)
+    return out, weights
