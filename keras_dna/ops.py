@@ -74,18 +74,18 @@ def _masked_softmax(logits, valid):
     return ops.where(valid, ops.softmax(logits, axis=-1), 0.0)
 
 
-def _key_logsumexp(scores, valid):
-    """`c[j]`: log-sum-exp of each key's valid scores over all queries."""
+def _key_logsumexp(scores):
+    """`c[j]`: log-sum-exp of each key's valid scores over all queries.
+
+    Masked entries of `scores` hold `_masked_value`, so they add exp(-huge)
+    = 0 whenever the key has a valid score. A key without one only has
+    masked entries, for which any finite `c` will do.
+    """
     # c does not depend on the shift mathematically; stopping its gradient
     # saves the backward pass through the max.
     shift = ops.stop_gradient(ops.max(scores, axis=-2, keepdims=True))
-    terms = ops.exp(scores - shift)
-    if valid is not None:
-        terms = ops.where(valid, terms, 0.0)
-    total = ops.sum(terms, axis=-2, keepdims=True)
-    # A key with no valid query has total 0; its entries are all masked, so
-    # any finite value will do.
-    return shift + ops.log(ops.where(total > 0, total, 1.0))
+    total = ops.sum(ops.exp(scores - shift), axis=-2, keepdims=True)
+    return shift + ops.log(total)
 
 
 def _cumsum(x, axis):
@@ -152,39 +152,81 @@ def _exact_prefix_logsumexp(scores):
     return scores
 
 
+def _reverse_cumsum(x, axis):
+    return ops.flip(_cumsum(ops.flip(x, axis=axis), axis=axis), axis=axis)
+
+
+def _positive_part_log(x, dtype):
+    """log(max(x, 0)), with the masked value standing in for log(0)."""
+    positive = x > 0
+    return ops.where(positive, ops.log(ops.where(positive, x, 1.0)), _masked_value(dtype))
+
+
 def _prefix_key_logsumexp(scores, valid):
     """`c[i, j]`: log-sum-exp of key j's valid scores over queries i' <= i.
 
     Fast path: exponentials against each key's maximum over all queries and
     a blocked prefix sum, which costs about what the non-causal reduction
     does. A prefix whose sum underflows against that maximum (scores rising
-    by more than about 60 along the queries) switches the whole call to the
-    exact log-space scan.
+    by more than about 60 along the queries) switches the call to the exact
+    log-space scan.
+
+    The gradient is written out, `dc[i, j] / ds[i', j] = exp(s[i', j] -
+    c[i, j])` for `i' <= i`, as a reverse prefix sum on the same two paths:
+    differentiating through the branch would make the backward pass carry
+    the untaken branch's intermediates.
     """
     dtype = scores.dtype
-    shift = ops.stop_gradient(ops.max(scores, axis=-2, keepdims=True))
-    terms = ops.exp(scores - shift)
-    if valid is not None:
-        terms = ops.where(valid, terms, 0.0)
-    partial = _cumsum(terms, axis=-2)
     threshold = math.exp(_underflow_log_threshold(dtype))
-    trusted = partial >= threshold
-    if valid is not None:
-        trusted = ops.logical_or(trusted, ops.logical_not(valid))
     smallest_normal = 1e-37 if dtype == "float32" else 1e-307
-    fast = shift + ops.log(ops.maximum(partial, smallest_normal))
-    return ops.cond(
-        ops.all(trusted),
-        lambda: fast,
-        lambda: _exact_prefix_logsumexp(scores),
-    )
+
+    @ops.custom_gradient
+    def prefix_logsumexp(scores):
+        # As in `_key_logsumexp`, masked entries add nothing to a valid prefix.
+        shift = ops.max(scores, axis=-2, keepdims=True)
+        terms = ops.exp(scores - shift)
+        partial = _cumsum(terms, axis=-2)
+        trusted = partial >= threshold
+        if valid is not None:
+            trusted = ops.logical_or(trusted, ops.logical_not(valid))
+        trusted = ops.all(trusted)
+        key_lse = ops.cond(
+            trusted,
+            lambda: shift + ops.log(ops.maximum(partial, smallest_normal)),
+            lambda: _exact_prefix_logsumexp(scores),
+        )
+
+        def fast_grad(upstream):
+            # exp(shift - c) <= exp(60) where upstream can be nonzero.
+            return terms * _reverse_cumsum(upstream * ops.exp(shift - key_lse), axis=-2)
+
+        def exact_grad(upstream):
+            # Sum upstream's positive and negative parts separately in log
+            # space; exp(s[i'] + log sum) is at most sum |upstream|.
+            total = 0.0
+            for sign in (1.0, -1.0):
+                log_terms = _positive_part_log(sign * upstream, dtype) - key_lse
+                reverse_lse = ops.flip(
+                    _exact_prefix_logsumexp(ops.flip(log_terms, axis=-2)), axis=-2
+                )
+                total = total + sign * ops.exp(scores + reverse_lse)
+            return total
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return ops.cond(trusted, lambda: fast_grad(upstream), lambda: exact_grad(upstream))
+
+        return key_lse, grad
+
+    return prefix_logsumexp(scores)
 
 
 def _doubly_normalize(scores, valid, causal):
     if causal:
         key_lse = _prefix_key_logsumexp(scores, valid)
     else:
-        key_lse = _key_logsumexp(scores, valid)
+        key_lse = _key_logsumexp(scores)
     return _masked_softmax(scores - key_lse, valid)
 
 
