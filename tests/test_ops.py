@@ -286,3 +286,19 @@ def test_bad_arguments_raise_clear_errors(rng):
         dna_ops.doubly_normalized_attention(q, q, q, np.ones((1, 2, 2, 5, 5), bool))
     with pytest.raises(ValueError, match="num_attention_axes"):
         dna_ops.normalize_attention_scores(q, num_attention_axes=0)
+
+
+def test_functions_accept_keras_inputs(rng):
+    import keras
+
+    query = keras.Input((5, 2, 4))
+    mask = keras.Input((1, 5, 5), dtype="bool")
+    out = dna_ops.doubly_normalized_attention(
+        query, query, query, mask, is_causal=True, normalization="hybrid"
+    )
+    assert out.shape == (None, 5, 2, 4)
+    model = keras.Model([query, mask], out)
+    x = rng.normal(size=(2, 5, 2, 4)).astype("float32")
+    m = rng.random((2, 1, 5, 5)) < 0.8
+    expected = dna_ops.doubly_normalized_attention(x, x, x, m, is_causal=True, normalization="hybrid")
+    np.testing.assert_allclose(np.asarray(model([x, m])), np.asarray(expected), atol=1e-6)
