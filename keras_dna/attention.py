@@ -255,7 +255,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         # fused softmax path, which a subclass never takes; the causal mask is
         # already in `attention_mask`.
         num_axes = len(self._attention_axes)
-        query = ops.multiply(query, ops.cast(self._inverse_sqrt_key_dim, query.dtype))
+        # A Python float keeps the query's dtype; `ops.cast` of one would
+        # round it through float32 first.
+        query = ops.multiply(query, self._inverse_sqrt_key_dim)
         scores = ops.einsum(self._dot_product_equation, key, query)
         if attention_mask is not None:
             # Insert the heads axis (and any missing batch axes) in front of

@@ -22,7 +22,7 @@ def _layer(normalization="double", **kwargs):
 
 def _set_mixing(layer, rng):
     if layer.mixing_logits is not None:
-        layer.mixing_logits.assign(rng.normal(size=HEADS).astype("float32"))
+        layer.mixing_logits.assign(rng.normal(size=HEADS))
 
 
 def _inputs(rng, q_len=T, k_len=S):
@@ -73,22 +73,26 @@ def _case(name, rng):
     return layer_kwargs, call_kwargs, (q_len, k_len), valid, causal
 
 
+@pytest.mark.parametrize("dtype, weight_tol, output_tol", [
+    ("float32", 2e-6, 2e-5), ("float64", 1e-13, 1e-12),
+])
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize("case", MASK_CASES)
-def test_layer_matches_oracle(rng, normalization, case):
+def test_layer_matches_oracle(rng, normalization, case, dtype, weight_tol, output_tol):
     layer_kwargs, call_kwargs, (q_len, k_len), valid, causal = _case(case, rng)
-    query, value = _inputs(rng, q_len, k_len)
-    layer = _layer(normalization, **layer_kwargs)
+    query, value = (x.astype(dtype) for x in _inputs(rng, q_len, k_len))
+    layer = _layer(normalization, dtype=dtype, **layer_kwargs)
     layer(query, value)
     _set_mixing(layer, rng)
     output, weights = layer(query, value, return_attention_scores=True, **call_kwargs)
+    assert output.dtype == dtype and weights.dtype == dtype
     expected_output, expected_weights = oracle.layer_forward(
         layer, query, value, valid=valid, causal=causal
     )
-    np.testing.assert_allclose(np.asarray(weights), expected_weights, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(weights), expected_weights, atol=weight_tol, rtol=0)
     rows = valid.any(-1)  # queries with at least one key
     np.testing.assert_allclose(
-        np.asarray(output)[rows], expected_output[rows], atol=2e-5
+        np.asarray(output)[rows], expected_output[rows], atol=output_tol, rtol=0
     )
 
 

@@ -1,0 +1,58 @@
+"""Maximum error of DoublyNormalizedAttention against the float64 oracle, per dtype.
+
+Runs the layer on random inputs under each dtype policy, with padding, an
+attention mask and causal masking, and compares outputs and weights with the
+NumPy float64 transcription in tests/oracle.py.
+
+    python benchmarks/oracle_error.py
+"""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from keras_dna import DoublyNormalizedAttention  # noqa: E402
+from tests import oracle  # noqa: E402
+
+POLICIES = ["float64", "float32", "mixed_float16", "mixed_bfloat16"]
+
+
+def main():
+    rng = np.random.default_rng(0)
+    batch, length, width = 4, 24, 32
+    query = rng.normal(size=(batch, length, width))
+    key_mask = np.arange(length)[None] < rng.integers(length // 2, length + 1, size=(batch, 1))
+    attention_mask = rng.random((batch, length, length)) < 0.8
+    print("| dtype policy | normalization | masks | max output error | max weight error |")
+    print("|---|---|---|---|---|")
+    for normalization in ("double", "hybrid", "single"):
+        reference = DoublyNormalizedAttention(4, 8, normalization=normalization, dtype="float64")
+        reference(query, query)
+        for policy in POLICIES:
+            layer = DoublyNormalizedAttention(4, 8, normalization=normalization, dtype=policy)
+            layer(query.astype("float32"), query.astype("float32"))
+            layer.set_weights(reference.get_weights())
+            for name, kwargs, valid, causal in (
+                ("padding+attention_mask", {"value_mask": key_mask, "attention_mask": attention_mask},
+                 oracle.validity(batch, length, length, key_mask=key_mask, attention_mask=attention_mask), False),
+                ("causal", {"use_causal_mask": True},
+                 oracle.validity(batch, length, length, causal=True), True),
+            ):
+                inputs = query if policy == "float64" else query.astype("float32")
+                out, weights = layer(inputs, inputs, return_attention_scores=True, **kwargs)
+                want_out, want_weights = oracle.layer_forward(
+                    layer, query, query, valid=valid, causal=causal
+                )
+                rows = valid.any(-1)
+                out_error = np.abs(np.asarray(out, np.float64)[rows] - want_out[rows]).max()
+                weight_error = np.abs(np.asarray(weights, np.float64) - want_weights).max()
+                print(f"| {policy} | {normalization} | {name} | {out_error:.2e} | {weight_error:.2e} |")
+
+
+if __name__ == "__main__":
+    main()
