@@ -4,6 +4,9 @@ import keras
 from keras import ops
 
 from keras_dna import ops as dna_ops
+from keras_dna._validation import check_broadcastable
+from keras_dna._validation import check_normalization
+from keras_dna._validation import same_static_shape
 
 
 @keras.saving.register_keras_serializable(package="keras_dna")
@@ -121,7 +124,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 f"flash_attention=None or False. Received: "
                 f"flash_attention={flash_attention!r}"
             )
-        dna_ops.check_normalization(normalization)
+        check_normalization(normalization)
         if not isinstance(causal_normalization, bool):
             raise TypeError(
                 "Argument `causal_normalization` must be a bool. Received: "
@@ -284,7 +287,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self, query, value, key, query_mask, value_mask, key_mask, attention_mask
     ):
         key = value if key is None else key
-        if not _shapes_compatible(key.shape[:-1], value.shape[:-1]):
+        if not same_static_shape(key.shape[:-1], value.shape[:-1]):
             raise ValueError(
                 "Arguments `key` and `value` must have the same shape except "
                 f"in the last axis. Received: key.shape={key.shape}, "
@@ -308,16 +311,16 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 f"Argument `query` must have rank {built_rank}, the rank the "
                 f"layer was built with. Received: query.shape={query.shape}"
             )
-        _check_mask_shape("query_mask", query_mask, tuple(query.shape[:-1]))
-        _check_mask_shape("value_mask", value_mask, tuple(value.shape[:-1]))
-        _check_mask_shape("key_mask", key_mask, tuple(key.shape[:-1]))
         key_axes = tuple(key.shape[axis] for axis in self._attention_axes)
-        _check_mask_shape(
-            "attention_mask",
-            attention_mask,
-            tuple(query.shape[:-1]) + key_axes,
-            min_rank=2 * len(self._attention_axes),
-        )
+        for name, mask, target_shape, min_rank in (
+            ("query_mask", query_mask, query.shape[:-1], len(query.shape) - 1),
+            ("value_mask", value_mask, value.shape[:-1], len(value.shape) - 1),
+            ("key_mask", key_mask, key.shape[:-1], len(key.shape) - 1),
+            ("attention_mask", attention_mask, tuple(query.shape[:-1]) + key_axes,
+             2 * len(self._attention_axes)),
+        ):
+            if mask is not None:
+                check_broadcastable(name, mask.shape, target_shape, min_rank)
 
     def compute_output_spec(
         self,
@@ -347,27 +350,3 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             + tuple(key.shape[axis] for axis in axes)
         )
         return output_spec, keras.KerasTensor(scores_shape, dtype=self.compute_dtype)
-
-
-def _shapes_compatible(a, b):
-    return len(a) == len(b) and all(
-        x is None or y is None or x == y for x, y in zip(a, b)
-    )
-
-
-def _check_mask_shape(name, mask, target_shape, min_rank=None):
-    """Raises unless `mask` broadcasts to `target_shape` (static dims only)."""
-    if mask is None:
-        return
-    shape = tuple(mask.shape)
-    min_rank = len(target_shape) if min_rank is None else min_rank
-    compatible = min_rank <= len(shape) <= len(target_shape) and all(
-        m is None or t is None or m in (1, t)
-        for m, t in zip(reversed(shape), reversed(target_shape))
-    )
-    if not compatible:
-        raise ValueError(
-            f"Argument `{name}` must be broadcastable to shape {target_shape} "
-            f"(rank {min_rank} to {len(target_shape)}). "
-            f"Received: {name}.shape={shape}"
-        )

@@ -22,7 +22,9 @@ import keras
 from keras import backend
 from keras import ops
 
-NORMALIZATIONS = ("double", "single", "hybrid")
+from keras_dna._validation import NORMALIZATIONS
+from keras_dna._validation import check_broadcastable
+from keras_dna._validation import check_normalization
 
 # Block length of the blocked prefix sum along the query axis. XLA lowers a
 # cumulative sum to a windowed reduction whose cost grows with the square of
@@ -36,20 +38,27 @@ def _working_dtype(dtype):
     return "float64" if backend.standardize_dtype(dtype) == "float64" else "float32"
 
 
-def _masked_value(dtype):
-    # Finite, so that differences of two masked entries stay 0 and no
-    # inf - inf can reach a gradient.
-    return -1e30 if dtype == "float32" else -1e300
+def _is_float64(x):
+    return backend.standardize_dtype(x.dtype) == "float64"
 
 
-def _underflow_log_threshold(dtype):
+def _masked_value(x):
+    """Stands in for the scores of masked pairs, in the dtype of `x`.
+
+    Finite, so that differences of two masked entries stay 0 and no
+    inf - inf can reach a gradient.
+    """
+    return -1e300 if _is_float64(x) else -1e30
+
+
+def _underflow_log_threshold(x):
     """Log of the smallest partial sum the fast prefix path trusts.
 
     exp() flushes to zero below about -87 (float32) or -708 (float64); a
     partial sum of at least exp(threshold) makes the lost terms negligible
     (relative error below `length * exp(threshold - flush)`).
     """
-    return -60.0 if dtype == "float32" else -600.0
+    return -600.0 if _is_float64(x) else -60.0
 
 
 class _SymbolicFunction(keras.Operation):
@@ -79,17 +88,6 @@ def _symbolic_inputs_allowed(fn):
     return wrapper
 
 
-def check_normalization(normalization):
-    """Returns `normalization` if it is one of `NORMALIZATIONS`, else raises."""
-    if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
-        raise ValueError(
-            "Argument `normalization` must be one of "
-            f"{', '.join(repr(n) for n in NORMALIZATIONS)}. "
-            f"Received: normalization={normalization!r}"
-        )
-    return normalization
-
-
 def _static_length(x, axis):
     length = x.shape[axis]
     return length if isinstance(length, int) else None
@@ -99,7 +97,7 @@ def _masked_softmax(logits, valid):
     """Softmax over the last axis; rows with no valid entry give zeros."""
     if valid is None:
         return ops.softmax(logits, axis=-1)
-    logits = ops.where(valid, logits, _masked_value(logits.dtype))
+    logits = ops.where(valid, logits, _masked_value(logits))
     return ops.where(valid, ops.softmax(logits, axis=-1), 0.0)
 
 
@@ -170,7 +168,7 @@ def _exact_prefix_logsumexp(scores):
         import tensorflow as tf
 
         return tf.math.cumulative_logsumexp(scores, axis=-2)
-    fill = _masked_value(scores.dtype)
+    fill = _masked_value(scores)
     shift = 1
     while shift < length:
         earlier = ops.take(scores, ops.arange(length - shift), axis=-2)
@@ -185,10 +183,10 @@ def _reverse_cumsum(x, axis):
     return ops.flip(_cumsum(ops.flip(x, axis=axis), axis=axis), axis=axis)
 
 
-def _positive_part_log(x, dtype):
+def _positive_part_log(x):
     """log(max(x, 0)), with the masked value standing in for log(0)."""
     positive = x > 0
-    return ops.where(positive, ops.log(ops.where(positive, x, 1.0)), _masked_value(dtype))
+    return ops.where(positive, ops.log(ops.where(positive, x, 1.0)), _masked_value(x))
 
 
 def _prefix_key_logsumexp(scores, valid):
@@ -205,9 +203,8 @@ def _prefix_key_logsumexp(scores, valid):
     differentiating through the branch would make the backward pass carry
     the untaken branch's intermediates.
     """
-    dtype = scores.dtype
-    threshold = math.exp(_underflow_log_threshold(dtype))
-    smallest_normal = 1e-37 if dtype == "float32" else 1e-307
+    threshold = math.exp(_underflow_log_threshold(scores))
+    smallest_normal = 1e-307 if _is_float64(scores) else 1e-37
 
     @ops.custom_gradient
     def prefix_logsumexp(scores):
@@ -234,7 +231,7 @@ def _prefix_key_logsumexp(scores, valid):
             # space; exp(s[i'] + log sum) is at most sum |upstream|.
             total = 0.0
             for sign in (1.0, -1.0):
-                log_terms = _positive_part_log(sign * upstream, dtype) - key_lse
+                log_terms = _positive_part_log(sign * upstream) - key_lse
                 reverse_lse = ops.flip(
                     _exact_prefix_logsumexp(ops.flip(log_terms, axis=-2)), axis=-2
                 )
@@ -315,10 +312,15 @@ def normalize_attention_scores(
     valid = None
     if mask is not None:
         valid = ops.cast(mask, "bool")
-        if len(valid.shape) > rank:
+        check_broadcastable("mask", valid.shape, scores.shape)
+    if mixing_logits is not None:
+        mixing_logits = ops.convert_to_tensor(mixing_logits)
+        heads = scores.shape[rank - 2 * num_attention_axes - 1]
+        if len(mixing_logits.shape) != 1 or mixing_logits.shape[0] not in (None, heads):
             raise ValueError(
-                f"Argument `mask` must be broadcastable to the scores, of "
-                f"shape {scores.shape}. Received: mask.shape={valid.shape}"
+                f"Argument `mixing_logits` must have shape ({heads},), one "
+                "logit per head. Received: "
+                f"mixing_logits.shape={mixing_logits.shape}"
             )
     full_shape = ops.shape(scores)
     if num_attention_axes > 1:
@@ -336,7 +338,7 @@ def normalize_attention_scores(
         if valid is not None:
             valid = ops.reshape(valid, flat_shape)
     if valid is not None:
-        scores = ops.where(valid, scores, _masked_value(dtype))
+        scores = ops.where(valid, scores, _masked_value(scores))
 
     if normalization == "single":
         weights = _masked_softmax(scores, valid)
@@ -421,13 +423,6 @@ def doubly_normalized_attention_weights(
         key_index = ops.expand_dims(ops.arange(ops.shape(key)[1]), 0)
         causal_mask = query_index >= key_index
         mask = causal_mask if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal_mask)
-    if mask is not None:
-        mask = ops.convert_to_tensor(mask)
-        if len(mask.shape) > 4:
-            raise ValueError(
-                "Argument `mask` must be broadcastable to (batch, num_heads, "
-                f"query_length, key_length). Received: mask.shape={mask.shape}"
-            )
     return normalize_attention_scores(
         scores,
         mask,

@@ -302,3 +302,11 @@ def test_functions_accept_keras_inputs(rng):
     m = rng.random((2, 1, 5, 5)) < 0.8
     expected = dna_ops.doubly_normalized_attention(x, x, x, m, is_causal=True, normalization="hybrid")
     np.testing.assert_allclose(np.asarray(model([x, m])), np.asarray(expected), atol=1e-6)
+
+
+def test_bad_mask_and_mixing_logits_shapes_raise(rng):
+    scores = rng.normal(size=(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="`mask`"):
+        dna_ops.normalize_attention_scores(scores, np.ones((2, 3, 4, 4), bool))
+    with pytest.raises(ValueError, match="mixing_logits"):
+        dna_ops.normalize_attention_scores(scores, normalization="hybrid", mixing_logits=np.zeros(2))
