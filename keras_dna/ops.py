@@ -159,24 +159,20 @@ def _logaddexp(a, b):
 def _exact_prefix_logsumexp(scores):
     """Prefix log-sum-exp along the query axis, exact for any spread.
 
-    A log-space Hillis-Steele scan: log2(T) passes, each a fused elementwise
-    op under XLA. Only taken when the fast path would lose precision.
+    A sequential scan over the queries carrying each key's running
+    log-sum-exp: one pass, memory of a few copies of `scores`, and the same
+    code for static and unknown lengths. Only taken when the fast path would
+    lose precision, and never differentiated (the gradient is analytic).
     """
-    length = _static_length(scores, -2)
-    if length is None:
-        # Only a TensorFlow graph can hide the length at trace time.
-        import tensorflow as tf
 
-        return tf.math.cumulative_logsumexp(scores, axis=-2)
-    fill = _masked_value(scores)
-    shift = 1
-    while shift < length:
-        earlier = ops.take(scores, ops.arange(length - shift), axis=-2)
-        pad_width = [(0, 0)] * (len(scores.shape) - 2) + [(shift, 0), (0, 0)]
-        earlier = ops.pad(earlier, pad_width, constant_values=fill)
-        scores = _logaddexp(scores, earlier)
-        shift *= 2
-    return scores
+    def step(running, row):
+        running = _logaddexp(running, row)
+        return running, running
+
+    by_query = ops.moveaxis(scores, -2, 0)
+    start = ops.full_like(by_query[0], _masked_value(scores))
+    _, prefix = ops.scan(step, start, by_query)
+    return ops.moveaxis(prefix, 0, -2)
 
 
 def _reverse_cumsum(x, axis):
