@@ -86,7 +86,8 @@ def test_logits_of_magnitude_1e4_stay_finite(rng):
 
 def test_dynamic_length_graph_path(rng):
     # A TensorFlow graph traced with unknown lengths takes the unblocked
-    # prefix sum and, for extreme spreads, the library's cumulative op.
+    # prefix sum and, for extreme spreads, the exact scan with a length known
+    # only at run time.
     scores = rng.normal(size=(1, 2, 21, 5)) * 3
     scores[..., 3, :] = 120.0  # rises by more than the fast path spans
     spec = tf.TensorSpec((None, 2, None, None), tf.float32)
