@@ -5,9 +5,10 @@
 inputs; `keras_dna.ops` holds the same math as pure functions.
 """
 
+from keras_dna import distribute
 from keras_dna import ops
 from keras_dna.attention import DoublyNormalizedAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["DoublyNormalizedAttention", "ops", "__version__"]
+__all__ = ["DoublyNormalizedAttention", "distribute", "ops", "__version__"]
