@@ -18,6 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_dna  # noqa: E402
 
 import datasets  # noqa: E402
 import transformer  # noqa: E402
@@ -42,7 +45,9 @@ def build_model(attention, width=64, heads=4, depth=2, dropout=0.1):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attention", choices=["single", "double", "hybrid"], default="double")
+    parser.add_argument("--attention", choices=keras_dna.ops.NORMALIZATIONS, default="double")
+    parser.add_argument("--strategy", choices=keras_dna.distribute.SPECS, default="auto",
+                        help="distribution strategy (see keras_dna.distribute)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -62,26 +67,39 @@ def main(argv=None):
     # same digits.
     train, validation, test = datasets.split_indices(len(labels), seed=0)
 
-    model = build_model(args.attention)
-    model.compile(
-        optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    strategy = keras_dna.distribute.strategy_from_spec(args.strategy)
+    with strategy.scope():
+        model = build_model(args.attention)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+
+    def batches(indices, shuffle):
+        data = tf.data.Dataset.from_tensor_slices((images[indices], labels[indices]))
+        if shuffle:
+            data = data.shuffle(len(indices), seed=args.seed)
+        # Whole batches only: static shapes, as TPUs require.
+        return data.batch(args.batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
+
     start = time.time()
     history = model.fit(
-        images[train], labels[train],
-        validation_data=(images[validation], labels[validation]),
-        epochs=args.epochs, batch_size=args.batch_size,
+        batches(train, shuffle=True),
+        validation_data=batches(validation, shuffle=False),
+        epochs=args.epochs,
     )
-    test_loss, test_accuracy = model.evaluate(images[test], labels[test], verbose=0)
+    test_loss, test_accuracy = model.evaluate(batches(test, shuffle=False), verbose=0)
     output_dir = pathlib.Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.export(str(output_dir / "saved_model"), verbose=False)
+    if keras_dna.distribute.is_chief(strategy):
+        model.export(str(output_dir / "saved_model"), verbose=False)
     metrics = {
         "example": "digits",
         "attention": args.attention,
         "seed": args.seed,
+        "strategy": args.strategy,
+        "replicas": strategy.num_replicas_in_sync,
         "epochs": args.epochs,
         "train_seconds": round(time.time() - start, 1),
         "test_accuracy": float(test_accuracy),
