@@ -5,10 +5,19 @@
 inputs; `keras_dna.ops` holds the same math as pure functions.
 """
 
+from keras_dna import analysis
+from keras_dna import convert
 from keras_dna import distribute
 from keras_dna import ops
 from keras_dna.attention import DoublyNormalizedAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["DoublyNormalizedAttention", "distribute", "ops", "__version__"]
+__all__ = [
+    "DoublyNormalizedAttention",
+    "analysis",
+    "convert",
+    "distribute",
+    "ops",
+    "__version__",
+]

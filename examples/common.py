@@ -1,0 +1,59 @@
+"""Command line, strategy and metrics shared by the examples."""
+
+import argparse
+import json
+import os
+import pathlib
+import time
+
+import keras_dna
+
+
+def parser(description, epochs, batch_size, output_dir):
+    """The arguments every example takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--attention", choices=keras_dna.ops.NORMALIZATIONS, default="double",
+                   help="single (softmax), double (DNA) or hybrid")
+    p.add_argument("--strategy", choices=keras_dna.distribute.SPECS, default="auto",
+                   help="distribution strategy (see keras_dna.distribute)")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
+    p.add_argument("--seed", type=int, default=0, help="initialization and shuffling seed")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only this many examples (for quick runs)")
+    p.add_argument("--output-dir", default=output_dir)
+    return p
+
+
+class Run:
+    """The strategy, output folder and timing of one example run."""
+
+    def __init__(self, args):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+
+        keras.utils.set_random_seed(args.seed)
+        self.args = args
+        self.strategy = keras_dna.distribute.strategy_from_spec(args.strategy)
+        self.is_chief = keras_dna.distribute.is_chief(self.strategy)
+        self.output_dir = pathlib.Path(args.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.start = time.time()
+
+    def write_metrics(self, example, history, **metrics):
+        """Writes metrics.json (chief only) and returns the metrics."""
+        args = self.args
+        record = {
+            "example": example,
+            "attention": args.attention,
+            "seed": args.seed,
+            "epochs": args.epochs,
+            "strategy": args.strategy,
+            "replicas": self.strategy.num_replicas_in_sync,
+            "seconds": round(time.time() - self.start, 1),
+            **metrics,
+            "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        }
+        if self.is_chief:
+            (self.output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        return record
