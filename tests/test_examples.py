@@ -1,5 +1,6 @@
-"""Each example runs end to end in a tiny configuration and exports."""
+"""Each example runs end to end in a tiny configuration, exports, and serves."""
 
+import csv
 import json
 import pathlib
 import sys
@@ -10,17 +11,60 @@ import tensorflow as tf
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 import digits  # noqa: E402
+import text_classification  # noqa: E402
+
+
+def _check_metrics(directory, attention):
+    saved = json.loads((directory / "metrics.json").read_text())
+    assert saved["attention"] == attention
+    assert saved["replicas"] == 1
+    stats = saved.get("explaining_away")
+    if stats is not None and attention == "double":
+        assert stats["share_below_bound"] == 0.0
+    return saved
 
 
 def test_digits_trains_exports_and_serves(tmp_path):
     metrics = digits.main(
-        ["--epochs", "1", "--limit", "300", "--attention", "hybrid",
-         "--output-dir", str(tmp_path)]
+        ["--epochs", "1", "--limit", "300", "--attention", "hybrid", "--output-dir", str(tmp_path)]
     )
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["attention"] == "hybrid"
+    _check_metrics(tmp_path, "hybrid")
     served = tf.saved_model.load(str(tmp_path / "saved_model"))
     logits = served.serve(tf.zeros((3, 28, 28)))
     assert logits.shape == (3, 10)
     assert np.isfinite(logits.numpy()).all()
+
+
+def test_text_example_serves_raw_strings(tmp_path):
+    text_classification.main([
+        "--epochs", "1", "--limit", "600", "--vocabulary-size", "400",
+        "--sequence-length", "24", "--output-dir", str(tmp_path),
+    ])
+    metrics = _check_metrics(tmp_path, "double")
+    assert metrics["classes"] == ["negative", "neutral", "positive"]
+    assert metrics["explaining_away"]["keys"] > 0
+    served = tf.saved_model.load(str(tmp_path / "saved_model"))
+    probabilities = served.serve(tf.constant(["what a lovely ride", "never again", ""])).numpy()
+    assert probabilities.shape == (3, 3)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+
+
+def test_text_example_trains_on_a_users_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    words = {"spam": ["win", "prize", "free", "click"], "ham": ["meeting", "lunch", "report", "call"]}
+    path = tmp_path / "mine.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "message", "kind"])
+        for i in range(200):
+            kind = "spam" if i % 2 else "ham"
+            writer.writerow([i, " ".join(rng.choice(words[kind], size=5)), kind])
+    text_classification.main([
+        "--data", str(path), "--text-column", "message", "--label-column", "kind",
+        "--epochs", "3", "--vocabulary-size", "100", "--sequence-length", "8",
+        "--attention", "single", "--output-dir", str(tmp_path / "run"),
+    ])
+    metrics = _check_metrics(tmp_path / "run", "single")
+    assert metrics["classes"] == ["ham", "spam"]
+    assert metrics["test_accuracy"] == 1.0  # the words give the class away
