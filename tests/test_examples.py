@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import pathlib
 import sys
 
@@ -11,6 +12,7 @@ import tensorflow as tf
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 import digits  # noqa: E402
+import grapheme_to_phoneme  # noqa: E402
 import text_classification  # noqa: E402
 
 
@@ -68,3 +70,32 @@ def test_text_example_trains_on_a_users_csv(tmp_path):
     metrics = _check_metrics(tmp_path / "run", "single")
     assert metrics["classes"] == ["ham", "spam"]
     assert metrics["test_accuracy"] == 1.0  # the words give the class away
+
+
+def test_g2p_decoder_does_not_see_later_phonemes():
+    model = grapheme_to_phoneme.build_model("double", letters=10, phonemes=12, width=16, heads=2, depth=1)
+    rng = np.random.default_rng(0)
+    letters = rng.integers(1, 10, size=(3, grapheme_to_phoneme.MAX_LETTERS)).astype("int32")
+    letters[0, 5:] = 0
+    prefix = rng.integers(1, 12, size=(3, grapheme_to_phoneme.MAX_PHONEMES)).astype("int32")
+    base = model([letters, prefix]).numpy()
+    for position in (0, 4, 9):
+        changed = prefix.copy()
+        changed[:, position + 1 :] = rng.integers(1, 12, size=changed[:, position + 1 :].shape)
+        out = model([letters, changed]).numpy()
+        np.testing.assert_allclose(out[:, : position + 1], base[:, : position + 1], atol=1e-5)
+        assert np.abs(out[:, position + 1 :] - base[:, position + 1 :]).max() > 1e-4
+
+
+def test_g2p_trains_decodes_and_serves_words(tmp_path):
+    metrics = grapheme_to_phoneme.main(
+        ["--epochs", "1", "--limit", "400", "--batch-size", "64", "--output-dir", str(tmp_path)]
+    )
+    _check_metrics(tmp_path, "double")
+    assert 0.0 <= metrics["test_phoneme_error_rate"]
+    assert 0.0 <= metrics["test_word_error_rate"] <= 1.0
+    served = tf.saved_model.load(str(tmp_path / "saved_model"))
+    spelled = served.serve(tf.constant(["hello", "Keras"])).numpy()
+    assert spelled.shape == (2,)
+    for word in spelled:  # ARPAbet symbols, stress marks dropped
+        assert all(re.fullmatch("[A-Z]+", phoneme) for phoneme in word.decode().split())
