@@ -40,6 +40,24 @@ class Run:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.start = time.time()
 
+    def analyse_attention(self, model, inputs):
+        """Explaining-away statistics of `model` on `inputs`; on the chief,
+        also attention.png and the column sums (column_sums.npz)."""
+        import numpy as np
+
+        report = keras_dna.analysis.collect_attention(model, inputs)
+        if self.is_chief:
+            keras_dna.analysis.plot_attention(
+                {self.args.attention: report}, self.output_dir / "attention.png"
+            )
+            np.savez(
+                self.output_dir / "column_sums.npz",
+                **{layer.name: layer.column_sums[
+                    np.broadcast_to(layer.valid_keys[:, None, :], layer.column_sums.shape)
+                ] for layer in report},
+            )
+        return keras_dna.analysis.explaining_away_statistics(report)
+
     def write_metrics(self, example, history, **metrics):
         """Writes metrics.json (chief only) and returns the metrics."""
         args = self.args

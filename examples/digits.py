@@ -17,7 +17,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import keras_dna  # noqa: E402
 
 import common  # noqa: E402
 import datasets  # noqa: E402
@@ -77,7 +76,7 @@ def main(argv=None):
         epochs=args.epochs,
     )
     test_loss, test_accuracy = model.evaluate(batches(test, shuffle=False), verbose=0)
-    attention = keras_dna.analysis.collect_attention(model, images[test[:256]])
+    explaining_away = run.analyse_attention(model, images[test[:256]])
     if run.is_chief:
         model.export(str(run.output_dir / "saved_model"), verbose=False)
     metrics = run.write_metrics(
@@ -85,7 +84,7 @@ def main(argv=None):
         history,
         test_accuracy=float(test_accuracy),
         test_loss=float(test_loss),
-        explaining_away=keras_dna.analysis.explaining_away_statistics(attention),
+        explaining_away=explaining_away,
     )
     print(f"test accuracy {test_accuracy:.4f}; outputs in {run.output_dir}")
     return metrics

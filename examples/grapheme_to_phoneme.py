@@ -22,7 +22,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import keras_dna  # noqa: E402
 
 import common  # noqa: E402
 import datasets  # noqa: E402
@@ -184,7 +183,7 @@ def main(argv=None):
     word_error_rate = float(np.mean([e > 0 for e in errors]))
     phoneme_error_rate = float(sum(errors) / sum(len(r) for r in references))
     sample = (letters[test[:256]], targets[test[:256], :-1])
-    attention = keras_dna.analysis.collect_attention(model, sample)
+    explaining_away = run.analyse_attention(model, sample)
     if run.is_chief:
         tf.saved_model.save(speller, str(run.output_dir / "saved_model"))
     metrics = run.write_metrics(
@@ -193,7 +192,7 @@ def main(argv=None):
         test_word_error_rate=word_error_rate,
         test_phoneme_error_rate=phoneme_error_rate,
         examples={w: " ".join(p) for w, p in list(zip(test_words, predicted))[:10]},
-        explaining_away=keras_dna.analysis.explaining_away_statistics(attention),
+        explaining_away=explaining_away,
     )
     print(
         f"test word error rate {word_error_rate:.4f}, phoneme error rate "

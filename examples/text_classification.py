@@ -23,7 +23,6 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_text as text  # noqa: E402
 from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset  # noqa: E402
 
-import keras_dna  # noqa: E402
 
 import common  # noqa: E402
 import datasets  # noqa: E402
@@ -164,7 +163,7 @@ def main(argv=None):
     test_loss, test_accuracy = classifier.evaluate(test_data, verbose=0)
     predictions = np.argmax(classifier.predict(test_data, verbose=0), axis=-1)
     sample_ids = tokenizer(tf.constant(texts[test[:256]].astype(str)))
-    attention = keras_dna.analysis.collect_attention(classifier, sample_ids)
+    explaining_away = run.analyse_attention(classifier, sample_ids)
 
     if run.is_chief:
         strings = keras.Input((), dtype="string", name="text")
@@ -180,7 +179,7 @@ def main(argv=None):
         test_accuracy=float(test_accuracy),
         test_macro_f1=macro_f1(labels[test], predictions, len(classes)),
         test_loss=float(test_loss),
-        explaining_away=keras_dna.analysis.explaining_away_statistics(attention),
+        explaining_away=explaining_away,
     )
     print(
         f"test accuracy {test_accuracy:.4f}, macro F1 {metrics['test_macro_f1']:.4f}; "

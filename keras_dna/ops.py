@@ -26,6 +26,13 @@ from keras_dna._validation import NORMALIZATIONS
 from keras_dna._validation import check_broadcastable
 from keras_dna._validation import check_normalization
 
+__all__ = [
+    "NORMALIZATIONS",
+    "doubly_normalized_attention",
+    "doubly_normalized_attention_weights",
+    "normalize_attention_scores",
+]
+
 # Block length of the blocked prefix sum along the query axis. XLA lowers a
 # cumulative sum to a windowed reduction whose cost grows with the square of
 # the axis length, so the prefix sum is taken within short blocks and again
