@@ -99,3 +99,19 @@ def test_g2p_trains_decodes_and_serves_words(tmp_path):
     assert spelled.shape == (2,)
     for word in spelled:  # ARPAbet symbols, stress marks dropped
         assert all(re.fullmatch("[A-Z]+", phoneme) for phoneme in word.decode().split())
+
+
+def test_compare_writes_table_and_plot(tmp_path):
+    import compare
+
+    compare.main([
+        "--examples", "digits", "--seeds", "0", "--set", "digits", "--epochs 1 --limit 200",
+        "--output-dir", str(tmp_path),
+    ])
+    table = (tmp_path / "comparison.md").read_text()
+    for attention in ("single", "double", "hybrid"):
+        assert f"| {attention} |" in table
+    assert "--set digits" in table
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    double = json.loads((tmp_path / "digits" / "double" / "seed0" / "metrics.json").read_text())
+    assert double["explaining_away"]["share_below_bound"] == 0.0
