@@ -61,8 +61,8 @@ def table(results, examples, attentions):
         columns = EXAMPLES[example][1]
         lines.append(f"**{example}**\n")
         lines.append("| attention | " + " | ".join(label for _, label, _ in columns)
-                     + " | min column sum | keys below DNA bound | keys below 0.1 | minutes per run |")
-        lines.append("|---" * (len(columns) + 5) + "|")
+                     + " | min column sum | keys below DNA bound | keys below 0.1 |")
+        lines.append("|---" * (len(columns) + 4) + "|")
         for attention in attentions:
             runs = results[example][attention]
             cells = [mean_std([r[key] for r in runs]) for key, _, _ in columns]
@@ -71,7 +71,6 @@ def table(results, examples, attentions):
                 mean_std([s["min_column_sum"] for s in stats]),
                 f"{100 * np.mean([s['share_below_bound'] for s in stats]):.2f}%",
                 f"{100 * np.mean([s['share_below_threshold'] for s in stats]):.2f}%",
-                f"{np.mean([r['seconds'] for r in runs]) / 60:.1f}",
             ]
             lines.append(f"| {attention} | " + " | ".join(cells) + " |")
         lines.append("")

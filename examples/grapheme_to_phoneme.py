@@ -131,7 +131,7 @@ def edit_distance(a, b):
 
 def parse_args(argv=None):
     return common.parser(
-        __doc__.splitlines()[0], epochs=8, batch_size=128, output_dir="runs/g2p"
+        __doc__.splitlines()[0], epochs=5, batch_size=128, output_dir="runs/g2p"
     ).parse_args(argv)
 
 
