@@ -1,5 +1,7 @@
 """The `DoublyNormalizedAttention` layer."""
 
+import contextvars
+
 import keras
 from keras import ops
 
@@ -7,6 +9,13 @@ from keras_dna import ops as dna_ops
 from keras_dna._validation import check_broadcastable
 from keras_dna._validation import check_normalization
 from keras_dna._validation import same_static_shape
+
+
+# Whether the call in progress (in this thread) passed `use_causal_mask=True`.
+# `MultiHeadAttention.call` folds the flag into the mask it hands to
+# `_compute_attention`, which must still normalize causally; a context
+# variable carries it there without mutating the layer.
+_CAUSAL_MASK_IN_CALL = contextvars.ContextVar("causal_mask_in_call", default=False)
 
 
 @keras.saving.register_keras_serializable(package="keras_dna")
@@ -158,10 +167,6 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._flash_attention = False
         self._normalization = normalization
         self._causal_normalization = causal_normalization
-        # Set by `call` for the duration of one call: `MultiHeadAttention`
-        # folds `use_causal_mask` into the mask it hands to
-        # `_compute_attention`, which must still normalize causally.
-        self._normalize_causally = causal_normalization
         self._mixing_logits = None
 
     @property
@@ -228,7 +233,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 if attention_mask is None
                 else ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
             )
-        self._normalize_causally = self._causal_normalization or use_causal_mask
+        token = _CAUSAL_MASK_IN_CALL.set(bool(use_causal_mask))
         try:
             return super().call(
                 query,
@@ -242,7 +247,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 use_causal_mask=use_causal_mask,
             )
         finally:
-            self._normalize_causally = self._causal_normalization
+            _CAUSAL_MASK_IN_CALL.reset(token)
 
     def _compute_attention(
         self,
@@ -272,7 +277,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             scores,
             attention_mask,
             normalization=self._normalization,
-            causal_normalization=self._normalize_causally,
+            causal_normalization=self._causal_normalization or _CAUSAL_MASK_IN_CALL.get(),
             mixing_logits=self._mixing_logits,
             num_attention_axes=num_axes,
         )
