@@ -59,8 +59,10 @@ def test_mirrored_over_two_devices_matches_single_device(single_device, tmp_path
     weights, losses, replicas = _train(tmp_path, "--strategy", "mirrored", "--logical-cpus", "2")
     single_weights, single_losses, _ = single_device
     assert replicas == 2
+    difference = _max_difference(weights, single_weights)
+    print(f"mirrored (2 devices) vs single device: max weight difference {difference:.3g}")
     # Same global batches: only the order of float32 sums differs.
-    assert _max_difference(weights, single_weights) < 1e-4
+    assert difference < 1e-4
     np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
     assert single_losses[-1] < single_losses[0]
 
@@ -107,6 +109,8 @@ def test_multi_worker_fit_gives_identical_workers(single_device, tmp_path):
     chief, chief_losses, replicas = _weights(tmp_path / "worker0", "chief")
     other, other_losses, _ = _weights(tmp_path / "worker1", "worker")
     assert replicas == 2
+    print(f"multi-worker: chief vs worker max weight difference {_max_difference(chief, other):.3g}, "
+          f"vs single device {_max_difference(chief, single_device[0]):.3g}")
     assert _max_difference(chief, other) == 0.0
     np.testing.assert_array_equal(chief_losses, other_losses)
     assert (tmp_path / "worker0" / "model.keras").exists()
@@ -139,6 +143,8 @@ def test_killed_training_resumes_from_backup(single_device, tmp_path):
     weights, losses, _ = _train(run, "--backup-dir", str(backup))
     single_weights, single_losses, _ = single_device
     # Only epochs 3 and 4 ran again, and they continued exactly.
+    print(f"killed and resumed vs uninterrupted: max weight difference "
+          f"{_max_difference(weights, single_weights):.3g}")
     assert len(losses) == EPOCHS - 2
     np.testing.assert_allclose(losses, single_losses[2:], rtol=1e-6)
     assert _max_difference(weights, single_weights) < 1e-6
