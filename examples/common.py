@@ -25,6 +25,35 @@ def parser(description, epochs, batch_size, output_dir):
     return p
 
 
+def batches(features, targets, batch_size, shuffle, seed, transform=None):
+    """A tf.data pipeline; training batches are whole (static shapes, as TPUs require)."""
+    import tensorflow as tf
+
+    data = tf.data.Dataset.from_tensor_slices((features, targets))
+    if shuffle:
+        data = data.shuffle(len(targets), seed=seed)
+    data = data.batch(batch_size, drop_remainder=shuffle)
+    if transform is not None:
+        data = data.map(transform)
+    return data.prefetch(tf.data.AUTOTUNE)
+
+
+def compile_and_fit(run, build, learning_rate, train_data, validation_data):
+    """Builds the model in the strategy's scope and trains it with `fit`."""
+    import keras
+
+    with run.strategy.scope():
+        model = build()
+        model.compile(
+            optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=1e-4),
+            # Keras masks (padding) leave padded positions out of the loss.
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    history = model.fit(train_data, validation_data=validation_data, epochs=run.args.epochs)
+    return model, history
+
+
 class Run:
     """The strategy, output folder and timing of one example run."""
 

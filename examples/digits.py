@@ -15,7 +15,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 
 import common  # noqa: E402
@@ -55,25 +54,12 @@ def main(argv=None):
     # The split is fixed (seed 0) so that every seed tests on the same digits.
     train, validation, test = datasets.split_indices(len(labels), seed=0)
 
-    with run.strategy.scope():
-        model = build_model(args.attention)
-        model.compile(
-            optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
-
     def batches(indices, shuffle):
-        data = tf.data.Dataset.from_tensor_slices((images[indices], labels[indices]))
-        if shuffle:
-            data = data.shuffle(len(indices), seed=args.seed)
-        # Whole batches only: static shapes, as TPUs require.
-        return data.batch(args.batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
+        return common.batches(images[indices], labels[indices], args.batch_size, shuffle, args.seed)
 
-    history = model.fit(
-        batches(train, shuffle=True),
-        validation_data=batches(validation, shuffle=False),
-        epochs=args.epochs,
+    model, history = common.compile_and_fit(
+        run, lambda: build_model(args.attention), 1e-3,
+        batches(train, shuffle=True), batches(validation, shuffle=False),
     )
     test_loss, test_accuracy = model.evaluate(batches(test, shuffle=False), verbose=0)
     explaining_away = run.analyse_attention(model, images[test[:256]])

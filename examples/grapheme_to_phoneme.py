@@ -154,23 +154,12 @@ def main(argv=None):
 
     def batches(indices, shuffle):
         inputs = (letters[indices], targets[indices, :-1])
-        data = tf.data.Dataset.from_tensor_slices((inputs, targets[indices, 1:]))
-        if shuffle:
-            data = data.shuffle(len(indices), seed=args.seed)
-        return data.batch(args.batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
+        return common.batches(inputs, targets[indices, 1:], args.batch_size, shuffle, args.seed)
 
-    with run.strategy.scope():
-        model = build_model(args.attention, len(letter_vocabulary) + 2, len(phoneme_vocabulary) + 2)
-        model.compile(
-            optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
-            # The decoder's Keras mask leaves padded positions out of the loss.
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
-    history = model.fit(
-        batches(train, shuffle=True),
-        validation_data=batches(validation, shuffle=False),
-        epochs=args.epochs,
+    model, history = common.compile_and_fit(
+        run,
+        lambda: build_model(args.attention, len(letter_vocabulary) + 2, len(phoneme_vocabulary) + 2),
+        1e-3, batches(train, shuffle=True), batches(validation, shuffle=False),
     )
     speller = Speller(model, letter_vocabulary, phoneme_vocabulary)
     test_words = [pairs[i][0] for i in test]

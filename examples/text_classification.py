@@ -139,25 +139,15 @@ def main(argv=None):
     texts = np.array(texts, dtype=object)
 
     def batches(indices, shuffle):
-        data = tf.data.Dataset.from_tensor_slices((texts[indices].astype(str), labels[indices]))
-        if shuffle:
-            data = data.shuffle(len(indices), seed=args.seed)
-        data = data.batch(args.batch_size, drop_remainder=shuffle)
-        return data.map(lambda t, y: (tokenizer(t), y)).prefetch(tf.data.AUTOTUNE)
+        return common.batches(
+            texts[indices].astype(str), labels[indices], args.batch_size, shuffle, args.seed,
+            transform=lambda t, y: (tokenizer(t), y),
+        )
 
-    with run.strategy.scope():
-        classifier = build_classifier(
-            args.attention, len(vocabulary), args.sequence_length, len(classes)
-        )
-        classifier.compile(
-            optimizer=keras.optimizers.AdamW(5e-4, weight_decay=1e-4),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
-    history = classifier.fit(
-        batches(train, shuffle=True),
-        validation_data=batches(validation, shuffle=False),
-        epochs=args.epochs,
+    classifier, history = common.compile_and_fit(
+        run,
+        lambda: build_classifier(args.attention, len(vocabulary), args.sequence_length, len(classes)),
+        5e-4, batches(train, shuffle=True), batches(validation, shuffle=False),
     )
     test_data = batches(test, shuffle=False)
     test_loss, test_accuracy = classifier.evaluate(test_data, verbose=0)
