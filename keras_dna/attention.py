@@ -259,10 +259,16 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         return_attention_scores=False,
         use_causal_mask=False,
     ):
-        # `use_causal_mask` only arrives from `MultiHeadAttention.call` on its
-        # fused softmax path, which a subclass never takes; the causal mask is
-        # already in `attention_mask`.
         num_axes = len(self._attention_axes)
+        # `MultiHeadAttention.call` folds `use_causal_mask` into the mask for
+        # a subclass; honour the argument too, should it arrive on its own.
+        if use_causal_mask:
+            causal_mask = self._compute_causal_mask(query, value)
+            attention_mask = (
+                causal_mask
+                if attention_mask is None
+                else ops.logical_and(ops.cast(attention_mask, "bool"), causal_mask)
+            )
         # A Python float keeps the query's dtype; `ops.cast` of one would
         # round it through float32 first.
         query = ops.multiply(query, self._inverse_sqrt_key_dim)
@@ -277,7 +283,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             scores,
             attention_mask,
             normalization=self._normalization,
-            causal_normalization=self._causal_normalization or _CAUSAL_MASK_IN_CALL.get(),
+            causal_normalization=(
+                self._causal_normalization or use_causal_mask or _CAUSAL_MASK_IN_CALL.get()
+            ),
             mixing_logits=self._mixing_logits,
             num_attention_axes=num_axes,
         )

@@ -288,3 +288,15 @@ def test_bad_arguments_raise_clear_errors(rng):
         layer(query, value[..., :6])
     with pytest.raises(ValueError, match="key"):
         layer(query, value, key=value[:, :3])
+
+
+def test_compute_attention_honours_use_causal_mask_given_directly(rng):
+    # What MultiHeadAttention.call would pass on its fused path: no mask,
+    # use_causal_mask=True.
+    layer = _layer()
+    x = rng.normal(size=(B, 6, DIM)).astype("float32")
+    expected = np.asarray(layer(x, x, use_causal_mask=True))
+    q, k, v = layer.query_dense(x), layer.key_dense(x), layer.value_dense(x)
+    context, weights = layer._compute_attention(q, k, v, None, use_causal_mask=True)
+    np.testing.assert_allclose(np.asarray(layer.output_dense(context)), expected, atol=1e-6)
+    assert (np.triu(np.asarray(weights)[0, 0], 1) == 0).all()
