@@ -1,0 +1,194 @@
+"""Times DoublyNormalizedAttention against keras.layers.MultiHeadAttention.
+
+Whole layers with the same weights, shapes and dtype, compiled with XLA
+(`tf.function(jit_compile=True)`), forward and forward+backward, self- and
+cross-attention, causal and not, over a grid of sequence lengths. Batches hold
+a fixed number of tokens (--tokens), so long sequences fit in memory. Each
+cell runs in its own process: one process times both layers, interleaving
+their repetitions, and reports medians and the ratio DNA/MHA; two more
+processes (one per layer) measure the peak resident memory of a
+forward+backward step. Writes JSON and a markdown table.
+
+    python benchmarks/attention_benchmark.py --lengths 128 512 2048 --output benchmarks/results
+"""
+
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per batch (batch = tokens / length)")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--attention", nargs="+", choices=["self", "cross"], default=["self", "cross"])
+    p.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--output", default="benchmarks/results", help="writes OUTPUT.json and OUTPUT.md")
+    # Internal: run one cell in this process.
+    p.add_argument("--cell", nargs=3, metavar=("LENGTH", "ATTENTION", "CAUSAL"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-of", choices=["mha", "dna"], help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _layers_and_inputs(args, length, attention, causal):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_dna
+
+    batch = max(1, args.tokens // length)
+    rng = np.random.default_rng(0)
+    query = tf.constant(rng.normal(size=(batch, length, args.width)), args.dtype)
+    # Cross-attention reads a source of the same length, as in translation.
+    value = query if attention == "self" else tf.constant(
+        rng.normal(size=(batch, length, args.width)), args.dtype
+    )
+    head_dim = args.width // args.heads
+    mha = keras.layers.MultiHeadAttention(args.heads, head_dim, dtype=args.dtype)
+    dna = keras_dna.DoublyNormalizedAttention(
+        args.heads, head_dim, dtype=args.dtype, causal_normalization=(causal and attention == "cross")
+    )
+    mha(query, value)
+    dna(query, value)
+    dna.set_weights(mha.get_weights())
+    # Cross-attention in a decoder is not causally masked, only normalized.
+    use_causal_mask = causal and attention == "self"
+    return {"mha": mha, "dna": dna}, query, value, use_causal_mask, batch
+
+
+def _step_functions(layer, use_causal_mask):
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def forward(query, value):
+        return layer(query, value, use_causal_mask=use_causal_mask)
+
+    @tf.function(jit_compile=True)
+    def forward_backward(query, value):
+        with tf.GradientTape() as tape:
+            tape.watch([query, value])
+            loss = tf.reduce_sum(tf.square(layer(query, value, use_causal_mask=use_causal_mask)))
+        return tape.gradient(loss, [query, value] + layer.trainable_weights)
+
+    return {"forward": forward, "forward_backward": forward_backward}
+
+
+def _run(fn, query, value):
+    import tensorflow as tf
+
+    start = time.perf_counter()
+    tf.nest.map_structure(lambda t: t.numpy(), fn(query, value))
+    return time.perf_counter() - start
+
+
+def time_cell(args, length, attention, causal):
+    import numpy as np
+
+    layers, query, value, use_causal_mask, batch = _layers_and_inputs(args, length, attention, causal)
+    result = {"length": length, "batch": batch, "attention": attention, "causal": causal}
+    for step in ("forward", "forward_backward"):
+        fns = {name: _step_functions(layer, use_causal_mask)[step] for name, layer in layers.items()}
+        for fn in fns.values():
+            _run(fn, query, value)  # compile and warm up
+            _run(fn, query, value)
+        times = {name: [] for name in fns}
+        for _ in range(args.repeats):
+            for name, fn in fns.items():  # interleaved: drift hits both alike
+                times[name].append(_run(fn, query, value))
+        medians = {name: float(np.median(t)) for name, t in times.items()}
+        result[step] = {
+            "mha_s": medians["mha"],
+            "dna_s": medians["dna"],
+            "ratio": medians["dna"] / medians["mha"],
+        }
+    return result
+
+
+def memory_cell(args, length, attention, causal, which):
+    layers, query, value, use_causal_mask, _ = _layers_and_inputs(args, length, attention, causal)
+    # Measure only this layer: the other one was built but never run.
+    _run(_step_functions(layers[which], use_causal_mask)["forward_backward"], query, value)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
+
+
+def _subprocess(args, extra):
+    command = [sys.executable, __file__, *extra,
+               "--tokens", str(args.tokens), "--width", str(args.width), "--heads", str(args.heads),
+               "--dtype", args.dtype, "--repeats", str(args.repeats)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr else "failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _gib(value):
+    return f"{value:.2f}" if isinstance(value, float) else "failed"
+
+
+def markdown(rows):
+    lines = [
+        "| T | batch | attention | causal | forward DNA/MHA | fwd+bwd DNA/MHA | fwd+bwd MHA ms | peak GiB MHA | peak GiB DNA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['length']} | | {r['attention']} | {r['causal']} | {r['error']} | | | | |")
+            continue
+        memory = r.get("peak_gib", {})
+        lines.append(
+            f"| {r['length']} | {r['batch']} | {r['attention']} | {r['causal']} | "
+            f"{r['forward']['ratio']:.2f} | {r['forward_backward']['ratio']:.2f} | "
+            f"{r['forward_backward']['mha_s'] * 1e3:.0f} | "
+            f"{_gib(memory.get('mha'))} | {_gib(memory.get('dna'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.cell:
+        length, attention, causal = int(args.cell[0]), args.cell[1], args.cell[2] == "yes"
+        if args.memory_of:
+            print(json.dumps(memory_cell(args, length, attention, causal, args.memory_of)))
+        else:
+            print(json.dumps(time_cell(args, length, attention, causal)))
+        return
+    rows = []
+    for length, attention, causal in itertools.product(args.lengths, args.attention, args.causal):
+        cell = ["--cell", str(length), attention, causal]
+        row = _subprocess(args, cell)
+        row.update({"length": length, "attention": attention, "causal": causal == "yes"})
+        if "error" not in row and not args.skip_memory:
+            row["peak_gib"] = {
+                which: _subprocess(args, cell + ["--memory-of", which]) for which in ("mha", "dna")
+            }
+        rows.append(row)
+        print(markdown([row]).splitlines()[-1], flush=True)
+    output = pathlib.Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("cell", "memory_of", "output")}
+    output.with_suffix(".json").write_text(json.dumps({"settings": settings, "cells": rows}, indent=1))
+    table = markdown(rows)
+    output.with_suffix(".md").write_text(
+        "Command: `python benchmarks/attention_benchmark.py "
+        + " ".join(sys.argv[1:] if argv is None else argv) + "`\n\n" + table + "\n"
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
