@@ -68,15 +68,22 @@ def _underflow_log_threshold(x):
     return -600.0 if _is_float64(x) else -60.0
 
 
+@keras.saving.register_keras_serializable(package="keras_dna")
 class _SymbolicFunction(keras.Operation):
-    """Places a keras_dna function in a functional model's graph."""
+    """Places a keras_dna function in a functional model's graph.
 
-    def __init__(self, fn):
-        super().__init__(name=fn.__name__)
-        self._fn = fn
+    Serialized by the function's name; the model keeps the call's arguments.
+    """
+
+    def __init__(self, function, name=None):
+        super().__init__(name=name)
+        self.function = function
 
     def call(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
+        return globals()[self.function](*args, **kwargs)
+
+    def get_config(self):
+        return {"function": self.function, "name": self.name}
 
 
 def _symbolic_inputs_allowed(fn):
@@ -89,7 +96,7 @@ def _symbolic_inputs_allowed(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if any(keras.utils.is_keras_tensor(x) for x in keras.tree.flatten((args, kwargs))):
-            return _SymbolicFunction(fn)(*args, **kwargs)
+            return _SymbolicFunction(fn.__name__)(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return wrapper

@@ -289,7 +289,7 @@ def test_bad_arguments_raise_clear_errors(rng):
         dna_ops.normalize_attention_scores(q, num_attention_axes=0)
 
 
-def test_functions_accept_keras_inputs(rng):
+def test_functions_accept_keras_inputs(rng, tmp_path):
     import keras
 
     query = keras.Input((5, 2, 4))
@@ -303,6 +303,13 @@ def test_functions_accept_keras_inputs(rng):
     m = rng.random((2, 1, 5, 5)) < 0.8
     expected = dna_ops.doubly_normalized_attention(x, x, x, m, is_causal=True, normalization="hybrid")
     np.testing.assert_allclose(np.asarray(model([x, m])), np.asarray(expected), atol=1e-6)
+    # The model saves and loads with the call's arguments.
+    path = str(tmp_path / "functions.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(np.asarray(loaded([x, m])), np.asarray(expected), atol=1e-6)
+    plain = dna_ops.doubly_normalized_attention(x, x, x, m)
+    assert np.abs(np.asarray(plain) - np.asarray(expected)).max() > 1e-3
 
 
 def test_bad_mask_and_mixing_logits_shapes_raise(rng):
