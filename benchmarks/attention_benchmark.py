@@ -2,7 +2,10 @@
 
 Whole layers with the same weights, shapes and dtype, compiled with XLA
 (`tf.function(jit_compile=True)`), forward and forward+backward, self- and
-cross-attention, causal and not, over a grid of sequence lengths. Batches hold
+cross-attention, causal and not, over a grid of sequence lengths; with
+--outer graph the steps run as plain (uncompiled) TensorFlow graphs, as Keras'
+`fit` does on CPUs, and DNA is timed with its normalization compiled
+(`jit_compile="auto"`, the default) and not. Batches hold
 a fixed number of tokens (--tokens), so long sequences fit in memory. Each
 cell runs in its own process: one process times both layers, interleaving
 their repetitions, and reports medians and the ratio DNA/MHA; two more
@@ -35,11 +38,13 @@ def parse_args(argv=None):
     p.add_argument("--attention", nargs="+", choices=["self", "cross"], default=["self", "cross"])
     p.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--outer", choices=["xla", "graph"], default="xla",
+                   help="compile each whole step with XLA, or run it as a plain graph")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--output", default="benchmarks/results", help="writes OUTPUT.json and OUTPUT.md")
     # Internal: run one cell in this process.
     p.add_argument("--cell", nargs=3, metavar=("LENGTH", "ATTENTION", "CAUSAL"), help=argparse.SUPPRESS)
-    p.add_argument("--memory-of", choices=["mha", "dna"], help=argparse.SUPPRESS)
+    p.add_argument("--memory-of", choices=["mha", "dna", "dna_uncompiled"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -59,25 +64,30 @@ def _layers_and_inputs(args, length, attention, causal):
     )
     head_dim = args.width // args.heads
     mha = keras.layers.MultiHeadAttention(args.heads, head_dim, dtype=args.dtype)
-    dna = keras_dna.DoublyNormalizedAttention(
-        args.heads, head_dim, dtype=args.dtype, causal_normalization=(causal and attention == "cross")
-    )
     mha(query, value)
-    dna(query, value)
-    dna.set_weights(mha.get_weights())
+    layers = {"mha": mha}
+    for name, jit_compile in (("dna", "auto"), ("dna_uncompiled", False)):
+        layers[name] = keras_dna.DoublyNormalizedAttention(
+            args.heads, head_dim, dtype=args.dtype, jit_compile=jit_compile,
+            causal_normalization=(causal and attention == "cross"),
+        )
+        layers[name](query, value)
+        layers[name].set_weights(mha.get_weights())
+    if args.outer == "xla":
+        del layers["dna_uncompiled"]  # inside XLA the setting makes no difference
     # Cross-attention in a decoder is not causally masked, only normalized.
     use_causal_mask = causal and attention == "self"
-    return {"mha": mha, "dna": dna}, query, value, use_causal_mask, batch
+    return layers, query, value, use_causal_mask, batch
 
 
-def _step_functions(layer, use_causal_mask):
+def _step_functions(layer, use_causal_mask, outer):
     import tensorflow as tf
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=outer == "xla")
     def forward(query, value):
         return layer(query, value, use_causal_mask=use_causal_mask)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=outer == "xla")
     def forward_backward(query, value):
         with tf.GradientTape() as tape:
             tape.watch([query, value])
@@ -101,7 +111,10 @@ def time_cell(args, length, attention, causal):
     layers, query, value, use_causal_mask, batch = _layers_and_inputs(args, length, attention, causal)
     result = {"length": length, "batch": batch, "attention": attention, "causal": causal}
     for step in ("forward", "forward_backward"):
-        fns = {name: _step_functions(layer, use_causal_mask)[step] for name, layer in layers.items()}
+        fns = {
+            name: _step_functions(layer, use_causal_mask, args.outer)[step]
+            for name, layer in layers.items()
+        }
         for fn in fns.values():
             _run(fn, query, value)  # compile and warm up
             _run(fn, query, value)
@@ -110,25 +123,24 @@ def time_cell(args, length, attention, causal):
             for name, fn in fns.items():  # interleaved: drift hits both alike
                 times[name].append(_run(fn, query, value))
         medians = {name: float(np.median(t)) for name, t in times.items()}
-        result[step] = {
-            "mha_s": medians["mha"],
-            "dna_s": medians["dna"],
-            "ratio": medians["dna"] / medians["mha"],
-        }
+        result[step] = {f"{name}_s": seconds for name, seconds in medians.items()}
+        result[step]["ratio"] = medians["dna"] / medians["mha"]
+        if "dna_uncompiled" in medians:
+            result[step]["uncompiled_ratio"] = medians["dna_uncompiled"] / medians["mha"]
     return result
 
 
 def memory_cell(args, length, attention, causal, which):
     layers, query, value, use_causal_mask, _ = _layers_and_inputs(args, length, attention, causal)
     # Measure only this layer: the other one was built but never run.
-    _run(_step_functions(layers[which], use_causal_mask)["forward_backward"], query, value)
+    _run(_step_functions(layers[which], use_causal_mask, args.outer)["forward_backward"], query, value)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
 
 
 def _subprocess(args, extra):
     command = [sys.executable, __file__, *extra,
                "--tokens", str(args.tokens), "--width", str(args.width), "--heads", str(args.heads),
-               "--dtype", args.dtype, "--repeats", str(args.repeats)]
+               "--dtype", args.dtype, "--repeats", str(args.repeats), "--outer", args.outer]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr else "failed"}
@@ -141,17 +153,19 @@ def _gib(value):
 
 def markdown(rows):
     lines = [
-        "| T | batch | attention | causal | forward DNA/MHA | fwd+bwd DNA/MHA | fwd+bwd MHA ms | peak GiB MHA | peak GiB DNA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| T | batch | attention | causal | forward DNA/MHA | fwd+bwd DNA/MHA | fwd+bwd DNA/MHA, "
+        "normalization not compiled | fwd+bwd MHA ms | peak GiB MHA | peak GiB DNA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['length']} | | {r['attention']} | {r['causal']} | {r['error']} | | | | |")
+            lines.append(f"| {r['length']} | | {r['attention']} | {r['causal']} | {r['error']} | | | | | |")
             continue
         memory = r.get("peak_gib", {})
         lines.append(
             f"| {r['length']} | {r['batch']} | {r['attention']} | {r['causal']} | "
             f"{r['forward']['ratio']:.2f} | {r['forward_backward']['ratio']:.2f} | "
+            f"{r['forward_backward'].get('uncompiled_ratio', float('nan')):.2f} | "
             f"{r['forward_backward']['mha_s'] * 1e3:.0f} | "
             f"{_gib(memory.get('mha'))} | {_gib(memory.get('dna'))} |"
         )

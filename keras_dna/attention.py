@@ -18,6 +18,25 @@ from keras_dna._validation import same_static_shape
 _CAUSAL_MASK_IN_CALL = contextvars.ContextVar("causal_mask_in_call", default=False)
 
 
+_compiled_normalization = None
+
+
+def _normalization_function(jit_compile):
+    """`normalize_attention_scores`, XLA-compiled where asked and possible."""
+    global _compiled_normalization
+    if jit_compile is False or keras.backend.backend() != "tensorflow":
+        return dna_ops.normalize_attention_scores
+    if _compiled_normalization is None:
+        import tensorflow as tf
+
+        # One function for all layers: each combination of static arguments
+        # and shapes is traced and compiled once.
+        _compiled_normalization = tf.function(
+            dna_ops.normalize_attention_scores, jit_compile=True, reduce_retracing=True
+        )
+    return _compiled_normalization
+
+
 @keras.saving.register_keras_serializable(package="keras_dna")
 class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
     """Multi-head attention that does not explain away its inputs.
@@ -78,6 +97,12 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         causal_normalization: Normalize the first step over the current and
             earlier queries only. Always on when called with
             `use_causal_mask=True`.
+        jit_compile: Whether the normalization runs as an XLA-compiled
+            function on the TensorFlow backend, also when the model around it
+            is not compiled (Keras does not compile `fit` on CPUs or under
+            most distribution strategies). `"auto"` (default) compiles on the
+            TensorFlow backend; inside an XLA-compiled model it makes no
+            difference.
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -124,6 +149,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         seed=None,
         normalization="double",
         causal_normalization=False,
+        jit_compile="auto",
         **kwargs,
     ):
         if flash_attention:
@@ -134,6 +160,11 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 f"flash_attention={flash_attention!r}"
             )
         check_normalization(normalization)
+        if jit_compile not in ("auto", True, False):
+            raise ValueError(
+                "Argument `jit_compile` must be 'auto', True or False. "
+                f"Received: jit_compile={jit_compile!r}"
+            )
         if not isinstance(causal_normalization, bool):
             raise TypeError(
                 "Argument `causal_normalization` must be a bool. Received: "
@@ -167,6 +198,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._flash_attention = False
         self._normalization = normalization
         self._causal_normalization = causal_normalization
+        self._jit_compile = jit_compile
         self._mixing_logits = None
 
     @property
@@ -187,6 +219,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             **super().get_config(),
             "normalization": self._normalization,
             "causal_normalization": self._causal_normalization,
+            "jit_compile": self._jit_compile,
         }
 
     def _build_attention(self, rank):
@@ -279,14 +312,16 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             attention_mask = ops.cast(attention_mask, "bool")
             while len(attention_mask.shape) < len(scores.shape):
                 attention_mask = ops.expand_dims(attention_mask, -2 * num_axes - 1)
-        weights = dna_ops.normalize_attention_scores(
+        weights = _normalization_function(self._jit_compile)(
             scores,
             attention_mask,
             normalization=self._normalization,
             causal_normalization=(
                 self._causal_normalization or use_causal_mask or _CAUSAL_MASK_IN_CALL.get()
             ),
-            mixing_logits=self._mixing_logits,
+            # The backend variable: a compiled TensorFlow function cannot
+            # take the Keras wrapper.
+            mixing_logits=None if self._mixing_logits is None else self._mixing_logits.value,
             num_attention_axes=num_axes,
         )
         if self._dropout > 0.0:
