@@ -148,6 +148,8 @@ def _subprocess(args, extra):
 
 
 def _gib(value):
+    if value is None:
+        return "-"
     return f"{value:.2f}" if isinstance(value, float) else "failed"
 
 
