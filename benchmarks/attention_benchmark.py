@@ -147,6 +147,10 @@ def _subprocess(args, extra):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _ratio(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _gib(value):
     if value is None:
         return "-"
@@ -167,7 +171,7 @@ def markdown(rows):
         lines.append(
             f"| {r['length']} | {r['batch']} | {r['attention']} | {r['causal']} | "
             f"{r['forward']['ratio']:.2f} | {r['forward_backward']['ratio']:.2f} | "
-            f"{r['forward_backward'].get('uncompiled_ratio', float('nan')):.2f} | "
+            f"{_ratio(r['forward_backward'].get('uncompiled_ratio'))} | "
             f"{r['forward_backward']['mha_s'] * 1e3:.0f} | "
             f"{_gib(memory.get('mha'))} | {_gib(memory.get('dna'))} |"
         )
