@@ -326,7 +326,10 @@ def normalize_attention_scores(
     if mixing_logits is not None:
         mixing_logits = ops.convert_to_tensor(mixing_logits)
         heads = scores.shape[rank - 2 * num_attention_axes - 1]
-        if len(mixing_logits.shape) != 1 or mixing_logits.shape[0] not in (None, heads):
+        # Traced with relaxed shapes, the number of heads can be unknown.
+        if len(mixing_logits.shape) != 1 or None not in (heads, mixing_logits.shape[0]) and (
+            mixing_logits.shape[0] != heads
+        ):
             raise ValueError(
                 f"Argument `mixing_logits` must have shape ({heads},), one "
                 "logit per head. Received: "

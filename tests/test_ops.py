@@ -318,3 +318,15 @@ def test_bad_mask_and_mixing_logits_shapes_raise(rng):
         dna_ops.normalize_attention_scores(scores, np.ones((2, 3, 4, 4), bool))
     with pytest.raises(ValueError, match="mixing_logits"):
         dna_ops.normalize_attention_scores(scores, normalization="hybrid", mixing_logits=np.zeros(2))
+
+
+def test_hybrid_with_unknown_number_of_heads(rng):
+    # Shared compiled functions retrace with relaxed (unknown) shapes.
+    fn = tf.function(
+        lambda s, a: dna_ops.normalize_attention_scores(s, normalization="hybrid", mixing_logits=a),
+        input_signature=[tf.TensorSpec((None,) * 4, tf.float64), tf.TensorSpec((None,), tf.float64)],
+    )
+    scores = rng.normal(size=(2, 3, 4, 5))
+    mixing = rng.normal(size=3)
+    expected = oracle.attention_weights(scores, None, "hybrid", False, mixing)
+    np.testing.assert_allclose(fn(scores, mixing).numpy(), expected, atol=1e-12)
