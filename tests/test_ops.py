@@ -324,7 +324,7 @@ def test_hybrid_with_unknown_number_of_heads(rng):
     # Shared compiled functions retrace with relaxed (unknown) shapes.
     fn = tf.function(
         lambda s, a: dna_ops.normalize_attention_scores(s, normalization="hybrid", mixing_logits=a),
-        input_signature=[tf.TensorSpec((None,) * 4, tf.float64), tf.TensorSpec((None,), tf.float64)],
+        input_signature=[tf.TensorSpec((None,) * 4, tf.float64), tf.TensorSpec((3,), tf.float64)],
     )
     scores = rng.normal(size=(2, 3, 4, 5))
     mixing = rng.normal(size=3)
