@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 import pathlib
 import time
 
@@ -58,7 +57,6 @@ class Run:
     """The strategy, output folder and timing of one example run."""
 
     def __init__(self, args):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
 
         keras.utils.set_random_seed(args.seed)
