@@ -305,7 +305,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         # A Python float keeps the query's dtype; `ops.cast` of one would
         # round it through float32 first.
         query = ops.multiply(query, self._inverse_sqrt_key_dim)
-        scores = ops.einsum(self._dot_product_equation, key, query)
+        scores = dna_ops._einsum(self._dot_product_equation, key, query)
         if attention_mask is not None:
             # Insert the heads axis (and any missing batch axes) in front of
             # the query and key axes.
@@ -328,7 +328,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             dropped = self._dropout_layer(weights, training=training)
         else:
             dropped = weights
-        attention_output = ops.einsum(self._combine_equation, dropped, value)
+        attention_output = dna_ops._einsum(self._combine_equation, dropped, value)
         return attention_output, weights
 
     def _check_call_inputs(

@@ -59,13 +59,15 @@ def _masked_value(x):
 
 
 def _underflow_log_threshold(x):
-    """Log of the smallest partial sum the fast prefix path trusts.
+    """Log of the smallest sum of exponentials the fast paths trust.
 
-    exp() flushes to zero below about -87 (float32) or -708 (float64); a
-    partial sum of at least exp(threshold) makes the lost terms negligible
-    (relative error below `length * exp(threshold - flush)`).
+    exp() flushes to zero below about -87 (float32) or -708 (float64); a sum
+    of at least exp(threshold) makes the lost terms negligible (relative
+    error below `length * exp(threshold - flush)`). Half the range, because
+    XLA may multiply two such sums (it rewrites `a / b / c` to
+    `a / (b * c)`), and their product must not underflow either.
     """
-    return -600.0 if _is_float64(x) else -60.0
+    return -300.0 if _is_float64(x) else -40.0
 
 
 @keras.saving.register_keras_serializable(package="keras_dna")
@@ -100,6 +102,25 @@ def _symbolic_inputs_allowed(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _einsum(equation, *operands):
+    """`keras.ops.einsum`, but `tf.einsum` on the TensorFlow backend.
+
+    Keras' TensorFlow einsum rewrites attention-shaped equations into
+    transposes and batched matmuls (for its quantized kernels); under XLA
+    on a CPU that made a layer's forward+backward step about 1.3x slower
+    than `tf.einsum`, which `keras.ops.dot_product_attention` (and so
+    `MultiHeadAttention`) uses.
+    """
+    operands = [ops.convert_to_tensor(x) for x in operands]
+    dtype = backend.result_type(*(x.dtype for x in operands))
+    operands = [ops.cast(x, dtype) for x in operands]
+    if backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.einsum(equation, *operands)
+    return ops.einsum(equation, *operands)
 
 
 def _static_length(x, axis):
@@ -199,71 +220,146 @@ def _positive_part_log(x):
     return ops.where(positive, ops.log(ops.where(positive, x, 1.0)), _masked_value(x))
 
 
-def _prefix_key_logsumexp(scores, valid):
+def _prefix_logsumexp(scores, valid):
     """`c[i, j]`: log-sum-exp of key j's valid scores over queries i' <= i.
 
     Fast path: exponentials against each key's maximum over all queries and
-    a blocked prefix sum, which costs about what the non-causal reduction
-    does. A prefix whose sum underflows against that maximum (scores rising
-    by more than about 60 along the queries) switches the call to the exact
-    log-space scan.
-
-    The gradient is written out, `dc[i, j] / ds[i', j] = exp(s[i', j] -
-    c[i, j])` for `i' <= i`, as a reverse prefix sum on the same two paths:
-    differentiating through the branch would make the backward pass carry
-    the untaken branch's intermediates.
+    a blocked prefix sum. A valid prefix whose sum underflows against that
+    maximum (scores rising by more than about 40 along the queries) switches
+    the call to the exact log-space scan. Not differentiable: callers write
+    the gradient out with `_prefix_logsumexp_transpose`.
     """
-    threshold = math.exp(_underflow_log_threshold(scores))
-    smallest_normal = 1e-307 if _is_float64(scores) else 1e-37
+    # As in `_key_logsumexp`, masked entries add nothing to a valid prefix.
+    shift = ops.max(scores, axis=-2, keepdims=True)
+    partial = _cumsum(ops.exp(scores - shift), axis=-2)
+    trusted = partial >= math.exp(_underflow_log_threshold(scores))
+    if valid is not None:
+        trusted = ops.logical_or(trusted, ops.logical_not(valid))
+    return ops.cond(
+        ops.all(trusted),
+        lambda: shift + ops.log(ops.maximum(partial, _smallest_normal(scores))),
+        lambda: _exact_prefix_logsumexp(scores),
+    )
+
+
+def _prefix_logsumexp_transpose(scores, key_lse, upstream):
+    """`sum over i >= i' of upstream[i, j] exp(s[i', j] - c[i, j])`.
+
+    The gradient of `_prefix_logsumexp` (`c`, given as `key_lse`) with
+    respect to `scores`, for the upstream gradient `upstream`. A reverse
+    prefix sum against each key's maximum where that cannot overflow, else
+    in log space, the positive and negative parts of `upstream` apart.
+    """
+    shift = ops.max(scores, axis=-2, keepdims=True)
+    bounded = ops.logical_or(
+        key_lse - shift >= _underflow_log_threshold(scores), upstream == 0
+    )
+
+    def fast():
+        # exp(shift - c) <= exp(40) wherever upstream is nonzero.
+        scale = ops.where(upstream == 0, 0.0, ops.exp(shift - key_lse))
+        return ops.exp(scores - shift) * _reverse_cumsum(upstream * scale, axis=-2)
+
+    def exact():
+        # exp(s[i'] + log sum) is at most sum |upstream|.
+        total = 0.0
+        for sign in (1.0, -1.0):
+            log_terms = _positive_part_log(sign * upstream) - key_lse
+            reverse_lse = ops.flip(
+                _exact_prefix_logsumexp(ops.flip(log_terms, axis=-2)), axis=-2
+            )
+            total = total + sign * ops.exp(scores + reverse_lse)
+        return total
+
+    return ops.cond(ops.all(bounded), fast, exact)
+
+
+def _smallest_normal(x):
+    return 1e-307 if _is_float64(x) else 1e-37
+
+
+def _doubly_normalize(scores, valid, causal):
+    """Doubly-normalized weights from masked scores, gradient written out.
+
+    With `E = exp(s - max over queries)` per key and `P` its (prefix) sum
+    over the queries, the first step is `B = E / P` and the second
+    `A = B / R` with `R` the sums of `B` over the keys: one exponential per
+    score. Should some valid `R` or `P` underflow (scores spread by more
+    than about 40), the call computes `softmax(s - c)` in log space instead.
+
+    The gradient, with `D = A * (g - sum over keys of A * g)` the softmax
+    part, is `D - B * sum over queries of D` (causal: a reverse prefix sum
+    of `D / P` times `E`); `B = A * R` comes from the saved weights, so the
+    backward pass needs no exponential and no autodiff through the branch.
+    """
+    log_threshold = _underflow_log_threshold(scores)
+    row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
+
+    def exact_key_lse(scores):
+        return _prefix_logsumexp(scores, valid) if causal else _key_logsumexp(scores)
 
     @ops.custom_gradient
-    def prefix_logsumexp(scores):
-        # As in `_key_logsumexp`, masked entries add nothing to a valid prefix.
+    def normalize(scores):
+        # Shared by E and P, the shift cancels in B.
         shift = ops.max(scores, axis=-2, keepdims=True)
         terms = ops.exp(scores - shift)
-        partial = _cumsum(terms, axis=-2)
-        trusted = partial >= threshold
         if valid is not None:
-            trusted = ops.logical_or(trusted, ops.logical_not(valid))
+            terms = ops.where(valid, terms, 0.0)
+        if causal:
+            key_sums = _cumsum(terms, axis=-2)
+        else:
+            # At least 1 for a key with a valid score: its maximum is among them.
+            key_sums = ops.sum(terms, axis=-2, keepdims=True)
+        threshold = math.exp(log_threshold)
+        # Where a sum is below the threshold, its terms are masked (zero) or
+        # the exact branch is taken, so the floor changes no used value.
+        key_sums = ops.maximum(key_sums, threshold)
+        key_weights = terms / key_sums
+        query_sums = ops.sum(key_weights, axis=-1, keepdims=True)
+        trusted = query_sums >= threshold
+        if row_valid is not None:
+            trusted = ops.logical_or(trusted, ops.logical_not(row_valid))
         trusted = ops.all(trusted)
-        key_lse = ops.cond(
+        if causal:
+            prefix_ok = key_sums > threshold
+            if valid is not None:
+                prefix_ok = ops.logical_or(prefix_ok, ops.logical_not(valid))
+            trusted = ops.logical_and(trusted, ops.all(prefix_ok))
+        weights = ops.cond(
             trusted,
-            lambda: shift + ops.log(ops.maximum(partial, smallest_normal)),
-            lambda: _exact_prefix_logsumexp(scores),
+            lambda: key_weights / ops.maximum(query_sums, threshold),
+            lambda: _masked_softmax(scores - exact_key_lse(scores), valid),
         )
-
-        def fast_grad(upstream):
-            # exp(shift - c) <= exp(60) where upstream can be nonzero.
-            return terms * _reverse_cumsum(upstream * ops.exp(shift - key_lse), axis=-2)
-
-        def exact_grad(upstream):
-            # Sum upstream's positive and negative parts separately in log
-            # space; exp(s[i'] + log sum) is at most sum |upstream|.
-            total = 0.0
-            for sign in (1.0, -1.0):
-                log_terms = _positive_part_log(sign * upstream) - key_lse
-                reverse_lse = ops.flip(
-                    _exact_prefix_logsumexp(ops.flip(log_terms, axis=-2)), axis=-2
-                )
-                total = total + sign * ops.exp(scores + reverse_lse)
-            return total
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            return ops.cond(trusted, lambda: fast_grad(upstream), lambda: exact_grad(upstream))
+            softmax_part = weights * (
+                upstream - ops.sum(weights * upstream, axis=-1, keepdims=True)
+            )
 
-        return key_lse, grad
+            def fast():
+                key_part = weights * query_sums
+                if causal:
+                    return softmax_part - key_part * key_sums * _reverse_cumsum(
+                        softmax_part / key_sums, axis=-2
+                    )
+                return softmax_part - key_part * ops.sum(softmax_part, axis=-2, keepdims=True)
 
-    return prefix_logsumexp(scores)
+            def exact():
+                key_lse = exact_key_lse(scores)
+                if causal:
+                    return softmax_part - _prefix_logsumexp_transpose(
+                        scores, key_lse, softmax_part
+                    )
+                key_part = ops.exp(scores - key_lse)
+                return softmax_part - key_part * ops.sum(softmax_part, axis=-2, keepdims=True)
 
+            return ops.cond(trusted, fast, exact)
 
-def _doubly_normalize(scores, valid, causal):
-    if causal:
-        key_lse = _prefix_key_logsumexp(scores, valid)
-    else:
-        key_lse = _key_logsumexp(scores)
-    return _masked_softmax(scores - key_lse, valid)
+        return weights, grad
+
+    return normalize(scores)
 
 
 @_symbolic_inputs_allowed
@@ -430,7 +526,7 @@ def doubly_normalized_attention_weights(
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     # A Python scale stays a weak type: no float32 rounding of float64 work.
-    scores = ops.multiply(ops.einsum("btnh,bsnh->bnts", query, key), scale)
+    scores = ops.multiply(_einsum("btnh,bsnh->bnts", query, key), scale)
     if is_causal:
         query_index = ops.expand_dims(ops.arange(ops.shape(query)[1]), -1)
         key_index = ops.expand_dims(ops.arange(ops.shape(key)[1]), 0)
@@ -485,4 +581,4 @@ def doubly_normalized_attention(
         scale=scale,
         mixing_logits=mixing_logits,
     )
-    return ops.einsum("bnts,bsnh->btnh", weights, ops.cast(value, weights.dtype))
+    return _einsum("bnts,bsnh->btnh", weights, ops.cast(value, weights.dtype))
