@@ -278,25 +278,70 @@ def _smallest_normal(x):
     return 1e-307 if _is_float64(x) else 1e-37
 
 
-def _doubly_normalize(scores, valid, causal):
-    """Doubly-normalized weights from masked scores, gradient written out.
+def _softmax_part_of_gradient(weights, upstream):
+    """The gradient of a softmax over keys: `A * (g - sum over keys of A * g)`."""
+    return weights * (upstream - ops.sum(weights * upstream, axis=-1, keepdims=True))
 
-    With `E = exp(s - max over queries)` per key and `P` its (prefix) sum
-    over the queries, the first step is `B = E / P` and the second
-    `A = B / R` with `R` the sums of `B` over the keys: one exponential per
-    score. Should some valid `R` or `P` underflow (scores spread by more
-    than about 40), the call computes `softmax(s - c)` in log space instead.
 
-    The gradient, with `D = A * (g - sum over keys of A * g)` the softmax
-    part, is `D - B * sum over queries of D` (causal: a reverse prefix sum
-    of `D / P` times `E`); `B = A * R` comes from the saved weights, so the
+def _double_normalization(scores, valid):
+    """`softmax over keys of (s - c)`, `c` per key; gradient written out.
+
+    The gradient is `D - B * (sum over queries of D)`, with `D` the softmax
+    part and `B = exp(s - c) = A * R`, where `R`, each query's sum of
+    `exp(s - c)`, comes from the softmax's own maximum and sum: the
+    backward pass needs no exponential of the scores. (`R <= key_length`
+    since `s <= c`; where `R` underflows, `B` is below the resolution of
+    `D`.) There is deliberately no data-dependent branch: XLA turns a
+    conditional with cheap branches into a select that computes both.
+    """
+
+    @ops.custom_gradient
+    def normalize(scores):
+        logits = scores - _key_logsumexp(scores)
+        if valid is not None:
+            logits = ops.where(valid, logits, _masked_value(logits))
+        row_max = ops.max(logits, axis=-1, keepdims=True)
+        terms = ops.exp(logits - row_max)
+        if valid is not None:
+            terms = ops.where(valid, terms, 0.0)
+        # At least 1 in a row with a valid key: its maximum is among them.
+        row_sums = ops.maximum(ops.sum(terms, axis=-1, keepdims=True), 1.0)
+        weights = terms / row_sums
+        query_sums = ops.exp(row_max + ops.log(row_sums))
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            softmax_part = _softmax_part_of_gradient(weights, upstream)
+            key_part = weights * query_sums
+            return softmax_part - key_part * ops.sum(softmax_part, axis=-2, keepdims=True)
+
+        return weights, grad
+
+    return normalize(scores)
+
+
+def _causal_double_normalization(scores, valid):
+    """Double normalization with prefix sums over the queries.
+
+    With `E = exp(s - max over queries)` per key and `P` its prefix sum over
+    the queries, the first step is `B = E / P` and the second `A = B / R`
+    with `R` the sums of `B` over the keys: one exponential per score.
+    Should a valid `R` or `P` underflow (scores rising by more than about
+    40), the call computes `softmax(s - c)` in log space with the exact
+    prefix log-sum-exp instead (a loop, so XLA keeps the branch).
+
+    The gradient is `D - E * (reverse prefix sum of D / P)` with `D` the
+    softmax part; `E = A * R * P` comes from the saved weights, so the
     backward pass needs no exponential and no autodiff through the branch.
     """
-    log_threshold = _underflow_log_threshold(scores)
+    threshold = math.exp(_underflow_log_threshold(scores))
     row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
 
-    def exact_key_lse(scores):
-        return _prefix_logsumexp(scores, valid) if causal else _key_logsumexp(scores)
+    def smallest(sums, where_valid):
+        if where_valid is not None:
+            sums = ops.where(where_valid, sums, float("inf"))
+        return ops.min(sums)
 
     @ops.custom_gradient
     def normalize(scores):
@@ -305,61 +350,45 @@ def _doubly_normalize(scores, valid, causal):
         terms = ops.exp(scores - shift)
         if valid is not None:
             terms = ops.where(valid, terms, 0.0)
-        if causal:
-            key_sums = _cumsum(terms, axis=-2)
-        else:
-            # At least 1 for a key with a valid score: its maximum is among them.
-            key_sums = ops.sum(terms, axis=-2, keepdims=True)
-        threshold = math.exp(log_threshold)
-        # Where a sum is below the threshold, its terms are masked (zero) or
-        # the exact branch is taken, so the floor changes no used value.
+        key_sums = _cumsum(terms, axis=-2)
+        trusted = smallest(key_sums, valid) >= threshold
+        # Below the threshold, the terms are masked (zero) or the exact branch
+        # is taken, so the floor changes no value used.
         key_sums = ops.maximum(key_sums, threshold)
         key_weights = terms / key_sums
         query_sums = ops.sum(key_weights, axis=-1, keepdims=True)
-        trusted = query_sums >= threshold
-        if row_valid is not None:
-            trusted = ops.logical_or(trusted, ops.logical_not(row_valid))
-        trusted = ops.all(trusted)
-        if causal:
-            prefix_ok = key_sums > threshold
-            if valid is not None:
-                prefix_ok = ops.logical_or(prefix_ok, ops.logical_not(valid))
-            trusted = ops.logical_and(trusted, ops.all(prefix_ok))
+        trusted = ops.logical_and(trusted, smallest(query_sums, row_valid) >= threshold)
         weights = ops.cond(
             trusted,
             lambda: key_weights / ops.maximum(query_sums, threshold),
-            lambda: _masked_softmax(scores - exact_key_lse(scores), valid),
+            lambda: _masked_softmax(scores - _prefix_logsumexp(scores, valid), valid),
         )
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            softmax_part = weights * (
-                upstream - ops.sum(weights * upstream, axis=-1, keepdims=True)
-            )
+            softmax_part = _softmax_part_of_gradient(weights, upstream)
 
             def fast():
-                key_part = weights * query_sums
-                if causal:
-                    return softmax_part - key_part * key_sums * _reverse_cumsum(
-                        softmax_part / key_sums, axis=-2
-                    )
-                return softmax_part - key_part * ops.sum(softmax_part, axis=-2, keepdims=True)
+                return softmax_part - weights * query_sums * key_sums * _reverse_cumsum(
+                    softmax_part / key_sums, axis=-2
+                )
 
             def exact():
-                key_lse = exact_key_lse(scores)
-                if causal:
-                    return softmax_part - _prefix_logsumexp_transpose(
-                        scores, key_lse, softmax_part
-                    )
-                key_part = ops.exp(scores - key_lse)
-                return softmax_part - key_part * ops.sum(softmax_part, axis=-2, keepdims=True)
+                key_lse = _prefix_logsumexp(scores, valid)
+                return softmax_part - _prefix_logsumexp_transpose(scores, key_lse, softmax_part)
 
             return ops.cond(trusted, fast, exact)
 
         return weights, grad
 
     return normalize(scores)
+
+
+def _doubly_normalize(scores, valid, causal):
+    if causal:
+        return _causal_double_normalization(scores, valid)
+    return _double_normalization(scores, valid)
 
 
 @_symbolic_inputs_allowed
