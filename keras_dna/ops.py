@@ -283,6 +283,23 @@ def _softmax_part_of_gradient(weights, upstream):
     return weights * (upstream - ops.sum(weights * upstream, axis=-1, keepdims=True))
 
 
+def _row_softmax(logits, valid):
+    """Softmax over keys, and each row's sum of `exp(logits)`.
+
+    `logits` are masked where `valid` is False; a row without a valid key
+    gets zeros. The sums serve the gradient of double normalization.
+    """
+    if valid is not None:
+        logits = ops.where(valid, logits, _masked_value(logits))
+    row_max = ops.max(logits, axis=-1, keepdims=True)
+    terms = ops.exp(logits - row_max)
+    if valid is not None:
+        terms = ops.where(valid, terms, 0.0)
+    # At least 1 in a row with a valid key: its maximum is among them.
+    row_sums = ops.maximum(ops.sum(terms, axis=-1, keepdims=True), 1.0)
+    return terms / row_sums, ops.exp(row_max + ops.log(row_sums))
+
+
 def _double_normalization(scores, valid):
     """`softmax over keys of (s - c)`, `c` per key; gradient written out.
 
@@ -297,17 +314,7 @@ def _double_normalization(scores, valid):
 
     @ops.custom_gradient
     def normalize(scores):
-        logits = scores - _key_logsumexp(scores)
-        if valid is not None:
-            logits = ops.where(valid, logits, _masked_value(logits))
-        row_max = ops.max(logits, axis=-1, keepdims=True)
-        terms = ops.exp(logits - row_max)
-        if valid is not None:
-            terms = ops.where(valid, terms, 0.0)
-        # At least 1 in a row with a valid key: its maximum is among them.
-        row_sums = ops.maximum(ops.sum(terms, axis=-1, keepdims=True), 1.0)
-        weights = terms / row_sums
-        query_sums = ops.exp(row_max + ops.log(row_sums))
+        weights, query_sums = _row_softmax(scores - _key_logsumexp(scores), valid)
 
         def grad(*args, upstream=None):
             if upstream is None:
@@ -497,6 +504,235 @@ def normalize_attention_scores(
     return ops.cast(weights, out_dtype)
 
 
+def _query_blocks(x, num_blocks, chunk_size):
+    """`(B, N, T, ...)` -> `(num_blocks, B, N, chunk_size, ...)`, zero-padded."""
+    shape = ops.shape(x)
+    padding = num_blocks * chunk_size - shape[2]
+    pad = ops.zeros(tuple(shape[:2]) + (padding,) + tuple(shape[3:]), dtype=x.dtype)
+    x = ops.concatenate([x, pad], axis=2)
+    x = ops.reshape(x, tuple(shape[:2]) + (num_blocks, chunk_size) + tuple(shape[3:]))
+    return ops.moveaxis(x, 2, 0)
+
+
+def _from_query_blocks(blocks, length):
+    """Inverse of `_query_blocks`."""
+    shape = ops.shape(blocks)
+    x = ops.moveaxis(blocks, 0, 2)
+    x = ops.reshape(x, tuple(shape[1:3]) + (shape[0] * shape[3],) + tuple(shape[4:]))
+    return x[:, :, :length]
+
+
+def _scan(step, init, xs, stacked_like, reverse=False):
+    """`keras.ops.scan` whose outputs need not be shaped like the carry.
+
+    (Keras' TensorFlow scan requires that.) `step(carry, x)` returns the new
+    carry and outputs that are written, along the leading axis, into zeros
+    shaped like `stacked_like`. `xs` may contain `None`.
+    """
+    length = ops.shape(keras.tree.flatten(xs)[0])[0]
+
+    def body(i, state):
+        carry, stacked = state
+        index = length - 1 - i if reverse else i
+        x = tuple(None if t is None else ops.take(t, index, axis=0) for t in xs)
+        carry, outputs = step(carry, x)
+        stacked = keras.tree.map_structure(
+            lambda buffer, output: ops.slice_update(
+                buffer, (index,) + (0,) * (len(buffer.shape) - 1), ops.expand_dims(output, 0)
+            ),
+            stacked,
+            outputs,
+        )
+        return carry, stacked
+
+    return ops.fori_loop(0, length, body, (init, stacked_like))
+
+
+def _blockwise_attention(query, key, value, mask, *, double, causal, is_causal, chunk_size):
+    """Attention over blocks of `chunk_size` queries: memory linear in length.
+
+    `query` (already scaled), `key`, `value`: `(B, N, T or S, head_dim)` in
+    the working dtype; `mask`: `None` or a rank-4 boolean tensor
+    broadcastable to `(B, N, T, S)`. With `double=False` this is softmax
+    attention. The score matrix is never held whole: the per-key
+    log-sum-exp `c` is accumulated over the blocks first (causal: carried
+    along with them, one prefix per block), then each block's weights
+    `softmax(s - c)` meet the values. The backward pass recomputes each
+    block's scores instead of keeping them.
+    """
+    @ops.custom_gradient
+    def attend(query, key, value):
+        masked = _masked_value(query)
+        length, key_length = ops.shape(query)[2], ops.shape(key)[2]
+        num_blocks = (length + chunk_size - 1) // chunk_size
+        indices = ops.arange(num_blocks)
+        mask_blocks = None
+        if mask is not None and mask.shape[2] != 1:
+            mask_blocks = _query_blocks(mask, num_blocks, chunk_size)
+
+        def block_scores(index, query_block, mask_block):
+            rows = index * chunk_size + ops.arange(chunk_size)
+            valid = ops.reshape(rows < length, (1, 1, chunk_size, 1))
+            if is_causal:
+                valid = ops.logical_and(valid, rows[:, None] >= ops.arange(key_length)[None, :])
+            if mask is not None:
+                valid = ops.logical_and(valid, mask if mask_block is None else mask_block)
+            scores = _einsum("bnch,bnsh->bncs", query_block, key)
+            return ops.where(valid, scores, masked), valid
+
+        def causal_key_lse(scores, valid, before):
+            """Prefix log-sum-exp of the block, continuing the prefix `before`."""
+            extended = ops.concatenate([before, scores], axis=-2)
+            valid = ops.broadcast_to(valid, ops.shape(scores))
+            extended_valid = ops.concatenate([before > masked / 2, valid], axis=-2)
+            return _prefix_logsumexp(extended, extended_valid)[:, :, 1:]
+
+        def xs(*extra):
+            return (indices, query_blocks, mask_blocks) + extra
+
+        query_blocks = _query_blocks(query, num_blocks, chunk_size)
+        nothing = ops.full(ops.shape(key)[:2] + (1, key_length), masked, dtype=key.dtype)
+
+        def key_lse_total():
+            """`c` of every key (non-causal double normalization)."""
+
+            def step(total, block):
+                scores, _ = block_scores(*block)
+                return _logaddexp(total, _key_logsumexp(scores)), ()
+
+            total, _ = _scan(step, nothing, xs(), ())
+            return total
+
+        def block_weights(block, total, before):
+            index, query_block, mask_block = block[:3]
+            scores, valid = block_scores(index, query_block, mask_block)
+            if causal and double:
+                key_lse = causal_key_lse(scores, valid, before)
+            elif double:
+                key_lse = total
+            else:
+                key_lse = 0.0
+            weights, query_sums = _row_softmax(scores - key_lse, valid)
+            return scores, key_lse, valid, weights, query_sums
+
+        total = befores = None
+        outputs_like = ops.zeros(
+            tuple(ops.shape(query_blocks)[:4]) + (ops.shape(value)[-1],), dtype=value.dtype
+        )
+        if causal and double:
+            # One pass; each block's prefix before it is kept for the
+            # backward pass (one row of keys per block).
+            def step(before, block):
+                scores, valid = block_scores(*block)
+                key_lse = causal_key_lse(scores, valid, before)
+                weights, _ = _row_softmax(scores - key_lse, valid)
+                output_block = _einsum("bncs,bnsh->bnch", weights, value)
+                return key_lse[:, :, -1:], (before, output_block)
+
+            _, (befores, output_blocks) = _scan(
+                step, nothing, xs(),
+                (ops.zeros((num_blocks,) + tuple(ops.shape(nothing)), dtype=nothing.dtype), outputs_like),
+            )
+        else:
+            if double:
+                total = key_lse_total()
+
+            def step(carry, block):
+                weights = block_weights(block, total, None)[3]
+                return carry, _einsum("bncs,bnsh->bnch", weights, value)
+
+            _, output_blocks = _scan(step, 0, xs(), outputs_like)
+        output = _from_query_blocks(output_blocks, length)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            upstream_blocks = _query_blocks(upstream, num_blocks, chunk_size)
+
+            def softmax_backward(block, before):
+                scores, key_lse, _, weights, query_sums = block_weights(block, total, before)
+                upstream_block = block[3]
+                weights_grad = _einsum("bnch,bnsh->bncs", upstream_block, value)
+                softmax_part = _softmax_part_of_gradient(weights, weights_grad)
+                value_grad = _einsum("bncs,bnch->bnsh", weights, upstream_block)
+                return scores, key_lse, weights, query_sums, softmax_part, value_grad
+
+            zeros_key = ops.zeros_like(key)
+            zeros_value = ops.zeros_like(value)
+            if causal and double:
+                # Reverse pass. `later` carries, per key, the gradient that
+                # reaches the block's last prefix from the blocks after it,
+                # as `sum D[i] exp(c_last - c[i])`; appended as an extra row
+                # (score and prefix `c_last`), and the prefix before the
+                # block prepended, the block's share of the prefix
+                # log-sum-exp gradient and the carry for the block before
+                # come out of one `_prefix_logsumexp_transpose`.
+                def step(carry, block):
+                    later, key_grad, value_grad = carry
+                    index, query_block, mask_block, upstream_block, before = block
+                    scores, key_lse, _, _, softmax_part, block_value_grad = softmax_backward(
+                        (index, query_block, mask_block, upstream_block), before
+                    )
+                    last = key_lse[:, :, -1:]
+                    transposed = _prefix_logsumexp_transpose(
+                        ops.concatenate([before, scores, last], axis=-2),
+                        ops.concatenate([before, key_lse, last], axis=-2),
+                        ops.concatenate([ops.zeros_like(before), softmax_part, later], axis=-2),
+                    )
+                    scores_grad = softmax_part - transposed[:, :, 1:-1]
+                    key_grad = key_grad + _einsum("bncs,bnch->bnsh", scores_grad, query_block)
+                    query_grad = _einsum("bncs,bnsh->bnch", scores_grad, key)
+                    return (transposed[:, :, :1], key_grad, value_grad + block_value_grad), query_grad
+
+                start = (ops.zeros_like(nothing), zeros_key, zeros_value)
+                (_, key_grad, value_grad), query_grads = _scan(
+                    step, start, xs(upstream_blocks, befores), ops.zeros_like(query_blocks),
+                    reverse=True,
+                )
+                return _from_query_blocks(query_grads, length), key_grad, value_grad
+
+            # The softmax part, the values' gradient and (double) the sums
+            # over queries that the per-key normalization needs.
+            def step(carry, block):
+                key_sums, key_grad, key_weighted_queries, value_grad = carry
+                _, _, weights, query_sums, softmax_part, block_value_grad = softmax_backward(
+                    block, None
+                )
+                query_block = block[1]
+                key_grad = key_grad + _einsum("bncs,bnch->bnsh", softmax_part, query_block)
+                query_grad = _einsum("bncs,bnsh->bnch", softmax_part, key)
+                if double:
+                    key_sums = key_sums + ops.sum(softmax_part, axis=-2, keepdims=True)
+                    key_weighted_queries = key_weighted_queries + _einsum(
+                        "bncs,bnch->bnsh", weights * query_sums, query_block
+                    )
+                carry = (key_sums, key_grad, key_weighted_queries, value_grad + block_value_grad)
+                return carry, query_grad
+
+            start = (ops.zeros_like(nothing), zeros_key, zeros_key, zeros_value)
+            carry, query_grads = _scan(step, start, xs(upstream_blocks), ops.zeros_like(query_blocks))
+            key_sums, key_grad, key_weighted_queries, value_grad = carry
+            if not double:
+                return _from_query_blocks(query_grads, length), key_grad, value_grad
+
+            # ds = D - B * (sum over queries of D), with B = exp(s - c).
+            key_sums = ops.moveaxis(key_sums, -2, -1)
+            key_grad = key_grad - key_sums * key_weighted_queries
+
+            def step(carry, block):
+                query_grad = block[3]
+                _, _, _, weights, query_sums = block_weights(block, total, None)
+                key_part = weights * query_sums
+                return carry, query_grad - _einsum("bncs,bnsh->bnch", key_part, key_sums * key)
+
+            _, query_grads = _scan(step, 0, xs(query_grads), ops.zeros_like(query_blocks))
+            return _from_query_blocks(query_grads, length), key_grad, value_grad
+
+        return output, grad
+
+    return attend(query, key, value)
+
+
 def _check_rank4(name, x):
     if len(x.shape) != 4:
         raise ValueError(
@@ -570,6 +806,58 @@ def doubly_normalized_attention_weights(
     )
 
 
+def _check_chunk_size(chunk_size):
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(
+            "Argument `chunk_size` must be None or a positive integer. "
+            f"Received: chunk_size={chunk_size!r}"
+        )
+
+
+def _chunked_attention(
+    query, key, value, mask, *, normalization, is_causal, causal_normalization, scale,
+    mixing_logits, chunk_size,
+):
+    """`doubly_normalized_attention` over blocks of `chunk_size` queries.
+
+    Same arguments (with `scale` given); the output has the dtype of the
+    query and key.
+    """
+    out_dtype = backend.result_type(query.dtype, key.dtype)
+    dtype = _working_dtype(out_dtype)
+    # Head-major, as the blocks are taken along the queries of each head.
+    query, key, value = (
+        ops.transpose(ops.cast(x, dtype), (0, 2, 1, 3)) for x in (query, key, value)
+    )
+    query = ops.multiply(query, scale)
+    if mask is not None:
+        mask = ops.cast(mask, "bool")
+        check_broadcastable("mask", mask.shape, tuple(query.shape[:3]) + (key.shape[2],))
+        while len(mask.shape) < 4:
+            mask = ops.expand_dims(mask, 0)
+    causal = bool(causal_normalization or is_causal)
+
+    def attend(double):
+        return _blockwise_attention(
+            query, key, value, mask, double=double, causal=causal, is_causal=is_causal,
+            chunk_size=chunk_size,
+        )
+
+    if normalization == "single":
+        output = attend(False)
+    elif normalization == "double":
+        output = attend(True)
+    else:
+        if mixing_logits is None:
+            softmax_share = 0.5
+        else:
+            softmax_share = ops.reshape(ops.sigmoid(ops.cast(mixing_logits, dtype)), (1, -1, 1, 1))
+        output = softmax_share * attend(False) + (1.0 - softmax_share) * attend(True)
+    return ops.cast(ops.transpose(output, (0, 2, 1, 3)), out_dtype)
+
+
 @_symbolic_inputs_allowed
 def doubly_normalized_attention(
     query,
@@ -582,6 +870,7 @@ def doubly_normalized_attention(
     causal_normalization=False,
     scale=None,
     mixing_logits=None,
+    chunk_size=None,
 ):
     """Doubly-normalized attention, a counterpart of `keras.ops.dot_product_attention`.
 
@@ -591,15 +880,35 @@ def doubly_normalized_attention(
         value: Shape `(batch, key_length, num_heads, value_dim)`.
         mask, normalization, is_causal, causal_normalization, scale,
         mixing_logits: As in `doubly_normalized_attention_weights`.
+        chunk_size: Optional positive integer: compute the attention over
+            blocks of this many queries, never holding the whole
+            `(query_length, key_length)` score matrix. Memory then grows
+            linearly with the sequence length; the gradient recomputes the
+            scores block by block (about twice the work of the forward
+            pass). Equal to the unchunked result up to float rounding.
 
     Returns:
         Shape `(batch, query_length, num_heads, value_dim)`.
     """
+    _check_chunk_size(chunk_size)
     value = ops.convert_to_tensor(value)
     _check_rank4("value", value)
     key = ops.convert_to_tensor(key)
     for axis, what in ((0, "batch size"), (1, "length"), (2, "number of heads")):
         _check_match(what, "key", key.shape[axis], "value", value.shape[axis])
+    if chunk_size is not None:
+        query = ops.convert_to_tensor(query)
+        _check_rank4("query", query)
+        _check_rank4("key", key)
+        for axis, what in ((0, "batch size"), (2, "number of heads"), (3, "head size")):
+            _check_match(what, "query", query.shape[axis], "key", key.shape[axis])
+        check_normalization(normalization)
+        return _chunked_attention(
+            query, key, value, mask, normalization=normalization, is_causal=is_causal,
+            causal_normalization=causal_normalization,
+            scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
+            mixing_logits=mixing_logits, chunk_size=chunk_size,
+        )
     weights = doubly_normalized_attention_weights(
         query,
         key,
