@@ -34,3 +34,14 @@ def check_broadcastable(name, shape, target_shape, min_rank=0):
             f"(rank {min_rank} to {len(target_shape)}). "
             f"Received: {name}.shape={shape}"
         )
+
+
+def check_chunk_size(chunk_size):
+    """Raises unless `chunk_size` is `None` or a positive integer."""
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(
+            "Argument `chunk_size` must be None or a positive integer. "
+            f"Received: chunk_size={chunk_size!r}"
+        )

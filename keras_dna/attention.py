@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_dna import ops as dna_ops
 from keras_dna._validation import check_broadcastable
+from keras_dna._validation import check_chunk_size
 from keras_dna._validation import check_normalization
 from keras_dna._validation import same_static_shape
 
@@ -18,23 +19,22 @@ from keras_dna._validation import same_static_shape
 _CAUSAL_MASK_IN_CALL = contextvars.ContextVar("causal_mask_in_call", default=False)
 
 
-_compiled_normalization = None
+# One XLA-compiled function per keras_dna function, shared by all layers:
+# each combination of static arguments and shapes is traced and compiled once.
+_compiled_functions = {}
 
 
-def _normalization_function(jit_compile):
-    """`normalize_attention_scores`, XLA-compiled where asked and possible."""
-    global _compiled_normalization
+def _maybe_compiled(function, jit_compile):
+    """`function`, XLA-compiled where asked and possible."""
     if jit_compile is False or keras.backend.backend() != "tensorflow":
-        return dna_ops.normalize_attention_scores
-    if _compiled_normalization is None:
+        return function
+    if function not in _compiled_functions:
         import tensorflow as tf
 
-        # One function for all layers: each combination of static arguments
-        # and shapes is traced and compiled once.
-        _compiled_normalization = tf.function(
-            dna_ops.normalize_attention_scores, jit_compile=True, reduce_retracing=True
+        _compiled_functions[function] = tf.function(
+            function, jit_compile=True, reduce_retracing=True
         )
-    return _compiled_normalization
+    return _compiled_functions[function]
 
 
 @keras.saving.register_keras_serializable(package="keras_dna")
@@ -103,6 +103,12 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             most distribution strategies). `"auto"` (default) compiles on the
             TensorFlow backend; inside an XLA-compiled model it makes no
             difference.
+        chunk_size: Optional positive integer: compute the attention over
+            blocks of this many queries, so that memory grows linearly with
+            the sequence length instead of holding the whole score matrix
+            (see `keras_dna.ops.doubly_normalized_attention`). Needs a
+            single attention axis, no dropout, and cannot return the
+            attention weights.
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -150,6 +156,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         normalization="double",
         causal_normalization=False,
         jit_compile="auto",
+        chunk_size=None,
         **kwargs,
     ):
         if flash_attention:
@@ -164,6 +171,14 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             raise ValueError(
                 "Argument `jit_compile` must be 'auto', True or False. "
                 f"Received: jit_compile={jit_compile!r}"
+            )
+        check_chunk_size(chunk_size)
+        if chunk_size is not None and dropout:
+            raise ValueError(
+                "Dropout on the attention weights needs the whole weight "
+                "matrix, which `chunk_size` never holds. Pass dropout=0 or "
+                f"chunk_size=None. Received: dropout={dropout!r}, "
+                f"chunk_size={chunk_size!r}"
             )
         if not isinstance(causal_normalization, bool):
             raise TypeError(
@@ -199,6 +214,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._normalization = normalization
         self._causal_normalization = causal_normalization
         self._jit_compile = jit_compile
+        self._chunk_size = chunk_size
         self._mixing_logits = None
 
     @property
@@ -220,6 +236,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             "normalization": self._normalization,
             "causal_normalization": self._causal_normalization,
             "jit_compile": self._jit_compile,
+            "chunk_size": self._chunk_size,
         }
 
     def _build_attention(self, rank):
@@ -248,6 +265,19 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._check_call_inputs(
             query, value, key, query_mask, value_mask, key_mask, attention_mask
         )
+        if self._chunk_size is not None:
+            if return_attention_scores:
+                raise ValueError(
+                    "A layer with `chunk_size` never holds the whole attention "
+                    "weight matrix, so it cannot return it. Pass "
+                    "return_attention_scores=False or build the layer with "
+                    "chunk_size=None."
+                )
+            if len(self._attention_axes) != 1:
+                raise ValueError(
+                    "`chunk_size` needs a single attention axis. Received: "
+                    f"attention_axes={self._attention_axes}"
+                )
         if use_causal_mask and len(self._attention_axes) > 1:
             raise ValueError(
                 "`use_causal_mask=True` needs a single attention axis. "
@@ -302,26 +332,42 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 if attention_mask is None
                 else ops.logical_and(ops.cast(attention_mask, "bool"), causal_mask)
             )
+        causal_normalization = (
+            self._causal_normalization or use_causal_mask or _CAUSAL_MASK_IN_CALL.get()
+        )
+        # The backend variable: a compiled TensorFlow function cannot take
+        # the Keras wrapper.
+        mixing_logits = None if self._mixing_logits is None else self._mixing_logits.value
+        if attention_mask is not None:
+            # Insert the heads axis (and any missing batch axes) in front of
+            # the query and key axes: rank batch + heads + 2 * attention axes.
+            attention_mask = ops.cast(attention_mask, "bool")
+            while len(attention_mask.shape) < len(query.shape) - 1 + num_axes:
+                attention_mask = ops.expand_dims(attention_mask, -2 * num_axes - 1)
+        if self._chunk_size is not None:
+            output = _maybe_compiled(dna_ops._chunked_attention, self._jit_compile)(
+                query,
+                key,
+                value,
+                attention_mask,
+                normalization=self._normalization,
+                is_causal=False,
+                causal_normalization=causal_normalization,
+                scale=self._inverse_sqrt_key_dim,
+                mixing_logits=mixing_logits,
+                chunk_size=self._chunk_size,
+            )
+            return ops.cast(output, value.dtype), None
         # A Python float keeps the query's dtype; `ops.cast` of one would
         # round it through float32 first.
         query = ops.multiply(query, self._inverse_sqrt_key_dim)
         scores = dna_ops._einsum(self._dot_product_equation, key, query)
-        if attention_mask is not None:
-            # Insert the heads axis (and any missing batch axes) in front of
-            # the query and key axes.
-            attention_mask = ops.cast(attention_mask, "bool")
-            while len(attention_mask.shape) < len(scores.shape):
-                attention_mask = ops.expand_dims(attention_mask, -2 * num_axes - 1)
-        weights = _normalization_function(self._jit_compile)(
+        weights = _maybe_compiled(dna_ops.normalize_attention_scores, self._jit_compile)(
             scores,
             attention_mask,
             normalization=self._normalization,
-            causal_normalization=(
-                self._causal_normalization or use_causal_mask or _CAUSAL_MASK_IN_CALL.get()
-            ),
-            # The backend variable: a compiled TensorFlow function cannot
-            # take the Keras wrapper.
-            mixing_logits=None if self._mixing_logits is None else self._mixing_logits.value,
+            causal_normalization=causal_normalization,
+            mixing_logits=mixing_logits,
             num_attention_axes=num_axes,
         )
         if self._dropout > 0.0:

@@ -24,6 +24,7 @@ from keras import ops
 
 from keras_dna._validation import NORMALIZATIONS
 from keras_dna._validation import check_broadcastable
+from keras_dna._validation import check_chunk_size
 from keras_dna._validation import check_normalization
 
 __all__ = [
@@ -806,16 +807,6 @@ def doubly_normalized_attention_weights(
     )
 
 
-def _check_chunk_size(chunk_size):
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
-        raise ValueError(
-            "Argument `chunk_size` must be None or a positive integer. "
-            f"Received: chunk_size={chunk_size!r}"
-        )
-
-
 def _chunked_attention(
     query, key, value, mask, *, normalization, is_causal, causal_normalization, scale,
     mixing_logits, chunk_size,
@@ -890,7 +881,7 @@ def doubly_normalized_attention(
     Returns:
         Shape `(batch, query_length, num_heads, value_dim)`.
     """
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     value = ops.convert_to_tensor(value)
     _check_rank4("value", value)
     key = ops.convert_to_tensor(key)
