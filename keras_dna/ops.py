@@ -569,7 +569,9 @@ def _blockwise_attention(query, key, value, mask, *, double, causal, is_causal, 
         indices = ops.arange(num_blocks)
         mask_blocks = None
         if mask is not None and mask.shape[2] != 1:
-            mask_blocks = _query_blocks(mask, num_blocks, chunk_size)
+            # Also when the axis is unknown in a relaxed trace: it may be 1.
+            rows = ops.broadcast_to(mask, tuple(ops.shape(mask)[:2]) + (length, key_length))
+            mask_blocks = _query_blocks(rows, num_blocks, chunk_size)
 
         def block_scores(index, query_block, mask_block):
             rows = index * chunk_size + ops.arange(chunk_size)
