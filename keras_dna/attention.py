@@ -335,9 +335,13 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         causal_normalization = (
             self._causal_normalization or use_causal_mask or _CAUSAL_MASK_IN_CALL.get()
         )
-        # The backend variable: a compiled TensorFlow function cannot take
-        # the Keras wrapper.
-        mixing_logits = None if self._mixing_logits is None else self._mixing_logits.value
+        # Its value, not the variable: a compiled TensorFlow function cannot
+        # take the Keras wrapper, and one traced with relaxed shapes for a
+        # variable argument computed the gradient of the next hybrid layer
+        # with the previous layer's logits.
+        mixing_logits = None
+        if self._mixing_logits is not None:
+            mixing_logits = ops.convert_to_tensor(self._mixing_logits)
         if attention_mask is not None:
             # Insert the heads axis (and any missing batch axes) in front of
             # the query and key axes: rank batch + heads + 2 * attention axes.

@@ -336,3 +336,22 @@ def test_jit_compile_argument():
     ).get_config()["jit_compile"] is False
     with pytest.raises(ValueError, match="jit_compile"):
         DoublyNormalizedAttention(2, 4, jit_compile="yes")
+
+
+def test_hybrid_layers_of_different_sizes_share_the_compiled_function(rng):
+    # The compiled normalization is shared and retraced with relaxed shapes;
+    # each layer's gradient must still use its own mixing logits.
+    for heads, length in [(4, 5), (4, 6), (4, 7), (3, 5), (2, 8)]:
+        x = rng.normal(size=(2, length, DIM)).astype("float32")
+        compiled = DoublyNormalizedAttention(heads, HEAD_DIM, normalization="hybrid")
+        plain = DoublyNormalizedAttention(heads, HEAD_DIM, normalization="hybrid", jit_compile=False)
+        compiled(x, x)
+        plain(x, x)
+        compiled.mixing_logits.assign(rng.normal(size=heads))
+        plain.set_weights(compiled.get_weights())
+        grads = []
+        for layer in (compiled, plain):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(x, x) ** 2)
+            grads.append(tape.gradient(loss, layer.mixing_logits).numpy())
+        np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
