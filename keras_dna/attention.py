@@ -31,9 +31,11 @@ def _maybe_compiled(function, jit_compile):
     if function not in _compiled_functions:
         import tensorflow as tf
 
-        _compiled_functions[function] = tf.function(
-            function, jit_compile=True, reduce_retracing=True
-        )
+        # Traced once per shape (XLA compiles once per shape anyway). With
+        # relaxed shapes (`reduce_retracing`), a trace shared by hybrid layers
+        # with different numbers of heads computed one layer's gradient with
+        # another layer's mixing logits.
+        _compiled_functions[function] = tf.function(function, jit_compile=True)
     return _compiled_functions[function]
 
 
@@ -335,13 +337,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         causal_normalization = (
             self._causal_normalization or use_causal_mask or _CAUSAL_MASK_IN_CALL.get()
         )
-        # Its value, not the variable: a compiled TensorFlow function cannot
-        # take the Keras wrapper, and one traced with relaxed shapes for a
-        # variable argument computed the gradient of the next hybrid layer
-        # with the previous layer's logits.
-        mixing_logits = None
-        if self._mixing_logits is not None:
-            mixing_logits = ops.convert_to_tensor(self._mixing_logits)
+        # The backend variable: a compiled TensorFlow function cannot take
+        # the Keras wrapper.
+        mixing_logits = None if self._mixing_logits is None else self._mixing_logits.value
         if attention_mask is not None:
             # Insert the heads axis (and any missing batch axes) in front of
             # the query and key axes: rank batch + heads + 2 * attention axes.
