@@ -352,15 +352,20 @@ def _causal_double_normalization(scores, valid):
     threshold = math.exp(_underflow_log_threshold(scores))
     row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
 
+    def exact_weights(scores):
+        return _masked_softmax(scores - _prefix_logsumexp(scores, valid), valid)
+
     def smallest(sums, where_valid):
         if where_valid is not None:
             sums = ops.where(where_valid, sums, float("inf"))
         return ops.min(sums)
 
+    # `scores` come unmasked: masking where they are read lets XLA fuse it
+    # instead of writing a masked copy for the branches.
     @ops.custom_gradient
     def normalize(scores):
         # Shared by E and P, the shift cancels in B.
-        shift = ops.max(scores, axis=-2, keepdims=True)
+        shift = ops.max(_mask_scores(scores, valid), axis=-2, keepdims=True)
         terms = ops.exp(scores - shift)
         if valid is not None:
             terms = ops.where(valid, terms, 0.0)
@@ -375,7 +380,7 @@ def _causal_double_normalization(scores, valid):
         weights = ops.cond(
             trusted,
             lambda: key_weights / ops.maximum(query_sums, threshold),
-            lambda: _masked_softmax(scores - _prefix_logsumexp(scores, valid), valid),
+            lambda: exact_weights(_mask_scores(scores, valid)),
         )
 
         def grad(*args, upstream=None):
@@ -389,8 +394,9 @@ def _causal_double_normalization(scores, valid):
             )
 
             def exact():
-                key_lse = _prefix_logsumexp(scores, valid)
-                return softmax_part - _prefix_logsumexp_transpose(scores, key_lse, softmax_part)
+                masked = _mask_scores(scores, valid)
+                key_lse = _prefix_logsumexp(masked, valid)
+                return softmax_part - _prefix_logsumexp_transpose(masked, key_lse, softmax_part)
 
             return ops.cond(trusted, lambda: fast_grad, exact)
 
@@ -399,10 +405,15 @@ def _causal_double_normalization(scores, valid):
     return normalize(scores)
 
 
+def _mask_scores(scores, valid):
+    return scores if valid is None else ops.where(valid, scores, _masked_value(scores))
+
+
 def _doubly_normalize(scores, valid, causal):
+    """Double normalization of unmasked `scores`."""
     if causal:
         return _causal_double_normalization(scores, valid)
-    return _double_normalization(scores, valid)
+    return _double_normalization(_mask_scores(scores, valid), valid)
 
 
 @_symbolic_inputs_allowed
@@ -489,8 +500,6 @@ def normalize_attention_scores(
         scores = ops.reshape(scores, flat_shape)
         if valid is not None:
             valid = ops.reshape(valid, flat_shape)
-    if valid is not None:
-        scores = ops.where(valid, scores, _masked_value(scores))
 
     if normalization == "single":
         weights = _masked_softmax(scores, valid)
