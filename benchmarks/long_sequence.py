@@ -32,7 +32,7 @@ def parse_args(argv=None):
                    default=["mha", "dna", "dna_chunked"])
     p.add_argument("--causal", action="store_true", help="use_causal_mask=True")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--memory-limit-gib", type=float, default=20.0,
+    p.add_argument("--memory-limit-gib", type=float, default=22.0,
                    help="address-space limit of each process, so that a layer that needs "
                         "more fails instead of exhausting the machine")
     p.add_argument("--output", default="benchmarks/long_sequence")
@@ -74,6 +74,17 @@ def run_one(args, which, length):
     return {"peak_gib": peak, "seconds": float(np.median(times[1:]))}
 
 
+def _error(result):
+    """The exception's name and message, or how the process ended."""
+    for line in reversed(result.stderr.strip().splitlines()):
+        kind, _, message = line.partition(": ")
+        if kind.endswith(("Error", "Exception")):
+            return f"{kind.rsplit('.', 1)[-1]}: {message.split(' [Op:')[0]}"
+    if result.returncode < 0:
+        return f"killed by signal {-result.returncode}"
+    return f"exit code {result.returncode}"
+
+
 def _limit_memory(gib):
     def apply():
         limit = int(gib * 2**30)
@@ -100,8 +111,7 @@ def main(argv=None):
             if result.returncode == 0:
                 row.update(json.loads(result.stdout.strip().splitlines()[-1]))
             else:
-                lines = result.stderr.strip().splitlines()
-                row["error"] = lines[-1][:200] if lines else f"exit code {result.returncode}"
+                row["error"] = _error(result)
             rows.append(row)
             print(json.dumps(row), flush=True)
     lines = [
