@@ -129,14 +129,6 @@ def _static_length(x, axis):
     return length if isinstance(length, int) else None
 
 
-def _masked_softmax(logits, valid):
-    """Softmax over the last axis; rows with no valid entry give zeros."""
-    if valid is None:
-        return ops.softmax(logits, axis=-1)
-    logits = ops.where(valid, logits, _masked_value(logits))
-    return ops.where(valid, ops.softmax(logits, axis=-1), 0.0)
-
-
 def _key_logsumexp(scores):
     """`c[j]`: log-sum-exp of each key's valid scores over all queries.
 
@@ -353,7 +345,7 @@ def _causal_double_normalization(scores, valid):
     row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
 
     def exact_weights(scores):
-        return _masked_softmax(scores - _prefix_logsumexp(scores, valid), valid)
+        return _row_softmax(scores - _prefix_logsumexp(scores, valid), valid)[0]
 
     def smallest(sums, where_valid):
         if where_valid is not None:
@@ -502,7 +494,7 @@ def normalize_attention_scores(
             valid = ops.reshape(valid, flat_shape)
 
     if normalization == "single":
-        weights = _masked_softmax(scores, valid)
+        weights = _row_softmax(scores, valid)[0]
     elif normalization == "double":
         weights = _doubly_normalize(scores, valid, causal_normalization)
     else:
@@ -511,7 +503,7 @@ def normalize_attention_scores(
         else:
             softmax_share = ops.sigmoid(ops.cast(mixing_logits, dtype))
             softmax_share = ops.reshape(softmax_share, (-1, 1, 1))
-        weights = softmax_share * _masked_softmax(scores, valid) + (
+        weights = softmax_share * _row_softmax(scores, valid)[0] + (
             1.0 - softmax_share
         ) * _doubly_normalize(scores, valid, causal_normalization)
 
@@ -767,6 +759,16 @@ def _check_match(what, a_name, a, b_name, b):
         )
 
 
+def _checked_query_and_key(query, key):
+    query = ops.convert_to_tensor(query)
+    key = ops.convert_to_tensor(key)
+    _check_rank4("query", query)
+    _check_rank4("key", key)
+    for axis, what in ((0, "batch size"), (2, "number of heads"), (3, "head size")):
+        _check_match(what, "query", query.shape[axis], "key", key.shape[axis])
+    return query, key
+
+
 @_symbolic_inputs_allowed
 def doubly_normalized_attention_weights(
     query,
@@ -800,12 +802,7 @@ def doubly_normalized_attention_weights(
     Returns:
         Weights of shape `(batch, num_heads, query_length, key_length)`.
     """
-    query = ops.convert_to_tensor(query)
-    key = ops.convert_to_tensor(key)
-    _check_rank4("query", query)
-    _check_rank4("key", key)
-    for axis, what in ((0, "batch size"), (2, "number of heads"), (3, "head size")):
-        _check_match(what, "query", query.shape[axis], "key", key.shape[axis])
+    query, key = _checked_query_and_key(query, key)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     # A Python scale stays a weak type: no float32 rounding of float64 work.
@@ -905,11 +902,7 @@ def doubly_normalized_attention(
     for axis, what in ((0, "batch size"), (1, "length"), (2, "number of heads")):
         _check_match(what, "key", key.shape[axis], "value", value.shape[axis])
     if chunk_size is not None:
-        query = ops.convert_to_tensor(query)
-        _check_rank4("query", query)
-        _check_rank4("key", key)
-        for axis, what in ((0, "batch size"), (2, "number of heads"), (3, "head size")):
-            _check_match(what, "query", query.shape[axis], "key", key.shape[axis])
+        query, key = _checked_query_and_key(query, key)
         check_normalization(normalization)
         return _chunked_attention(
             query, key, value, mask, normalization=normalization, is_causal=is_causal,
