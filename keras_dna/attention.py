@@ -5,11 +5,14 @@ import contextvars
 import keras
 from keras import ops
 
-from keras_dna import ops as dna_ops
-from keras_dna._validation import check_broadcastable
-from keras_dna._validation import check_chunk_size
-from keras_dna._validation import check_normalization
-from keras_dna._validation import same_static_shape
+from keras_dna.ops import doubly_normalized_attention
+from keras_dna.ops import normalize_attention_scores
+from keras_dna.ops.backend import compiled
+from keras_dna.ops.backend import einsum
+from keras_dna.ops.checks import check_broadcastable
+from keras_dna.ops.checks import check_chunk_size
+from keras_dna.ops.checks import check_normalization
+from keras_dna.ops.checks import same_static_shape
 
 
 # Whether the call in progress (in this thread) passed `use_causal_mask=True`.
@@ -19,24 +22,36 @@ from keras_dna._validation import same_static_shape
 _CAUSAL_MASK_IN_CALL = contextvars.ContextVar("causal_mask_in_call", default=False)
 
 
-# One XLA-compiled function per keras_dna function, shared by all layers:
-# each combination of static arguments and shapes is traced and compiled once.
-_compiled_functions = {}
-
-
-def _maybe_compiled(function, jit_compile):
-    """`function`, XLA-compiled where asked and possible."""
-    if jit_compile is False or keras.backend.backend() != "tensorflow":
-        return function
-    if function not in _compiled_functions:
-        import tensorflow as tf
-
-        # Traced once per shape (XLA compiles once per shape anyway). With
-        # relaxed shapes (`reduce_retracing`), a trace shared by hybrid layers
-        # with different numbers of heads computed one layer's gradient with
-        # another layer's mixing logits.
-        _compiled_functions[function] = tf.function(function, jit_compile=True)
-    return _compiled_functions[function]
+def _check_constructor_arguments(
+    flash_attention, normalization, jit_compile, chunk_size, dropout, causal_normalization
+):
+    """Raises on the arguments `MultiHeadAttention` does not check for us."""
+    if flash_attention:
+        raise ValueError(
+            "DoublyNormalizedAttention has no flash attention kernel: "
+            "flash kernels compute softmax attention. Pass "
+            f"flash_attention=None or False. Received: "
+            f"flash_attention={flash_attention!r}"
+        )
+    check_normalization(normalization)
+    if jit_compile not in ("auto", True, False):
+        raise ValueError(
+            "Argument `jit_compile` must be 'auto', True or False. "
+            f"Received: jit_compile={jit_compile!r}"
+        )
+    check_chunk_size(chunk_size)
+    if chunk_size is not None and dropout:
+        raise ValueError(
+            "Dropout on the attention weights needs the whole weight "
+            "matrix, which `chunk_size` never holds. Pass dropout=0 or "
+            f"chunk_size=None. Received: dropout={dropout!r}, "
+            f"chunk_size={chunk_size!r}"
+        )
+    if not isinstance(causal_normalization, bool):
+        raise TypeError(
+            "Argument `causal_normalization` must be a bool. Received: "
+            f"causal_normalization={causal_normalization!r}"
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_dna")
@@ -161,32 +176,10 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         chunk_size=None,
         **kwargs,
     ):
-        if flash_attention:
-            raise ValueError(
-                "DoublyNormalizedAttention has no flash attention kernel: "
-                "flash kernels compute softmax attention. Pass "
-                f"flash_attention=None or False. Received: "
-                f"flash_attention={flash_attention!r}"
-            )
-        check_normalization(normalization)
-        if jit_compile not in ("auto", True, False):
-            raise ValueError(
-                "Argument `jit_compile` must be 'auto', True or False. "
-                f"Received: jit_compile={jit_compile!r}"
-            )
-        check_chunk_size(chunk_size)
-        if chunk_size is not None and dropout:
-            raise ValueError(
-                "Dropout on the attention weights needs the whole weight "
-                "matrix, which `chunk_size` never holds. Pass dropout=0 or "
-                f"chunk_size=None. Received: dropout={dropout!r}, "
-                f"chunk_size={chunk_size!r}"
-            )
-        if not isinstance(causal_normalization, bool):
-            raise TypeError(
-                "Argument `causal_normalization` must be a bool. Received: "
-                f"causal_normalization={causal_normalization!r}"
-            )
+        _check_constructor_arguments(
+            flash_attention, normalization, jit_compile, chunk_size, dropout,
+            causal_normalization,
+        )
         super().__init__(
             num_heads=num_heads,
             key_dim=key_dim,
@@ -267,24 +260,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._check_call_inputs(
             query, value, key, query_mask, value_mask, key_mask, attention_mask
         )
-        if self._chunk_size is not None:
-            if return_attention_scores:
-                raise ValueError(
-                    "A layer with `chunk_size` never holds the whole attention "
-                    "weight matrix, so it cannot return it. Pass "
-                    "return_attention_scores=False or build the layer with "
-                    "chunk_size=None."
-                )
-            if len(self._attention_axes) != 1:
-                raise ValueError(
-                    "`chunk_size` needs a single attention axis. Received: "
-                    f"attention_axes={self._attention_axes}"
-                )
-        if use_causal_mask and len(self._attention_axes) > 1:
-            raise ValueError(
-                "`use_causal_mask=True` needs a single attention axis. "
-                f"Received: attention_axes={self._attention_axes}"
-            )
+        self._check_call_options(return_attention_scores, use_causal_mask)
         if query_mask is not None:
             # `MultiHeadAttention` only reads the Keras mask of `query`. A
             # padded query changes every output through the per-key step, so
@@ -347,37 +323,47 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             while len(attention_mask.shape) < len(query.shape) - 1 + num_axes:
                 attention_mask = ops.expand_dims(attention_mask, -2 * num_axes - 1)
         if self._chunk_size is not None:
-            output = _maybe_compiled(dna_ops._chunked_attention, self._jit_compile)(
-                query,
-                key,
-                value,
-                attention_mask,
-                normalization=self._normalization,
-                is_causal=False,
-                causal_normalization=causal_normalization,
-                scale=self._inverse_sqrt_key_dim,
-                mixing_logits=mixing_logits,
-                chunk_size=self._chunk_size,
+            output = compiled(doubly_normalized_attention, self._jit_compile)(
+                query, key, value, attention_mask, normalization=self._normalization,
+                causal_normalization=causal_normalization, scale=self._inverse_sqrt_key_dim,
+                mixing_logits=mixing_logits, chunk_size=self._chunk_size,
             )
             return ops.cast(output, value.dtype), None
         # A Python float keeps the query's dtype; `ops.cast` of one would
         # round it through float32 first.
         query = ops.multiply(query, self._inverse_sqrt_key_dim)
-        scores = dna_ops._einsum(self._dot_product_equation, key, query)
-        weights = _maybe_compiled(dna_ops.normalize_attention_scores, self._jit_compile)(
-            scores,
-            attention_mask,
-            normalization=self._normalization,
-            causal_normalization=causal_normalization,
-            mixing_logits=mixing_logits,
+        scores = einsum(self._dot_product_equation, key, query)
+        weights = compiled(normalize_attention_scores, self._jit_compile)(
+            scores, attention_mask, normalization=self._normalization,
+            causal_normalization=causal_normalization, mixing_logits=mixing_logits,
             num_attention_axes=num_axes,
         )
         if self._dropout > 0.0:
             dropped = self._dropout_layer(weights, training=training)
         else:
             dropped = weights
-        attention_output = dna_ops._einsum(self._combine_equation, dropped, value)
+        attention_output = einsum(self._combine_equation, dropped, value)
         return attention_output, weights
+
+    def _check_call_options(self, return_attention_scores, use_causal_mask):
+        if self._chunk_size is not None:
+            if return_attention_scores:
+                raise ValueError(
+                    "A layer with `chunk_size` never holds the whole attention "
+                    "weight matrix, so it cannot return it. Pass "
+                    "return_attention_scores=False or build the layer with "
+                    "chunk_size=None."
+                )
+            if len(self._attention_axes) != 1:
+                raise ValueError(
+                    "`chunk_size` needs a single attention axis. Received: "
+                    f"attention_axes={self._attention_axes}"
+                )
+        if use_causal_mask and len(self._attention_axes) > 1:
+            raise ValueError(
+                "`use_causal_mask=True` needs a single attention axis. "
+                f"Received: attention_axes={self._attention_axes}"
+            )
 
     def _check_call_inputs(
         self, query, value, key, query_mask, value_mask, key_mask, attention_mask

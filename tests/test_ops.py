@@ -6,17 +6,10 @@ import tensorflow as tf
 
 from keras_dna import ops as dna_ops
 from tests import oracle
+from tests.common import normalize
+from tests.common import random_valid
 
 NORMALIZATIONS = ["double", "single", "hybrid"]
-
-
-def _random_valid(rng, shape, keep=0.7):
-    valid = rng.random(shape) < keep
-    return valid
-
-
-def _normalize(scores, valid=None, **kwargs):
-    return np.asarray(dna_ops.normalize_attention_scores(scores, valid, **kwargs))
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
@@ -24,11 +17,11 @@ def _normalize(scores, valid=None, **kwargs):
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_oracle(rng, normalization, causal, masked):
     scores = rng.normal(size=(2, 3, 6, 5)) * 3
-    valid = _random_valid(rng, (2, 1, 6, 5)) if masked else None
+    valid = random_valid(rng, (2, 1, 6, 5)) if masked else None
     mixing = rng.normal(size=3) if normalization == "hybrid" else None
     expected = oracle.attention_weights(scores, valid, normalization, causal, mixing)
     for dtype, tol in (("float32", 2e-6), ("float64", 1e-12)):
-        got = _normalize(
+        got = normalize(
             scores.astype(dtype),
             valid,
             normalization=normalization,
@@ -39,17 +32,6 @@ def test_matches_oracle(rng, normalization, causal, masked):
         np.testing.assert_allclose(got, expected, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("length", [17, 37, 300])
-def test_causal_blocked_prefix_lengths(rng, length):
-    # Lengths around and beyond the prefix block, with padding and a second
-    # level of blocks at 300.
-    scores = rng.normal(size=(1, 1, length, 4)) * 4
-    valid = _random_valid(rng, (1, 1, length, 4), keep=0.8)
-    got = _normalize(scores.astype("float32"), valid, causal_normalization=True)
-    expected = oracle.attention_weights(scores, valid, "double", True)
-    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_extreme_logit_spread_is_exact(rng, causal):
     # Spread over +-1e3, with scores rising along the queries by far more
@@ -58,15 +40,15 @@ def test_extreme_logit_spread_is_exact(rng, causal):
     scores = rng.uniform(-1e3, 1e3, size=(2, 2, 40, 6))
     scores[:, :, 0, :] = -1e3
     scores[:, :, 1, :] = 1e3
-    valid = _random_valid(rng, (2, 1, 40, 6), keep=0.8)
+    valid = random_valid(rng, (2, 1, 40, 6), keep=0.8)
     expected = oracle.attention_weights(scores, valid, "double", causal)
-    got = _normalize(scores, valid, causal_normalization=causal)
+    got = normalize(scores, valid, causal_normalization=causal)
     np.testing.assert_allclose(got, expected, atol=1e-10, rtol=0)
     # float32 resolves a logit of 1e3 to 6e-5, so differences of such logits
     # (and the weights) carry errors of that order however exact the scan.
     rounded = scores.astype("float32")
     expected = oracle.attention_weights(rounded, valid, "double", causal)
-    got = _normalize(rounded, valid, causal_normalization=causal)
+    got = normalize(rounded, valid, causal_normalization=causal)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, atol=2 * 1e3 * np.finfo("float32").eps, rtol=0)
 
@@ -75,7 +57,7 @@ def test_logits_of_magnitude_1e4_stay_finite(rng):
     scores = rng.choice([-1e4, 1e4], size=(2, 2, 8, 8)) + rng.normal(size=(2, 2, 8, 8))
     scores = scores.astype("float32")
     for causal in (False, True):
-        got = _normalize(scores, causal_normalization=causal)
+        got = normalize(scores, causal_normalization=causal)
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
         assert (got.sum(-2) >= 1.0 / 8 - 1e-5).all()
@@ -103,7 +85,7 @@ def test_dynamic_length_graph_path(rng):
 @pytest.mark.parametrize("causal", [False, True])
 def test_rows_sum_to_one_and_empty_rows_are_zero(rng, causal):
     scores = tf.constant(rng.normal(size=(2, 2, 6, 5)), tf.float64)
-    valid = _random_valid(rng, (2, 1, 6, 5))
+    valid = random_valid(rng, (2, 1, 6, 5))
     valid[0, 0, 2, :] = False  # a query with no valid key
     valid[1, 0, :, 1] = False  # a key no query may see
     with tf.GradientTape() as tape:
@@ -124,9 +106,9 @@ def test_rows_sum_to_one_and_empty_rows_are_zero(rng, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_no_explaining_away_lower_bound(rng, causal):
     scores = rng.normal(size=(3, 2, 7, 9)) * 6
-    valid = _random_valid(rng, (3, 1, 7, 9), keep=0.6)
+    valid = random_valid(rng, (3, 1, 7, 9), keep=0.6)
     m = np.broadcast_to(valid, scores.shape)
-    w = _normalize(scores, valid, causal_normalization=causal)
+    w = normalize(scores, valid, causal_normalization=causal)
     bound = 1.0 / m.sum(-1).max(-1, keepdims=True)  # (..., 1)
     column = w.sum(-2)
     seen = m.any(-2)
@@ -137,8 +119,8 @@ def test_softmax_explains_away_where_double_does_not():
     # Every query prefers key 0 by a wide margin: softmax gives key 1 almost
     # nothing, double normalization at least 1/2.
     scores = np.array([[[[8.0, 0.0], [8.0, 0.0], [8.0, 0.0]]]])
-    single = _normalize(scores, normalization="single").sum(-2)[0, 0]
-    double = _normalize(scores).sum(-2)[0, 0]
+    single = normalize(scores, normalization="single").sum(-2)[0, 0]
+    double = normalize(scores).sum(-2)[0, 0]
     assert single[1] < 0.01
     assert double[1] >= 0.5 - 1e-12
 
@@ -146,25 +128,25 @@ def test_softmax_explains_away_where_double_does_not():
 @pytest.mark.parametrize("causal", [False, True])
 def test_per_key_constants_leave_double_unchanged(rng, causal):
     scores = rng.normal(size=(2, 2, 5, 6))
-    valid = _random_valid(rng, (2, 1, 5, 6))
+    valid = random_valid(rng, (2, 1, 5, 6))
     shift = rng.normal(size=(2, 2, 1, 6)) * 10
-    base = _normalize(scores, valid, causal_normalization=causal)
-    shifted = _normalize(scores + shift, valid, causal_normalization=causal)
+    base = normalize(scores, valid, causal_normalization=causal)
+    shifted = normalize(scores + shift, valid, causal_normalization=causal)
     np.testing.assert_allclose(shifted, base, atol=1e-12)
     # Per-query constants leave softmax unchanged but not double.
     query_shift = rng.normal(size=(2, 2, 5, 1)) * 3
-    single = _normalize(scores, valid, normalization="single")
+    single = normalize(scores, valid, normalization="single")
     np.testing.assert_allclose(
-        _normalize(scores + query_shift, valid, normalization="single"), single, atol=1e-12
+        normalize(scores + query_shift, valid, normalization="single"), single, atol=1e-12
     )
-    assert np.abs(_normalize(scores + query_shift, valid) - _normalize(scores, valid)).max() > 1e-3
+    assert np.abs(normalize(scores + query_shift, valid) - normalize(scores, valid)).max() > 1e-3
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradient_matches_finite_differences(rng, normalization, causal):
     scores = rng.normal(size=(1, 2, 4, 5))
-    valid = _random_valid(rng, (1, 1, 4, 5), keep=0.8)
+    valid = random_valid(rng, (1, 1, 4, 5), keep=0.8)
     mixing = rng.normal(size=2)
     probe = rng.normal(size=scores.shape)
 
@@ -198,63 +180,12 @@ def test_gradient_matches_finite_differences(rng, normalization, causal):
         assert grad_a is None
 
 
-def _loss_and_numeric_gradient(scores, valid, probe, eps=1e-6):
-    def loss(s):
-        w = dna_ops.normalize_attention_scores(s, valid, causal_normalization=True)
-        return tf.reduce_sum(w * probe)
-
-    s_t = tf.constant(scores)
-    with tf.GradientTape() as tape:
-        tape.watch(s_t)
-        value = loss(s_t)
-    numeric = np.zeros_like(scores)
-    for index in np.ndindex(*scores.shape):
-        step = np.zeros_like(scores)
-        step[index] = eps
-        numeric[index] = (loss(scores + step) - loss(scores - step)) / (2 * eps)
-    return tape.gradient(value, s_t).numpy(), numeric
-
-
-def test_gradient_of_exact_causal_path(rng):
-    # Scores rising by 800 along the queries: past what the fast path spans
-    # in float64 (600), so forward and backward take the exact scan.
-    scores = rng.normal(size=(1, 1, 5, 3)) * 2
-    scores[..., 0, :] -= 400.0
-    scores[..., 2, :] += 400.0
-    valid = np.ones((1, 1, 5, 3), bool)
-    valid[..., 3, 1] = False
-    probe = rng.normal(size=scores.shape)
-    analytic, numeric = _loss_and_numeric_gradient(scores, valid, probe)
-    np.testing.assert_allclose(analytic, numeric, atol=1e-8)
-    assert np.abs(numeric).max() > 1e-3
-
-
-def test_gradient_with_unknown_lengths(rng):
-    scores = rng.normal(size=(1, 2, 20, 4)) * 3
-    probe = rng.normal(size=scores.shape)
-
-    def grad(s):
-        with tf.GradientTape() as tape:
-            tape.watch(s)
-            w = dna_ops.normalize_attention_scores(s, causal_normalization=True)
-            loss = tf.reduce_sum(w * probe)
-        return tape.gradient(loss, s)
-
-    dynamic = tf.function(grad, input_signature=[tf.TensorSpec((1, 2, None, None), tf.float64)])
-    for spread in (0.0, 700.0):
-        s = scores.copy()
-        s[..., 5, :] += spread
-        np.testing.assert_allclose(
-            dynamic(tf.constant(s)).numpy(), grad(tf.constant(s)).numpy(), atol=1e-10
-        )
-
-
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_attention_functions_match_oracle(rng, normalization):
     q = rng.normal(size=(2, 5, 3, 4))
     k = rng.normal(size=(2, 7, 3, 4))
     v = rng.normal(size=(2, 7, 3, 2))
-    mask = _random_valid(rng, (2, 1, 5, 7))
+    mask = random_valid(rng, (2, 1, 5, 7))
     mixing = rng.normal(size=3)
     scores = np.einsum("btnh,bsnh->bnts", q, k) / 2.0
     expected = oracle.attention_weights(scores, mask, normalization, False, mixing)

@@ -1,4 +1,10 @@
-"""Argument checks shared by the functions and the layer."""
+"""Argument checks shared by the functions of `keras_dna.ops` and the layer.
+
+Each raises a `ValueError` that names the argument, what was expected and
+what was received, before any backend sees a bad shape.
+"""
+
+from keras import ops
 
 NORMALIZATIONS = ("double", "single", "hybrid")
 
@@ -45,3 +51,32 @@ def check_chunk_size(chunk_size):
             "Argument `chunk_size` must be None or a positive integer. "
             f"Received: chunk_size={chunk_size!r}"
         )
+
+
+def check_rank4(name, x):
+    """Raises unless `x` is shaped `(batch, length, num_heads, head_dim)`."""
+    if len(x.shape) != 4:
+        raise ValueError(
+            f"Argument `{name}` must have shape (batch, length, num_heads, "
+            f"head_dim). Received: {name}.shape={x.shape}"
+        )
+
+
+def check_match(what, a_name, a, b_name, b):
+    """Raises if two static sizes `a` and `b` (None: unknown) differ."""
+    if a is not None and b is not None and a != b:
+        raise ValueError(
+            f"Arguments `{a_name}` and `{b_name}` must have the same {what}. "
+            f"Received: {a} and {b}"
+        )
+
+
+def checked_query_and_key(query, key):
+    """`query` and `key` as tensors, checked to fit each other."""
+    query = ops.convert_to_tensor(query)
+    key = ops.convert_to_tensor(key)
+    check_rank4("query", query)
+    check_rank4("key", key)
+    for axis, what in ((0, "batch size"), (2, "number of heads"), (3, "head size")):
+        check_match(what, "query", query.shape[axis], "key", key.shape[axis])
+    return query, key

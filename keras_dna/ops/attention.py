@@ -1,0 +1,259 @@
+"""The public functions: from scores or projections to attention.
+
+They check their arguments, combine the masks, move the working dtype and
+the attention axes into place, and hand the math to `normalization`
+(softmax, double), `causal` (causal double) and `blockwise` (`chunk_size`).
+Hybrid attention mixes softmax and double normalization per head:
+`sigmoid(mixing_logits[h]) * softmax + (1 - sigmoid(mixing_logits[h])) * double`.
+"""
+
+import math
+
+from keras import ops
+
+from keras_dna.ops.backend import einsum
+from keras_dna.ops.blockwise import chunked_attention
+from keras_dna.ops.causal import causal_double_normalization
+from keras_dna.ops.checks import check_broadcastable
+from keras_dna.ops.checks import check_chunk_size
+from keras_dna.ops.checks import check_match
+from keras_dna.ops.checks import check_normalization
+from keras_dna.ops.checks import check_rank4
+from keras_dna.ops.checks import checked_query_and_key
+from keras_dna.ops.normalization import double_normalization
+from keras_dna.ops.normalization import row_softmax
+from keras_dna.ops.numerics import mask_scores
+from keras_dna.ops.numerics import working_dtype
+from keras_dna.ops.symbolic import symbolic_inputs_allowed
+
+
+@symbolic_inputs_allowed
+def normalize_attention_scores(
+    scores,
+    mask=None,
+    *,
+    normalization="double",
+    causal_normalization=False,
+    mixing_logits=None,
+    num_attention_axes=1,
+):
+    """Turns raw attention scores into attention weights.
+
+    Args:
+        scores: Scaled dot products, shaped
+            `(<batch dims>, num_heads, <query axes>, <key axes>)` with
+            `num_attention_axes` query axes and as many key axes.
+        mask: Optional boolean tensor broadcastable to `scores`; `True` marks
+            the (query, key) pairs that may attend. Masked pairs are left out
+            of both normalization steps and get weight 0.
+        normalization: `"double"` (doubly-normalized attention), `"single"`
+            (softmax over keys, as `keras.layers.MultiHeadAttention`) or
+            `"hybrid"` (a per-head mix of the two).
+        causal_normalization: If `True`, the first (per-key) step only sums
+            over the current and earlier queries, so no query's weights
+            depend on later queries. With several query axes, "earlier" is
+            row-major order over them.
+        mixing_logits: For `"hybrid"`: shape `(num_heads,)`; head `h` takes
+            `sigmoid(mixing_logits[h])` of softmax and the rest of double
+            normalization. `None` mixes them equally.
+        num_attention_axes: How many query (and key) axes `scores` has.
+
+    Returns:
+        Weights with the shape and dtype of `scores`. Each query's weights
+        over its valid keys sum to 1; a query with no valid key gets zeros.
+        The normalization runs in float32 (float64 for float64 scores).
+    """
+    check_normalization(normalization)
+    if not isinstance(num_attention_axes, int) or num_attention_axes < 1:
+        raise ValueError(
+            "Argument `num_attention_axes` must be a positive integer. "
+            f"Received: num_attention_axes={num_attention_axes!r}"
+        )
+    scores = ops.convert_to_tensor(scores)
+    rank = len(scores.shape)
+    if rank < 2 * num_attention_axes + 1:
+        raise ValueError(
+            "Argument `scores` must have a heads axis and "
+            f"{num_attention_axes} query and key axes each, so rank at least "
+            f"{2 * num_attention_axes + 1}. Received: shape={scores.shape}"
+        )
+    out_dtype = scores.dtype
+    scores = ops.cast(scores, working_dtype(out_dtype))
+    valid = None
+    if mask is not None:
+        valid = ops.cast(mask, "bool")
+        check_broadcastable("mask", valid.shape, scores.shape)
+    if mixing_logits is not None:
+        mixing_logits = ops.convert_to_tensor(mixing_logits)
+        _check_mixing_logits(mixing_logits, scores.shape[rank - 2 * num_attention_axes - 1])
+    full_shape = ops.shape(scores)
+    if num_attention_axes > 1:
+        scores, valid = _flatten_attention_axes(scores, valid, num_attention_axes)
+    weights = _normalize(scores, valid, normalization, causal_normalization, mixing_logits)
+    if num_attention_axes > 1:
+        weights = ops.reshape(weights, full_shape)
+    return ops.cast(weights, out_dtype)
+
+
+def _check_mixing_logits(mixing_logits, heads):
+    # Traced with relaxed shapes, the number of heads can be unknown.
+    if len(mixing_logits.shape) != 1 or None not in (heads, mixing_logits.shape[0]) and (
+        mixing_logits.shape[0] != heads
+    ):
+        raise ValueError(
+            f"Argument `mixing_logits` must have shape ({heads},), one "
+            "logit per head. Received: "
+            f"mixing_logits.shape={mixing_logits.shape}"
+        )
+
+
+def _flatten_attention_axes(scores, valid, num_attention_axes):
+    """Scores (and validity) with one query and one key axis.
+
+    Joint normalization over several axes is normalization over their
+    flattened product.
+    """
+    full_shape = ops.shape(scores)
+    rank = len(full_shape)
+    if valid is not None:
+        valid = ops.broadcast_to(valid, full_shape)
+    query_axes = full_shape[rank - 2 * num_attention_axes : rank - num_attention_axes]
+    key_axes = full_shape[rank - num_attention_axes :]
+    flat_shape = tuple(full_shape[: rank - 2 * num_attention_axes]) + (
+        math.prod(query_axes),
+        math.prod(key_axes),
+    )
+    scores = ops.reshape(scores, flat_shape)
+    if valid is not None:
+        valid = ops.reshape(valid, flat_shape)
+    return scores, valid
+
+
+def _normalize(scores, valid, normalization, causal, mixing_logits):
+    """Weights of `(..., num_heads, T, S)` unmasked scores."""
+    if normalization == "single":
+        return row_softmax(scores, valid)[0]
+    if causal:
+        double = causal_double_normalization(scores, valid)
+    else:
+        double = double_normalization(mask_scores(scores, valid), valid)
+    if normalization == "double":
+        return double
+    if mixing_logits is None:
+        softmax_share = 0.5
+    else:
+        softmax_share = ops.sigmoid(ops.cast(mixing_logits, scores.dtype))
+        softmax_share = ops.reshape(softmax_share, (-1, 1, 1))
+    return softmax_share * row_softmax(scores, valid)[0] + (1.0 - softmax_share) * double
+
+
+@symbolic_inputs_allowed
+def doubly_normalized_attention_weights(
+    query,
+    key,
+    mask=None,
+    *,
+    normalization="double",
+    is_causal=False,
+    causal_normalization=False,
+    scale=None,
+    mixing_logits=None,
+):
+    """Attention weights of doubly-normalized attention.
+
+    Args:
+        query: Shape `(batch, query_length, num_heads, head_dim)`.
+        key: Shape `(batch, key_length, num_heads, head_dim)`.
+        mask: Optional boolean tensor broadcastable to
+            `(batch, num_heads, query_length, key_length)`; `True` attends.
+        normalization: `"double"`, `"single"` or `"hybrid"`; see
+            `normalize_attention_scores`.
+        is_causal: If `True`, query `i` only attends to keys `j <= i`, and
+            the normalization is causal too.
+        causal_normalization: If `True`, the per-key step only sums over the
+            current and earlier queries (needed whenever the mask hides the
+            future, e.g. in decoder cross-attention).
+        scale: Multiplies the dot products; defaults to
+            `1 / sqrt(head_dim)`.
+        mixing_logits: For `"hybrid"`, shape `(num_heads,)`.
+
+    Returns:
+        Weights of shape `(batch, num_heads, query_length, key_length)`.
+    """
+    query, key = checked_query_and_key(query, key)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    # A Python scale stays a weak type: no float32 rounding of float64 work.
+    scores = ops.multiply(einsum("btnh,bsnh->bnts", query, key), scale)
+    if is_causal:
+        query_index = ops.expand_dims(ops.arange(ops.shape(query)[1]), -1)
+        key_index = ops.expand_dims(ops.arange(ops.shape(key)[1]), 0)
+        causal_mask = query_index >= key_index
+        mask = causal_mask if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal_mask)
+    return normalize_attention_scores(
+        scores,
+        mask,
+        normalization=normalization,
+        causal_normalization=causal_normalization or is_causal,
+        mixing_logits=mixing_logits,
+    )
+
+
+@symbolic_inputs_allowed
+def doubly_normalized_attention(
+    query,
+    key,
+    value,
+    mask=None,
+    *,
+    normalization="double",
+    is_causal=False,
+    causal_normalization=False,
+    scale=None,
+    mixing_logits=None,
+    chunk_size=None,
+):
+    """Doubly-normalized attention, a counterpart of `keras.ops.dot_product_attention`.
+
+    Args:
+        query: Shape `(batch, query_length, num_heads, head_dim)`.
+        key: Shape `(batch, key_length, num_heads, head_dim)`.
+        value: Shape `(batch, key_length, num_heads, value_dim)`.
+        mask, normalization, is_causal, causal_normalization, scale,
+        mixing_logits: As in `doubly_normalized_attention_weights`.
+        chunk_size: Optional positive integer: compute the attention over
+            blocks of this many queries, never holding the whole
+            `(query_length, key_length)` score matrix. Memory then grows
+            linearly with the sequence length; the gradient recomputes the
+            scores block by block (about twice the work of the forward
+            pass). Equal to the unchunked result up to float rounding.
+
+    Returns:
+        Shape `(batch, query_length, num_heads, value_dim)`.
+    """
+    check_chunk_size(chunk_size)
+    value = ops.convert_to_tensor(value)
+    check_rank4("value", value)
+    key = ops.convert_to_tensor(key)
+    for axis, what in ((0, "batch size"), (1, "length"), (2, "number of heads")):
+        check_match(what, "key", key.shape[axis], "value", value.shape[axis])
+    if chunk_size is not None:
+        query, key = checked_query_and_key(query, key)
+        check_normalization(normalization)
+        return chunked_attention(
+            query, key, value, mask, normalization=normalization, is_causal=is_causal,
+            causal_normalization=causal_normalization,
+            scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
+            mixing_logits=mixing_logits, chunk_size=chunk_size,
+        )
+    weights = doubly_normalized_attention_weights(
+        query,
+        key,
+        mask,
+        normalization=normalization,
+        is_causal=is_causal,
+        causal_normalization=causal_normalization,
+        scale=scale,
+        mixing_logits=mixing_logits,
+    )
+    return einsum("bnts,bsnh->btnh", weights, ops.cast(value, weights.dtype))

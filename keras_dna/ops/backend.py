@@ -1,0 +1,58 @@
+"""The places where a Keras backend needs something of its own.
+
+Everything else in `keras_dna.ops` is written in `keras.ops` and runs on any
+backend; what differs lives here, so that a backend has one place to go:
+
+- `einsum`: `tf.einsum` on TensorFlow, where Keras' own einsum is slower for
+  attention-shaped equations;
+- `compiled`: an XLA-compiled version of a function, shared by every layer
+  that calls it (TensorFlow), so that uncompiled models still run the
+  normalization compiled.
+"""
+
+import keras
+from keras import ops
+
+
+def einsum(equation, *operands):
+    """`keras.ops.einsum`, but `tf.einsum` on the TensorFlow backend.
+
+    Keras' TensorFlow einsum rewrites attention-shaped equations into
+    transposes and batched matmuls (for its quantized kernels); under XLA
+    on a CPU that made a layer's forward+backward step about 1.3x slower
+    than `tf.einsum`, which `keras.ops.dot_product_attention` (and so
+    `MultiHeadAttention`) uses.
+    """
+    operands = [ops.convert_to_tensor(x) for x in operands]
+    dtype = keras.backend.result_type(*(x.dtype for x in operands))
+    operands = [ops.cast(x, dtype) for x in operands]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.einsum(equation, *operands)
+    return ops.einsum(equation, *operands)
+
+
+# One XLA-compiled function per function, shared by all layers: each
+# combination of static arguments and shapes is traced and compiled once.
+_compiled_functions = {}
+
+
+def compiled(function, jit_compile):
+    """`function`, XLA-compiled where `jit_compile` asks and the backend can.
+
+    `jit_compile` is `True`, `False` or `"auto"`; both `True` and `"auto"`
+    compile on TensorFlow, and no other backend compiles here (JAX and
+    PyTorch compile whole models instead).
+    """
+    if jit_compile is False or keras.backend.backend() != "tensorflow":
+        return function
+    if function not in _compiled_functions:
+        import tensorflow as tf
+
+        # Traced once per shape (XLA compiles once per shape anyway). With
+        # relaxed shapes (`reduce_retracing`), a trace shared by hybrid layers
+        # with different numbers of heads computed one layer's gradient with
+        # another layer's mixing logits.
+        _compiled_functions[function] = tf.function(function, jit_compile=True)
+    return _compiled_functions[function]

@@ -1,0 +1,240 @@
+"""Causal double normalization: prefix log-sum-exps along the queries.
+
+With causal normalization, each key's normalizer only sums over the current
+and earlier queries, `c[i, j] = logsumexp over valid i' <= i of s[i', j]`,
+and `A[i, j] = softmax over valid j of (s[i, j] - c[i, j])`, so no weight
+depends on a later query. This module owns that prefix log-sum-exp:
+
+- a fast path in exponential space, against each key's maximum, with prefix
+  sums in short blocks (`prefix_sum`);
+- an exact sequential scan in log space (`exact_prefix_logsumexp`), taken
+  only where the fast sums would underflow (scores rising by more than
+  about 40 along the queries);
+- its transpose (`prefix_logsumexp_transpose`), the analytic gradient, so
+  neither path is differentiated through;
+- `causal_double_normalization`, which combines them with one exponential
+  per score.
+"""
+
+import math
+
+from keras import ops
+
+from keras_dna.ops.normalization import row_softmax
+from keras_dna.ops.normalization import softmax_part_of_gradient
+from keras_dna.ops.numerics import logaddexp
+from keras_dna.ops.numerics import mask_scores
+from keras_dna.ops.numerics import masked_value
+from keras_dna.ops.numerics import smallest_normal
+from keras_dna.ops.numerics import underflow_log_threshold
+
+# Block length of the blocked prefix sum along the query axis. XLA lowers a
+# cumulative sum to a windowed reduction whose cost grows with the square of
+# the axis length, so the prefix sum is taken within short blocks and again
+# over the block totals.
+_PREFIX_BLOCK = 16
+
+
+def _static_length(x, axis):
+    length = x.shape[axis]
+    return length if isinstance(length, int) else None
+
+
+def prefix_sum(x, axis, reverse=False):
+    """Inclusive prefix (or with `reverse`, suffix) sum along `axis` (negative).
+
+    Blocked for XLA: sequential adds within blocks of `_PREFIX_BLOCK`, then
+    the same over the block totals. A reverse sum needs no flipped copies.
+    """
+    length = _static_length(x, axis)
+    if length is None or length <= _PREFIX_BLOCK:
+        if reverse:
+            return ops.flip(ops.cumsum(ops.flip(x, axis=axis), axis=axis), axis=axis)
+        return ops.cumsum(x, axis=axis)
+    rank = len(x.shape)
+    axis = axis % rank
+    # Zeros at the end change neither prefix nor suffix sums of the rest.
+    padding = (-length) % _PREFIX_BLOCK
+    if padding:
+        pad_width = [(0, 0)] * rank
+        pad_width[axis] = (0, padding)
+        x = ops.pad(x, pad_width)
+    num_blocks = (length + padding) // _PREFIX_BLOCK
+    shape = ops.shape(x)
+    blocks = ops.reshape(
+        x, tuple(shape[:axis]) + (num_blocks, _PREFIX_BLOCK) + tuple(shape[axis + 1 :])
+    )
+    rows = [ops.take(blocks, k, axis=axis + 1) for k in range(_PREFIX_BLOCK)]
+    sums = [None] * _PREFIX_BLOCK
+    total = None
+    for k in reversed(range(_PREFIX_BLOCK)) if reverse else range(_PREFIX_BLOCK):
+        total = rows[k] if total is None else total + rows[k]
+        sums[k] = total
+    within = ops.stack(sums, axis=axis + 1)
+    # The blocks before (after) each block, by shifting the inclusive sums
+    # of the totals (not by subtracting, which would cancel).
+    inclusive = prefix_sum(total, axis, reverse=reverse)
+    zero = ops.zeros_like(ops.take(inclusive, ops.arange(1), axis=axis))
+    if reverse:
+        parts = [ops.take(inclusive, ops.arange(1, num_blocks), axis=axis), zero]
+    else:
+        parts = [zero, ops.take(inclusive, ops.arange(num_blocks - 1), axis=axis)]
+    others = ops.concatenate(parts, axis=axis)
+    out = ops.reshape(within + ops.expand_dims(others, axis + 1), shape)
+    if padding:
+        out = ops.take(out, ops.arange(length), axis=axis)
+    return out
+
+
+def exact_prefix_logsumexp(scores):
+    """Prefix log-sum-exp along the query axis, exact for any spread.
+
+    A sequential scan over the queries carrying each key's running
+    log-sum-exp: one pass, memory of a few copies of `scores`, and the same
+    code for static and unknown lengths. Only taken when the fast path would
+    lose precision, and never differentiated (the gradient is analytic).
+    """
+
+    def step(running, row):
+        running = logaddexp(running, row)
+        return running, running
+
+    by_query = ops.moveaxis(scores, -2, 0)
+    start = ops.full_like(by_query[0], masked_value(scores))
+    _, prefix = ops.scan(step, start, by_query)
+    return ops.moveaxis(prefix, 0, -2)
+
+
+def _positive_part_log(x):
+    """log(max(x, 0)), with the masked value standing in for log(0)."""
+    positive = x > 0
+    return ops.where(positive, ops.log(ops.where(positive, x, 1.0)), masked_value(x))
+
+
+def prefix_logsumexp(scores, valid):
+    """`c[i, j]`: log-sum-exp of key j's valid scores over queries i' <= i.
+
+    Fast path: exponentials against each key's maximum over all queries and
+    a blocked prefix sum. A valid prefix whose sum underflows against that
+    maximum (scores rising by more than about 40 along the queries) switches
+    the call to the exact log-space scan. Not differentiable: callers write
+    the gradient out with `prefix_logsumexp_transpose`.
+    """
+    # As in `_key_logsumexp`, masked entries add nothing to a valid prefix.
+    shift = ops.max(scores, axis=-2, keepdims=True)
+    partial = prefix_sum(ops.exp(scores - shift), axis=-2)
+    trusted = partial >= math.exp(underflow_log_threshold(scores))
+    if valid is not None:
+        trusted = ops.logical_or(trusted, ops.logical_not(valid))
+    return ops.cond(
+        ops.all(trusted),
+        lambda: shift + ops.log(ops.maximum(partial, smallest_normal(scores))),
+        lambda: exact_prefix_logsumexp(scores),
+    )
+
+
+def prefix_logsumexp_transpose(scores, key_lse, upstream):
+    """`sum over i >= i' of upstream[i, j] exp(s[i', j] - c[i, j])`.
+
+    The gradient of `prefix_logsumexp` (`c`, given as `key_lse`) with
+    respect to `scores`, for the upstream gradient `upstream`. A reverse
+    prefix sum against each key's maximum where that cannot overflow, else
+    in log space, the positive and negative parts of `upstream` apart.
+    """
+    shift = ops.max(scores, axis=-2, keepdims=True)
+    bounded = ops.logical_or(
+        key_lse - shift >= underflow_log_threshold(scores), upstream == 0
+    )
+
+    def fast():
+        # exp(shift - c) <= exp(40) wherever upstream is nonzero.
+        scale = ops.where(upstream == 0, 0.0, ops.exp(shift - key_lse))
+        return ops.exp(scores - shift) * prefix_sum(upstream * scale, axis=-2, reverse=True)
+
+    def exact():
+        # exp(s[i'] + log sum) is at most sum |upstream|.
+        total = 0.0
+        for sign in (1.0, -1.0):
+            log_terms = _positive_part_log(sign * upstream) - key_lse
+            reverse_lse = ops.flip(
+                exact_prefix_logsumexp(ops.flip(log_terms, axis=-2)), axis=-2
+            )
+            total = total + sign * ops.exp(scores + reverse_lse)
+        return total
+
+    return ops.cond(ops.all(bounded), fast, exact)
+
+
+def _smallest_valid(sums, where_valid):
+    if where_valid is not None:
+        sums = ops.where(where_valid, sums, float("inf"))
+    return ops.min(sums)
+
+
+def _exact_causal_weights(scores, valid):
+    """Causal double normalization in log space, for masked `scores`."""
+    return row_softmax(scores - prefix_logsumexp(scores, valid), valid)[0]
+
+
+def causal_double_normalization(scores, valid):
+    """Double normalization with prefix sums over the queries.
+
+    With `E = exp(s - max over queries)` per key and `P` its prefix sum over
+    the queries, the first step is `B = E / P` and the second `A = B / R`
+    with `R` the sums of `B` over the keys: one exponential per score.
+    Should a valid `R` or `P` underflow (scores rising by more than about
+    40), the call computes `softmax(s - c)` in log space with the exact
+    prefix log-sum-exp instead (a loop, so XLA keeps the branch).
+
+    The gradient is `D - E * (reverse prefix sum of D / P)` with `D` the
+    softmax part; `E = A * R * P` comes from the saved weights, so the
+    backward pass needs no exponential and no autodiff through the branch.
+    """
+    threshold = math.exp(underflow_log_threshold(scores))
+    row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
+
+    # `scores` come unmasked: masking where they are read lets XLA fuse it
+    # instead of writing a masked copy for the branches.
+    @ops.custom_gradient
+    def normalize(scores):
+        # Shared by E and P, the shift cancels in B.
+        shift = ops.max(mask_scores(scores, valid), axis=-2, keepdims=True)
+        terms = ops.exp(scores - shift)
+        if valid is not None:
+            terms = ops.where(valid, terms, 0.0)
+        key_sums = prefix_sum(terms, axis=-2)
+        trusted = _smallest_valid(key_sums, valid) >= threshold
+        # Below the threshold, the terms are masked (zero) or the exact branch
+        # is taken, so the floor changes no value used.
+        key_sums = ops.maximum(key_sums, threshold)
+        key_weights = terms / key_sums
+        query_sums = ops.sum(key_weights, axis=-1, keepdims=True)
+        trusted = ops.logical_and(
+            trusted, _smallest_valid(query_sums, row_valid) >= threshold
+        )
+        weights = ops.cond(
+            trusted,
+            lambda: key_weights / ops.maximum(query_sums, threshold),
+            lambda: _exact_causal_weights(mask_scores(scores, valid), valid),
+        )
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            softmax_part = softmax_part_of_gradient(weights, upstream)
+            # Computed outside the branch, where XLA fuses it with its
+            # neighbours (measured faster); the branch replaces it if needed.
+            fast_grad = softmax_part - weights * query_sums * key_sums * prefix_sum(
+                softmax_part / key_sums, axis=-2, reverse=True
+            )
+
+            def exact():
+                masked = mask_scores(scores, valid)
+                key_lse = prefix_logsumexp(masked, valid)
+                return softmax_part - prefix_logsumexp_transpose(masked, key_lse, softmax_part)
+
+            return ops.cond(trusted, lambda: fast_grad, exact)
+
+        return weights, grad
+
+    return normalize(scores)

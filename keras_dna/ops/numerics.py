@@ -1,0 +1,54 @@
+"""Working dtypes and the numeric limits every normalization path shares.
+
+The normalization runs in float32, or float64 for float64 inputs, under any
+dtype policy. Masked pairs hold a finite stand-in score (so that no
+`inf - inf` reaches a value or a gradient), and the fast paths trust a sum
+of exponentials only above a floor far from where `exp` flushes to zero.
+"""
+
+import keras
+from keras import ops
+
+
+def working_dtype(dtype):
+    """The dtype normalization runs in: float32, or float64 for float64."""
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
+
+
+def _is_float64(x):
+    return keras.backend.standardize_dtype(x.dtype) == "float64"
+
+
+def masked_value(x):
+    """Stands in for the scores of masked pairs, in the dtype of `x`.
+
+    Finite, so that differences of two masked entries stay 0 and no
+    inf - inf can reach a gradient.
+    """
+    return -1e300 if _is_float64(x) else -1e30
+
+
+def underflow_log_threshold(x):
+    """Log of the smallest sum of exponentials the fast paths trust.
+
+    exp() flushes to zero below about -87 (float32) or -708 (float64); a sum
+    of at least exp(threshold) makes the lost terms negligible (relative
+    error below `length * exp(threshold - flush)`). Half the range, because
+    XLA may multiply two such sums (it rewrites `a / b / c` to
+    `a / (b * c)`), and their product must not underflow either.
+    """
+    return -300.0 if _is_float64(x) else -40.0
+
+
+def smallest_normal(x):
+    return 1e-307 if _is_float64(x) else 1e-37
+
+
+def mask_scores(scores, valid):
+    """`scores` with `masked_value` wherever `valid` is False."""
+    return scores if valid is None else ops.where(valid, scores, masked_value(scores))
+
+
+def logaddexp(a, b):
+    high = ops.maximum(a, b)
+    return high + ops.log1p(ops.exp(-ops.abs(a - b)))
