@@ -12,6 +12,7 @@ from keras_dna.ops.backend import einsum
 from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.checks import check_chunk_size
 from keras_dna.ops.checks import check_normalization
+from keras_dna.ops.checks import check_null_query_normalization
 from keras_dna.ops.checks import same_static_shape
 
 
@@ -23,7 +24,8 @@ _CAUSAL_MASK_IN_CALL = contextvars.ContextVar("causal_mask_in_call", default=Fal
 
 
 def _check_constructor_arguments(
-    flash_attention, normalization, jit_compile, chunk_size, dropout, causal_normalization
+    flash_attention, normalization, jit_compile, chunk_size, dropout, causal_normalization,
+    null_query,
 ):
     """Raises on the arguments `MultiHeadAttention` does not check for us."""
     if flash_attention:
@@ -47,11 +49,11 @@ def _check_constructor_arguments(
             f"chunk_size=None. Received: dropout={dropout!r}, "
             f"chunk_size={chunk_size!r}"
         )
-    if not isinstance(causal_normalization, bool):
-        raise TypeError(
-            "Argument `causal_normalization` must be a bool. Received: "
-            f"causal_normalization={causal_normalization!r}"
-        )
+    for name, flag in (("causal_normalization", causal_normalization), ("null_query", null_query)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"Argument `{name}` must be a bool. Received: {name}={flag!r}")
+    if null_query:
+        check_null_query_normalization(normalization)
 
 
 @keras.saving.register_keras_serializable(package="keras_dna")
@@ -126,6 +128,16 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             (see `keras_dna.ops.doubly_normalized_attention`). Needs a
             single attention axis, no dropout, and cannot return the
             attention weights.
+        null_query: Whether a null query joins every key's first
+            (per-key) normalization step: a trainable log-mass `beta` per
+            head (the weight `null_query_logits`), a background component
+            that takes the share of keys no query explains. Very negative
+            `beta` is double normalization, very large `beta` softmax. It
+            lifts the causal ceiling: without it, causal normalization
+            gives each query at least as much weight on itself as on any
+            earlier key, and the first query of causal cross-attention
+            attends uniformly. For `"double"` and `"hybrid"` only.
+        null_query_initializer: Initializer of `null_query_logits`.
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -174,11 +186,13 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         causal_normalization=False,
         jit_compile="auto",
         chunk_size=None,
+        null_query=False,
+        null_query_initializer="zeros",
         **kwargs,
     ):
         _check_constructor_arguments(
             flash_attention, normalization, jit_compile, chunk_size, dropout,
-            causal_normalization,
+            causal_normalization, null_query,
         )
         super().__init__(
             num_heads=num_heads,
@@ -210,7 +224,10 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._causal_normalization = causal_normalization
         self._jit_compile = jit_compile
         self._chunk_size = chunk_size
+        self._null_query = null_query
+        self._null_query_initializer = keras.initializers.get(null_query_initializer)
         self._mixing_logits = None
+        self._null_query_logits = None
 
     @property
     def normalization(self):
@@ -225,6 +242,11 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         """Per-head softmax share logits of `"hybrid"`, else `None`."""
         return self._mixing_logits
 
+    @property
+    def null_query_logits(self):
+        """Per-head log-masses of the null query (`null_query=True`), else `None`."""
+        return self._null_query_logits
+
     def get_config(self):
         return {
             **super().get_config(),
@@ -232,6 +254,10 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             "causal_normalization": self._causal_normalization,
             "jit_compile": self._jit_compile,
             "chunk_size": self._chunk_size,
+            "null_query": self._null_query,
+            "null_query_initializer": keras.initializers.serialize(
+                self._null_query_initializer
+            ),
         }
 
     def _build_attention(self, rank):
@@ -241,6 +267,13 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 name="mixing_logits",
                 shape=(self._num_heads,),
                 initializer="zeros",
+                trainable=True,
+            )
+        if self._null_query:
+            self._null_query_logits = self.add_weight(
+                name="null_query_logits",
+                shape=(self._num_heads,),
+                initializer=self._null_query_initializer,
                 trainable=True,
             )
 
@@ -315,7 +348,10 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         )
         # The backend variable: a compiled TensorFlow function cannot take
         # the Keras wrapper.
-        mixing_logits = None if self._mixing_logits is None else self._mixing_logits.value
+        mixing_logits, null_query_logits = (
+            None if weight is None else weight.value
+            for weight in (self._mixing_logits, self._null_query_logits)
+        )
         if attention_mask is not None:
             # Insert the heads axis (and any missing batch axes) in front of
             # the query and key axes: rank batch + heads + 2 * attention axes.
@@ -326,7 +362,8 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             output = compiled(doubly_normalized_attention, self._jit_compile)(
                 query, key, value, attention_mask, normalization=self._normalization,
                 causal_normalization=causal_normalization, scale=self._inverse_sqrt_key_dim,
-                mixing_logits=mixing_logits, chunk_size=self._chunk_size,
+                mixing_logits=mixing_logits, null_query_logits=null_query_logits,
+                chunk_size=self._chunk_size,
             )
             return ops.cast(output, value.dtype), None
         # A Python float keeps the query's dtype; `ops.cast` of one would
@@ -336,7 +373,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         weights = compiled(normalize_attention_scores, self._jit_compile)(
             scores, attention_mask, normalization=self._normalization,
             causal_normalization=causal_normalization, mixing_logits=mixing_logits,
-            num_attention_axes=num_axes,
+            null_query_logits=null_query_logits, num_attention_axes=num_axes,
         )
         if self._dropout > 0.0:
             dropped = self._dropout_layer(weights, training=training)

@@ -19,7 +19,7 @@ def _row_softmax(logits, valid):
     return out
 
 
-def _one_head(s, m, normalization, causal, softmax_share):
+def _one_head(s, m, normalization, causal, softmax_share, beta=None):
     T, S = s.shape
     single = np.stack([_row_softmax(s[i], m[i]) for i in range(T)])
     if normalization == "single":
@@ -31,6 +31,9 @@ def _one_head(s, m, normalization, causal, softmax_share):
             if not m[i, j]:
                 continue
             column = [s[k, j] for k in queries if m[k, j]]
+            if beta is not None:
+                # The null query: one more term, of log-mass beta, per key.
+                column.append(beta)
             log_b[i, j] = s[i, j] - _logsumexp(np.array(column))
     double = np.stack([_row_softmax(log_b[i], m[i]) for i in range(T)])
     if normalization == "double":
@@ -39,9 +42,13 @@ def _one_head(s, m, normalization, causal, softmax_share):
 
 
 def attention_weights(
-    scores, valid=None, normalization="double", causal=False, mixing_logits=None
+    scores, valid=None, normalization="double", causal=False, mixing_logits=None,
+    null_query_logits=None,
 ):
-    """Weights for scores shaped (..., heads, T, S); `valid` broadcasts to it."""
+    """Weights for scores shaped (..., heads, T, S); `valid` broadcasts to it.
+
+    `null_query_logits`: None, or one beta per head (DNA.md, "Null query").
+    """
     s = np.asarray(scores, dtype=np.float64)
     m = np.ones(s.shape, bool) if valid is None else np.broadcast_to(valid, s.shape)
     heads = s.shape[-3]
@@ -50,8 +57,9 @@ def attention_weights(
     share = 1.0 / (1.0 + np.exp(-np.asarray(mixing_logits, np.float64)))
     out = np.zeros_like(s)
     for index in np.ndindex(*s.shape[:-2]):
+        beta = None if null_query_logits is None else float(null_query_logits[index[-1]])
         out[index] = _one_head(
-            s[index], m[index], normalization, causal, share[index[-1]]
+            s[index], m[index], normalization, causal, share[index[-1]], beta
         )
     return out
 
@@ -93,12 +101,14 @@ def layer_forward(layer, query, value, key=None, valid=None, causal=False):
         v = v + np.asarray(layer.value_dense.bias, np.float64)
     scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
     mixing = getattr(layer, "mixing_logits", None)
+    null = getattr(layer, "null_query_logits", None)
     weights = attention_weights(
         scores,
         None if valid is None else valid[:, None],
         normalization=getattr(layer, "normalization", "single"),
         causal=causal,
         mixing_logits=None if mixing is None else np.asarray(mixing),
+        null_query_logits=None if null is None else np.asarray(null),
     )
     context = np.einsum("bnts,bsnh->btnh", weights, v)
     out = np.tensordot(context, np.asarray(layer.output_dense.kernel, np.float64), axes=2)

@@ -18,6 +18,7 @@ from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.checks import check_chunk_size
 from keras_dna.ops.checks import check_match
 from keras_dna.ops.checks import check_normalization
+from keras_dna.ops.checks import check_null_query_normalization
 from keras_dna.ops.checks import check_rank4
 from keras_dna.ops.checks import checked_query_and_key
 from keras_dna.ops.normalization import double_normalization
@@ -35,6 +36,7 @@ def normalize_attention_scores(
     normalization="double",
     causal_normalization=False,
     mixing_logits=None,
+    null_query_logits=None,
     num_attention_axes=1,
 ):
     """Turns raw attention scores into attention weights.
@@ -56,6 +58,12 @@ def normalize_attention_scores(
         mixing_logits: For `"hybrid"`: shape `(num_heads,)`; head `h` takes
             `sigmoid(mixing_logits[h])` of softmax and the rest of double
             normalization. `None` mixes them equally.
+        null_query_logits: Optional, shape `(num_heads,)`: the log-mass
+            `beta[h]` of a null query that joins every key's per-key sum,
+            `c = logaddexp(c, beta[h])`, taking the share of keys that no
+            query explains. Very negative values give double
+            normalization, very large ones softmax; it lifts the causal
+            ceiling (see the README). Not for `"single"`.
         num_attention_axes: How many query (and key) axes `scores` has.
 
     Returns:
@@ -83,28 +91,35 @@ def normalize_attention_scores(
     if mask is not None:
         valid = ops.cast(mask, "bool")
         check_broadcastable("mask", valid.shape, scores.shape)
+    heads = scores.shape[rank - 2 * num_attention_axes - 1]
     if mixing_logits is not None:
-        mixing_logits = ops.convert_to_tensor(mixing_logits)
-        _check_mixing_logits(mixing_logits, scores.shape[rank - 2 * num_attention_axes - 1])
+        mixing_logits = _per_head("mixing_logits", mixing_logits, heads, scores.dtype)
+    if null_query_logits is not None:
+        check_null_query_normalization(normalization)
+        null_query_logits = _per_head("null_query_logits", null_query_logits, heads, scores.dtype)
     full_shape = ops.shape(scores)
     if num_attention_axes > 1:
         scores, valid = _flatten_attention_axes(scores, valid, num_attention_axes)
-    weights = _normalize(scores, valid, normalization, causal_normalization, mixing_logits)
+    weights = _normalize(
+        scores, valid, normalization, causal_normalization, mixing_logits, null_query_logits
+    )
     if num_attention_axes > 1:
         weights = ops.reshape(weights, full_shape)
     return ops.cast(weights, out_dtype)
 
 
-def _check_mixing_logits(mixing_logits, heads):
+def _per_head(name, logits, heads, dtype):
+    """`logits` checked to hold one value per head, shaped `(heads, 1, 1)`."""
+    logits = ops.convert_to_tensor(logits)
     # Traced with relaxed shapes, the number of heads can be unknown.
-    if len(mixing_logits.shape) != 1 or None not in (heads, mixing_logits.shape[0]) and (
-        mixing_logits.shape[0] != heads
+    if len(logits.shape) != 1 or None not in (heads, logits.shape[0]) and (
+        logits.shape[0] != heads
     ):
         raise ValueError(
-            f"Argument `mixing_logits` must have shape ({heads},), one "
-            "logit per head. Received: "
-            f"mixing_logits.shape={mixing_logits.shape}"
+            f"Argument `{name}` must have shape ({heads},), one value per "
+            f"head. Received: {name}.shape={logits.shape}"
         )
+    return ops.reshape(ops.cast(logits, dtype), (-1, 1, 1))
 
 
 def _flatten_attention_axes(scores, valid, num_attention_axes):
@@ -129,21 +144,20 @@ def _flatten_attention_axes(scores, valid, num_attention_axes):
     return scores, valid
 
 
-def _normalize(scores, valid, normalization, causal, mixing_logits):
-    """Weights of `(..., num_heads, T, S)` unmasked scores."""
+def _normalize(scores, valid, normalization, causal, mixing_logits, null_logits):
+    """Weights of `(..., num_heads, T, S)` unmasked scores.
+
+    `mixing_logits` and `null_logits` are `None` or shaped `(num_heads, 1, 1)`.
+    """
     if normalization == "single":
         return row_softmax(scores, valid)[0]
     if causal:
-        double = causal_double_normalization(scores, valid)
+        double = causal_double_normalization(scores, valid, null_logits)
     else:
-        double = double_normalization(mask_scores(scores, valid), valid)
+        double = double_normalization(mask_scores(scores, valid), valid, null_logits)
     if normalization == "double":
         return double
-    if mixing_logits is None:
-        softmax_share = 0.5
-    else:
-        softmax_share = ops.sigmoid(ops.cast(mixing_logits, scores.dtype))
-        softmax_share = ops.reshape(softmax_share, (-1, 1, 1))
+    softmax_share = 0.5 if mixing_logits is None else ops.sigmoid(mixing_logits)
     return softmax_share * row_softmax(scores, valid)[0] + (1.0 - softmax_share) * double
 
 
@@ -158,6 +172,7 @@ def doubly_normalized_attention_weights(
     causal_normalization=False,
     scale=None,
     mixing_logits=None,
+    null_query_logits=None,
 ):
     """Attention weights of doubly-normalized attention.
 
@@ -176,6 +191,8 @@ def doubly_normalized_attention_weights(
         scale: Multiplies the dot products; defaults to
             `1 / sqrt(head_dim)`.
         mixing_logits: For `"hybrid"`, shape `(num_heads,)`.
+        null_query_logits: Optional, shape `(num_heads,)`; see
+            `normalize_attention_scores`.
 
     Returns:
         Weights of shape `(batch, num_heads, query_length, key_length)`.
@@ -196,6 +213,7 @@ def doubly_normalized_attention_weights(
         normalization=normalization,
         causal_normalization=causal_normalization or is_causal,
         mixing_logits=mixing_logits,
+        null_query_logits=null_query_logits,
     )
 
 
@@ -211,6 +229,7 @@ def doubly_normalized_attention(
     causal_normalization=False,
     scale=None,
     mixing_logits=None,
+    null_query_logits=None,
     chunk_size=None,
 ):
     """Doubly-normalized attention, a counterpart of `keras.ops.dot_product_attention`.
@@ -220,7 +239,8 @@ def doubly_normalized_attention(
         key: Shape `(batch, key_length, num_heads, head_dim)`.
         value: Shape `(batch, key_length, num_heads, value_dim)`.
         mask, normalization, is_causal, causal_normalization, scale,
-        mixing_logits: As in `doubly_normalized_attention_weights`.
+        mixing_logits, null_query_logits: As in
+            `doubly_normalized_attention_weights`.
         chunk_size: Optional positive integer: compute the attention over
             blocks of this many queries, never holding the whole
             `(query_length, key_length)` score matrix. Memory then grows
@@ -240,11 +260,20 @@ def doubly_normalized_attention(
     if chunk_size is not None:
         query, key = checked_query_and_key(query, key)
         check_normalization(normalization)
+        dtype = working_dtype(query.dtype)
+        if mixing_logits is not None:
+            mixing_logits = _per_head("mixing_logits", mixing_logits, query.shape[2], dtype)
+        if null_query_logits is not None:
+            check_null_query_normalization(normalization)
+            null_query_logits = _per_head(
+                "null_query_logits", null_query_logits, query.shape[2], dtype
+            )
         return chunked_attention(
             query, key, value, mask, normalization=normalization, is_causal=is_causal,
             causal_normalization=causal_normalization,
             scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
-            mixing_logits=mixing_logits, chunk_size=chunk_size,
+            mixing_logits=mixing_logits, null_query_logits=null_query_logits,
+            chunk_size=chunk_size,
         )
     weights = doubly_normalized_attention_weights(
         query,
@@ -255,5 +284,6 @@ def doubly_normalized_attention(
         causal_normalization=causal_normalization,
         scale=scale,
         mixing_logits=mixing_logits,
+        null_query_logits=null_query_logits,
     )
     return einsum("bnts,bsnh->btnh", weights, ops.cast(value, weights.dtype))

@@ -26,16 +26,18 @@ from keras_dna.ops.causal import prefix_logsumexp
 from keras_dna.ops.causal import prefix_logsumexp_transpose
 from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.normalization import key_logsumexp
+from keras_dna.ops.normalization import null_logits_gradient
 from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.normalization import softmax_part_of_gradient
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import masked_value
+from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import working_dtype
 
 
 def chunked_attention(
     query, key, value, mask, *, normalization, is_causal, causal_normalization, scale,
-    mixing_logits, chunk_size,
+    mixing_logits, null_query_logits, chunk_size,
 ):
     """`doubly_normalized_attention` over blocks of `chunk_size` queries.
 
@@ -55,11 +57,14 @@ def chunked_attention(
         while len(mask.shape) < 4:
             mask = ops.expand_dims(mask, 0)
     causal = bool(causal_normalization or is_causal)
+    null_logits = None
+    if null_query_logits is not None:
+        null_logits = ops.reshape(ops.cast(null_query_logits, dtype), (1, -1, 1, 1))
 
     def attend(double):
         return blockwise_attention(
             query, key, value, mask, double=double, causal=causal, is_causal=is_causal,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size, null_logits=null_logits if double else None,
         )
 
     if normalization == "single":
@@ -75,19 +80,26 @@ def chunked_attention(
     return ops.cast(ops.transpose(output, (0, 2, 1, 3)), out_dtype)
 
 
-def blockwise_attention(query, key, value, mask, *, double, causal, is_causal, chunk_size):
+def blockwise_attention(
+    query, key, value, mask, *, double, causal, is_causal, chunk_size, null_logits=None
+):
     """Attention over blocks of `chunk_size` queries, with its gradient.
 
     `query` (already scaled), `key`, `value`: `(B, N, T or S, head_dim)` in
     the working dtype; `mask`: `None` or a rank-4 boolean tensor
     broadcastable to `(B, N, T, S)`. With `double=False` this is softmax
     attention; `causal` normalizes causally, `is_causal` also masks keys
-    after each query.
+    after each query. `null_logits` (`(1, N, 1, 1)`, double only): the null
+    query's log-mass, the value every key's log-sum-exp over the queries
+    starts from.
     """
 
     @ops.custom_gradient
-    def attend(query, key, value):
-        blocks = _QueryBlocks(query, key, value, mask, is_causal=is_causal, chunk_size=chunk_size)
+    def attend(query, key, value, *null):
+        blocks = _QueryBlocks(
+            query, key, value, mask, is_causal=is_causal, chunk_size=chunk_size,
+            null_logits=null[0] if null else None,
+        )
         befores = total = None
         if causal and double:
             output_blocks, befores = _forward_causal(blocks)
@@ -100,16 +112,25 @@ def blockwise_attention(query, key, value, mask, *, double, causal, is_causal, c
                 (upstream,) = args
             upstream_blocks = blocks.split(upstream)
             if causal and double:
-                query_grads, key_grad, value_grad = _backward_causal(
+                query_grads, key_grad, value_grad, start_share = _backward_causal(
                     blocks, upstream_blocks, befores
                 )
             else:
-                query_grads, key_grad, value_grad = _backward(blocks, upstream_blocks, total)
-            return blocks.join(query_grads), key_grad, value_grad
+                query_grads, key_grad, value_grad, key_sums = _backward(
+                    blocks, upstream_blocks, total
+                )
+            grads = (blocks.join(query_grads), key_grad, value_grad)
+            if not null:
+                return grads
+            if causal:
+                return grads + (sum_like(-start_share, null[0]),)
+            return grads + (null_logits_gradient(key_sums, null[0], total),)
 
         return blocks.join(output_blocks), grad
 
-    return attend(query, key, value)
+    if null_logits is None:
+        return attend(query, key, value)
+    return attend(query, key, value, null_logits)
 
 
 class _QueryBlocks:
@@ -120,7 +141,7 @@ class _QueryBlocks:
     query row, which every block then shares.
     """
 
-    def __init__(self, query, key, value, mask, *, is_causal, chunk_size):
+    def __init__(self, query, key, value, mask, *, is_causal, chunk_size, null_logits):
         self.key, self.value, self.mask = key, value, mask
         self.is_causal, self.chunk_size = is_causal, chunk_size
         self.masked = masked_value(query)
@@ -132,10 +153,13 @@ class _QueryBlocks:
             # Also when the axis is unknown in a relaxed trace: it may be 1.
             rows = ops.broadcast_to(mask, tuple(ops.shape(mask)[:2]) + (self.length, self.key_length))
             self.mask_blocks = self.split(rows)
-        # The log-sum-exp over no query, one row per key: where prefixes start.
-        self.empty_prefix = ops.full(
-            ops.shape(key)[:2] + (1, self.key_length), self.masked, dtype=key.dtype
-        )
+        # The log-sum-exp over no query (but the null query), one row per
+        # key: where each key's sums over the queries start.
+        prefix_shape = ops.shape(key)[:2] + (1, self.key_length)
+        if null_logits is None:
+            self.empty_prefix = ops.full(prefix_shape, self.masked, dtype=key.dtype)
+        else:
+            self.empty_prefix = ops.broadcast_to(null_logits, prefix_shape)
 
     def split(self, x):
         """`(B, N, T, ...)` -> `(num_blocks, B, N, chunk_size, ...)`, zero-padded."""
@@ -299,10 +323,11 @@ def _backward(blocks, upstream_blocks, total):
     )
     key_sums, key_grad, key_weighted_queries, value_grad = carry
     if total is None:
-        return query_grads, key_grad, value_grad
-    key_sums = ops.moveaxis(key_sums, -2, -1)
-    key_grad = key_grad - key_sums * key_weighted_queries
-    return _subtract_key_part(blocks, query_grads, key_sums, total), key_grad, value_grad
+        return query_grads, key_grad, value_grad, None
+    by_key = ops.moveaxis(key_sums, -2, -1)
+    key_grad = key_grad - by_key * key_weighted_queries
+    query_grads = _subtract_key_part(blocks, query_grads, by_key, total)
+    return query_grads, key_grad, value_grad, key_sums
 
 
 def _subtract_key_part(blocks, query_grads, key_sums, total):
@@ -326,7 +351,9 @@ def _backward_causal(blocks, upstream_blocks, befores):
     Appended as an extra row (score and prefix `c_last`), with the prefix
     before the block prepended, the block's share of the prefix
     log-sum-exp gradient and the carry for the block before come out of one
-    `prefix_logsumexp_transpose`.
+    `prefix_logsumexp_transpose`. Returns the gradients of the query
+    blocks, keys and values, and what reaches the start of every key's
+    prefix: `sum over queries of D * exp(start - c)`.
     """
 
     def step(carry, block):
@@ -350,8 +377,8 @@ def _backward_causal(blocks, upstream_blocks, befores):
     start = (
         ops.zeros_like(blocks.empty_prefix), ops.zeros_like(blocks.key), ops.zeros_like(blocks.value)
     )
-    (_, key_grad, value_grad), query_grads = _scan(
+    (start_share, key_grad, value_grad), query_grads = _scan(
         step, start, blocks.xs(upstream_blocks, befores), ops.zeros_like(blocks.queries),
         reverse=True,
     )
-    return query_grads, key_grad, value_grad
+    return query_grads, key_grad, value_grad, start_share

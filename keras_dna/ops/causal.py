@@ -26,6 +26,7 @@ from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import smallest_normal
+from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import underflow_log_threshold
 
 # Block length of the blocked prefix sum along the query axis. XLA lowers a
@@ -171,12 +172,28 @@ def _smallest_valid(sums, where_valid):
     return ops.min(sums)
 
 
-def _exact_causal_weights(scores, valid):
+def _causal_key_logsumexp(scores, valid, null):
+    """`c[i, j]` in log space, the null query joining it (`null` a tuple of 0 or 1)."""
+    key_lse = prefix_logsumexp(scores, valid)
+    return logaddexp(key_lse, null[0]) if null else key_lse
+
+
+def _exact_causal_weights(scores, valid, null):
     """Causal double normalization in log space, for masked `scores`."""
-    return row_softmax(scores - prefix_logsumexp(scores, valid), valid)[0]
+    return row_softmax(scores - _causal_key_logsumexp(scores, valid, null), valid)[0]
 
 
-def causal_double_normalization(scores, valid):
+def _exact_causal_gradient(scores, valid, null, softmax_part):
+    """Gradients of the scores (and null logits), in log space."""
+    masked = mask_scores(scores, valid)
+    key_lse = _causal_key_logsumexp(masked, valid, null)
+    scores_grad = softmax_part - prefix_logsumexp_transpose(masked, key_lse, softmax_part)
+    if not null:
+        return scores_grad
+    return scores_grad, sum_like(-softmax_part * ops.exp(null[0] - key_lse), null[0])
+
+
+def causal_double_normalization(scores, valid, null_logits=None):
     """Double normalization with prefix sums over the queries.
 
     With `E = exp(s - max over queries)` per key and `P` its prefix sum over
@@ -184,11 +201,16 @@ def causal_double_normalization(scores, valid):
     with `R` the sums of `B` over the keys: one exponential per score.
     Should a valid `R` or `P` underflow (scores rising by more than about
     40), the call computes `softmax(s - c)` in log space with the exact
-    prefix log-sum-exp instead (a loop, so XLA keeps the branch).
+    prefix log-sum-exp instead (a loop, so XLA keeps the branch). The null
+    query (`null_logits`, one per head, broadcastable against the heads
+    axis) adds `exp(null_logits - max)` to every `P`; the maximum then
+    includes `null_logits`, so that term cannot overflow.
 
     The gradient is `D - E * (reverse prefix sum of D / P)` with `D` the
     softmax part; `E = A * R * P` comes from the saved weights, so the
     backward pass needs no exponential and no autodiff through the branch.
+    The null logits get `-sum of D * exp(null_logits - c)`, with
+    `exp(null_logits - c) = exp(null_logits - max) / P`.
     """
     threshold = math.exp(underflow_log_threshold(scores))
     row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
@@ -196,13 +218,18 @@ def causal_double_normalization(scores, valid):
     # `scores` come unmasked: masking where they are read lets XLA fuse it
     # instead of writing a masked copy for the branches.
     @ops.custom_gradient
-    def normalize(scores):
+    def normalize(scores, *null):
         # Shared by E and P, the shift cancels in B.
         shift = ops.max(mask_scores(scores, valid), axis=-2, keepdims=True)
+        if null:
+            shift = ops.maximum(shift, null[0])
         terms = ops.exp(scores - shift)
         if valid is not None:
             terms = ops.where(valid, terms, 0.0)
         key_sums = prefix_sum(terms, axis=-2)
+        if null:
+            null_terms = ops.exp(null[0] - shift)
+            key_sums = key_sums + null_terms
         trusted = _smallest_valid(key_sums, valid) >= threshold
         # Below the threshold, the terms are masked (zero) or the exact branch
         # is taken, so the floor changes no value used.
@@ -215,7 +242,7 @@ def causal_double_normalization(scores, valid):
         weights = ops.cond(
             trusted,
             lambda: key_weights / ops.maximum(query_sums, threshold),
-            lambda: _exact_causal_weights(mask_scores(scores, valid), valid),
+            lambda: _exact_causal_weights(mask_scores(scores, valid), valid, null),
         )
 
         def grad(*args, upstream=None):
@@ -227,14 +254,18 @@ def causal_double_normalization(scores, valid):
             fast_grad = softmax_part - weights * query_sums * key_sums * prefix_sum(
                 softmax_part / key_sums, axis=-2, reverse=True
             )
-
-            def exact():
-                masked = mask_scores(scores, valid)
-                key_lse = prefix_logsumexp(masked, valid)
-                return softmax_part - prefix_logsumexp_transpose(masked, key_lse, softmax_part)
-
-            return ops.cond(trusted, lambda: fast_grad, exact)
+            if null:
+                fast_grad = (
+                    fast_grad, sum_like(-softmax_part * null_terms / key_sums, null[0])
+                )
+            return ops.cond(
+                trusted,
+                lambda: fast_grad,
+                lambda: _exact_causal_gradient(scores, valid, null, softmax_part),
+            )
 
         return weights, grad
 
-    return normalize(scores)
+    if null_logits is None:
+        return normalize(scores)
+    return normalize(scores, null_logits)

@@ -19,6 +19,16 @@ def check_normalization(normalization):
         )
 
 
+def check_null_query_normalization(normalization):
+    """Raises if a null query is asked of softmax, which has no per-key step."""
+    if normalization == "single":
+        raise ValueError(
+            "A null query joins the per-key step of double normalization; "
+            "softmax (normalization='single') has none. Use 'double' or "
+            "'hybrid', or no null query."
+        )
+
+
 def same_static_shape(a, b):
     """Whether two shapes can be equal, unknown (None) dims matching anything."""
     return len(a) == len(b) and all(

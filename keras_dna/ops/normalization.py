@@ -13,7 +13,9 @@ costs one reduction more than softmax's and no exponential.
 
 from keras import ops
 
+from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import masked_value
+from keras_dna.ops.numerics import sum_like
 
 
 def row_softmax(logits, valid):
@@ -52,30 +54,54 @@ def key_logsumexp(scores):
     return shift + ops.log(total)
 
 
-def double_normalization(scores, valid):
+def double_normalization(scores, valid, null_logits=None):
     """`softmax over keys of (s - c)`, `c` per key; gradient written out.
 
-    `scores` are masked (`masked_value` where `valid` is False). The
-    gradient is `D - B * (sum over queries of D)`, with `D` the softmax
+    `scores` are masked (`masked_value` where `valid` is False). With
+    `null_logits` (one per head, broadcastable against the heads axis, e.g.
+    shaped `(num_heads, 1, 1)`), the null query joins every key's
+    normalizer: `c = logaddexp(c, null_logits)`.
+
+    The gradient is `D - B * (sum over queries of D)`, with `D` the softmax
     part and `B = exp(s - c) = A * R`, where `R`, each query's sum of
     `exp(s - c)`, comes from the softmax's own maximum and sum: the
     backward pass needs no exponential of the scores. (`R <= key_length`
     since `s <= c`; where `R` underflows, `B` is below the resolution of
-    `D`.) There is deliberately no data-dependent branch: XLA turns a
-    conditional with cheap branches into a select that computes both.
+    `D`.) The null query does not change it; its logits get
+    `-sum of (sum over queries of D) * exp(null_logits - c)`. There is
+    deliberately no data-dependent branch: XLA turns a conditional with
+    cheap branches into a select that computes both.
     """
 
     @ops.custom_gradient
-    def normalize(scores):
-        weights, query_sums = row_softmax(scores - key_logsumexp(scores), valid)
+    def normalize(scores, *null):
+        key_lse = key_logsumexp(scores)
+        if null:
+            key_lse = logaddexp(key_lse, null[0])
+        weights, query_sums = row_softmax(scores - key_lse, valid)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             softmax_part = softmax_part_of_gradient(weights, upstream)
-            key_part = weights * query_sums
-            return softmax_part - key_part * ops.sum(softmax_part, axis=-2, keepdims=True)
+            key_sums = ops.sum(softmax_part, axis=-2, keepdims=True)
+            scores_grad = softmax_part - weights * query_sums * key_sums
+            if not null:
+                return scores_grad
+            return scores_grad, null_logits_gradient(key_sums, null[0], key_lse)
 
         return weights, grad
 
-    return normalize(scores)
+    if null_logits is None:
+        return normalize(scores)
+    return normalize(scores, null_logits)
+
+
+def null_logits_gradient(key_sums, null_logits, key_lse):
+    """The null query logits' gradient, from each key's `sum over queries of D`.
+
+    The weights see the logits only through `c = logaddexp(..., null)`,
+    whose derivative is `exp(null - c)`; the weights' derivative in `c` is
+    `-D`.
+    """
+    return sum_like(-key_sums * ops.exp(null_logits - key_lse), null_logits)

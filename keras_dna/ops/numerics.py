@@ -52,3 +52,16 @@ def mask_scores(scores, valid):
 def logaddexp(a, b):
     high = ops.maximum(a, b)
     return high + ops.log1p(ops.exp(-ops.abs(a - b)))
+
+
+def sum_like(x, like):
+    """`x` summed over the axes along which `like` was broadcast to it.
+
+    The gradient of `like` where it entered `x`'s computation by
+    broadcasting (such as one logit per head against every score).
+    """
+    extra = len(x.shape) - len(like.shape)
+    axes = tuple(range(extra)) + tuple(
+        extra + axis for axis, size in enumerate(like.shape) if size == 1
+    )
+    return ops.reshape(ops.sum(x, axis=axes), ops.shape(like))
