@@ -7,13 +7,17 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
+import common  # noqa: E402
 import digits  # noqa: E402
 import grapheme_to_phoneme  # noqa: E402
 import text_classification  # noqa: E402
+
+import keras_dna  # noqa: E402
 
 
 def _check_metrics(directory, attention):
@@ -72,8 +76,68 @@ def test_text_example_trains_on_a_users_csv(tmp_path):
     assert metrics["test_accuracy"] == 1.0  # the words give the class away
 
 
-def test_g2p_decoder_does_not_see_later_phonemes():
-    model = grapheme_to_phoneme.build_model("double", letters=10, phonemes=12, width=16, heads=2, depth=1)
+@pytest.mark.parametrize("text, canonical, kwargs", [
+    ("hybrid", "hybrid", [{"normalization": "hybrid"}] * 3),
+    (" double+null ", "double+null", [{"normalization": "double", "null_query": True}] * 3),
+    ("encoder=double, decoder=single,cross=double+null", "encoder=double,decoder=single,cross=double+null",
+     [{"normalization": "double"}, {"normalization": "single"},
+      {"normalization": "double", "null_query": True}]),
+    ("cross=hybrid", "encoder=double,decoder=double,cross=hybrid",
+     [{"normalization": "double"}, {"normalization": "double"}, {"normalization": "hybrid"}]),
+    ("cross=single,encoder=single,decoder=single", "single", [{"normalization": "single"}] * 3),
+])
+def test_attention_spec_parses_to_layer_arguments_and_a_canonical_string(text, canonical, kwargs):
+    spec = common.AttentionSpec.parse(text, common.SITES)
+    assert str(spec) == canonical
+    assert [spec.layer_kwargs(site) for site in common.SITES] == kwargs
+    assert common.AttentionSpec.parse(canonical, common.SITES) == spec
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "malformed attention ''"),
+    ("double,single", "expected one choice or SITE=CHOICE"),
+    ("softmax", "unknown attention 'softmax'; allowed: double, single, hybrid, each optionally with \\+null"),
+    ("double+nul", "unknown attention 'double\\+nul'"),
+    ("encoder=double,encoder=single", "site 'encoder' given twice"),
+    ("encoder=double,attention=single", "unknown site 'attention'.*has: encoder, decoder, cross"),
+    ("encoder=", "malformed entry 'encoder='.*expected SITE=CHOICE"),
+    ("encoder=double,", "malformed entry ''"),
+    ("=double", "malformed entry '=double'"),
+    ("encoder=double=single", "malformed entry"),
+    ("encoder=double,cross", "malformed entry 'cross'"),
+    ("decoder=triple", "unknown attention 'triple'"),
+])
+def test_attention_spec_rejects_bad_specs_saying_why(text, message):
+    with pytest.raises(ValueError, match=message):
+        common.AttentionSpec.parse(text, common.SITES)
+
+
+def test_an_example_rejects_sites_it_lacks_on_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        digits.parse_args(["--attention", "encoder=single,decoder=single"])
+    assert "unknown site 'decoder'" in capsys.readouterr().err
+    assert str(digits.parse_args(["--attention", "encoder=single"]).attention) == "single"
+    assert str(digits.parse_args([]).attention) == "double"
+
+
+def test_g2p_builds_each_site_with_its_own_attention():
+    model = grapheme_to_phoneme.build_model(
+        "encoder=double,decoder=single,cross=hybrid", letters=10, phonemes=12, width=16, heads=2,
+        depth=2,
+    )
+    layers = {layer.name: layer for layer in model._flatten_layers()
+              if isinstance(layer, keras_dna.DoublyNormalizedAttention)}
+    assert {name: layer.get_config()["normalization"] for name, layer in layers.items()} == {
+        "encoder0_attention": "double", "encoder1_attention": "double",
+        "decoder0_self": "single", "decoder1_self": "single",
+        "decoder0_cross": "hybrid", "decoder1_cross": "hybrid",
+    }
+    assert layers["decoder1_cross"].causal_normalization
+
+
+@pytest.mark.parametrize("attention", ["double", "encoder=single,decoder=hybrid,cross=double"])
+def test_g2p_decoder_does_not_see_later_phonemes(attention):
+    model = grapheme_to_phoneme.build_model(attention, letters=10, phonemes=12, width=16, heads=2, depth=1)
     rng = np.random.default_rng(0)
     letters = rng.integers(1, 10, size=(3, grapheme_to_phoneme.MAX_LETTERS)).astype("int32")
     letters[0, 5:] = 0
