@@ -1,5 +1,7 @@
-"""Trains named attention configurations on the examples over several seeds
-and writes a markdown table, paired differences to a baseline and plots.
+"""Trains named attention configurations on the examples and compares them.
+
+Over several seeds; writes a markdown table, paired differences to a
+baseline, and plots.
 
 A configuration is NAME=SPEC, SPEC being what the examples take as
 --attention: one choice for every site (single, double, hybrid, each
