@@ -95,7 +95,7 @@ def build_classifier(attention, vocabulary_size, sequence_length, classes,
     x = keras.layers.GlobalAveragePooling1D()(x)  # over unpadded tokens
     x = keras.layers.Dropout(dropout)(x)
     logits = keras.layers.Dense(classes, name="logits")(x)
-    return keras.Model(ids, logits, name="text")
+    return keras.Model(ids, logits, name="text_classifier")
 
 
 def macro_f1(labels, predictions, classes):
