@@ -1,18 +1,138 @@
 """Command line, strategy and metrics shared by the examples."""
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import time
 
 import keras_dna
 
+# Where an example has attention: encoder self-attention, decoder
+# self-attention (causal) and decoder cross-attention.
+SITES = ("encoder", "decoder", "cross")
+EXAMPLE_SITES = {"digits": ("encoder",), "text": ("encoder",), "g2p": SITES}
+DEFAULT_CHOICE = "double"
+NULL_SUFFIX = "+null"
 
-def parser(description, epochs, batch_size, output_dir):
-    """The arguments every example takes."""
+
+@dataclasses.dataclass(frozen=True)
+class SiteAttention:
+    """The attention of one site: a normalization, with or without a null query."""
+
+    normalization: str = DEFAULT_CHOICE
+    null_query: bool = False
+
+    @classmethod
+    def parse(cls, text):
+        """`single`, `double` or `hybrid`, each optionally followed by `+null`."""
+        normalization = text.removesuffix(NULL_SUFFIX)
+        if normalization not in keras_dna.ops.NORMALIZATIONS:
+            raise ValueError(
+                f"unknown attention {text!r}; allowed: "
+                f"{', '.join(keras_dna.ops.NORMALIZATIONS)}, each optionally with {NULL_SUFFIX}"
+            )
+        return cls(normalization, normalization != text)
+
+    def layer_kwargs(self):
+        """Keyword arguments of `DoublyNormalizedAttention` for this site."""
+        kwargs = {"normalization": self.normalization}
+        # Only when asked for: layers without the null query do not take the argument.
+        if self.null_query:
+            kwargs["null_query"] = True
+        return kwargs
+
+    def __str__(self):
+        return self.normalization + (NULL_SUFFIX if self.null_query else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """The attention of each site of one model: `choices` holds pairs
+    (site, SiteAttention) in the order of `SITES`."""
+
+    choices: tuple
+
+    @classmethod
+    def parse(cls, text, sites):
+        """Parses `CHOICE` (every site) or `SITE=CHOICE,...` (others: double).
+
+        Raises:
+            ValueError: naming what is wrong and what is allowed.
+        """
+        text = text.strip()
+        if "=" not in text:
+            if not text or "," in text:
+                raise ValueError(
+                    f"malformed attention {text!r}: expected one choice or SITE=CHOICE,..."
+                )
+            choice = SiteAttention.parse(text)
+            return cls(tuple((site, choice) for site in sites))
+        chosen = {}
+        for entry in text.split(","):
+            site, equals, choice = (part.strip() for part in entry.partition("="))
+            if not (equals and site and choice) or "=" in choice:
+                raise ValueError(f"malformed entry {entry!r} in {text!r}: expected SITE=CHOICE")
+            if site not in sites:
+                raise ValueError(
+                    f"unknown site {site!r} in {text!r}; this example has: {', '.join(sites)}"
+                )
+            if site in chosen:
+                raise ValueError(f"site {site!r} given twice in {text!r}")
+            chosen[site] = SiteAttention.parse(choice)
+        return cls(tuple((site, chosen.get(site, SiteAttention())) for site in sites))
+
+    @classmethod
+    def of(cls, attention, sites):
+        """`attention` itself, or parsed if it is a string."""
+        return cls.parse(attention, sites) if isinstance(attention, str) else attention
+
+    def __getitem__(self, site):
+        return dict(self.choices)[site]
+
+    def layer_kwargs(self, site):
+        """Keyword arguments of `DoublyNormalizedAttention` at `site`."""
+        return self[site].layer_kwargs()
+
+    def restricted(self, sites):
+        """This spec without the sites not in `sites` (a model lacking them)."""
+        return AttentionSpec(tuple((s, a) for s, a in self.choices if s in sites))
+
+    def __str__(self):
+        """The canonical form: one choice when every site agrees, else SITE=CHOICE,..."""
+        distinct = {str(a) for _, a in self.choices}
+        if len(distinct) == 1:
+            return distinct.pop()
+        return ",".join(f"{site}={a}" for site, a in self.choices)
+
+
+def attention_argument(sites):
+    """An argparse `type` parsing an attention spec for `sites`."""
+
+    def attention(text):
+        try:
+            return AttentionSpec.parse(text, sites)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return attention
+
+
+def _example_spec(sites):
+    return ",".join(f"{s}={c}" for s, c in zip(sites, ("single", "double+null", "hybrid")))
+
+
+def parser(description, example, epochs, batch_size, output_dir):
+    """The arguments every example takes; `example` names its attention sites."""
+    sites = EXAMPLE_SITES[example]
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--attention", choices=keras_dna.ops.NORMALIZATIONS, default="double",
-                   help="single (softmax), double (DNA) or hybrid")
+    p.add_argument(
+        "--attention", type=attention_argument(sites), default=DEFAULT_CHOICE, metavar="SPEC",
+        help="single (softmax), double (DNA) or hybrid, each optionally with +null "
+        "(a null query), for every attention layer; or per site, comma-separated "
+        f"SITE=CHOICE with SITE in {', '.join(sites)}, sites not named taking "
+        f"{DEFAULT_CHOICE} (e.g. {_example_spec(sites)})",
+    )
     p.add_argument("--strategy", choices=keras_dna.distribute.SPECS, default="auto",
                    help="distribution strategy (see keras_dna.distribute)")
     p.add_argument("--epochs", type=int, default=epochs)
@@ -75,7 +195,7 @@ class Run:
         report = keras_dna.analysis.collect_attention(model, inputs)
         if self.is_chief:
             keras_dna.analysis.plot_attention(
-                {self.args.attention: report}, self.output_dir / "attention.png"
+                {str(self.args.attention): report}, self.output_dir / "attention.png"
             )
             np.savez(
                 self.output_dir / "column_sums.npz",
@@ -90,7 +210,7 @@ class Run:
         args = self.args
         record = {
             "example": example,
-            "attention": args.attention,
+            "attention": str(args.attention),
             "seed": args.seed,
             "epochs": args.epochs,
             "strategy": args.strategy,

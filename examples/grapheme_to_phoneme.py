@@ -4,8 +4,10 @@ The encoder reads a word's letters with doubly-normalized self-attention; the
 decoder writes its ARPAbet phonemes with causal DNA self-attention
 (`use_causal_mask=True`) and DNA cross-attention with causal normalization,
 so that no phoneme's attention depends on later phonemes, in training as in
-generation. Greedy decoding; word and phoneme error rates on the test split.
-The SavedModel takes raw words and returns phoneme strings.
+generation. --attention chooses the attention of each site, e.g.
+encoder=double,decoder=single,cross=double+null. Greedy decoding; word and
+phoneme error rates on the test split. The SavedModel takes raw words and
+returns phoneme strings.
 
     python examples/grapheme_to_phoneme.py --attention double --output-dir runs/g2p
 """
@@ -44,16 +46,19 @@ def load_pairs(limit):
 
 
 def decoder_block(x, memory, attention, heads, dropout, name):
+    """`attention`: a `common.AttentionSpec` with the decoder and cross sites."""
     width = x.shape[-1]
     y = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm1")(x)
-    y = transformer.attention_layer(attention, width, heads, dropout, f"{name}_self")(
-        y, y, use_causal_mask=True
-    )
+    y = transformer.attention_layer(
+        attention.layer_kwargs("decoder"), width, heads, dropout, f"{name}_self"
+    )(y, y, use_causal_mask=True)
     x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(y)])
     y = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm2")(x)
-    # The keys are the encoder's, but the queries are generated one by one.
+    # The keys are the encoder's, but the queries are generated one by one
+    # (softmax normalizes per query and ignores the flag).
     y = transformer.attention_layer(
-        attention, width, heads, dropout, f"{name}_cross", causal_normalization=True
+        attention.layer_kwargs("cross"), width, heads, dropout, f"{name}_cross",
+        causal_normalization=True,
     )(y, memory)
     x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(y)])
     y = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm3")(x)
@@ -61,12 +66,16 @@ def decoder_block(x, memory, attention, heads, dropout, name):
 
 
 def build_model(attention, letters, phonemes, width=64, heads=4, depth=2, dropout=0.1):
+    """`attention`: a `common.AttentionSpec` or its string form, e.g.
+    "double" or "encoder=double,decoder=single,cross=hybrid"."""
+    attention = common.AttentionSpec.of(attention, common.EXAMPLE_SITES["g2p"])
     letter_ids = keras.Input((MAX_LETTERS,), dtype="int32", name="letters")
     phoneme_ids = keras.Input((MAX_PHONEMES,), dtype="int32", name="phonemes")
     x = keras.layers.Embedding(letters, width, mask_zero=True, name="letter_embedding")(letter_ids)
     x = transformer.PositionEmbedding(MAX_LETTERS, name="letter_positions")(x)
+    encoder = attention.layer_kwargs("encoder")
     for block in range(depth):
-        x = transformer.encoder_block(x, attention, heads, dropout, f"encoder{block}")
+        x = transformer.encoder_block(x, encoder, heads, dropout, f"encoder{block}")
     memory = keras.layers.LayerNormalization(epsilon=1e-6, name="encoder_norm")(x)
     y = keras.layers.Embedding(phonemes, width, mask_zero=True, name="phoneme_embedding")(phoneme_ids)
     y = transformer.PositionEmbedding(MAX_PHONEMES, name="phoneme_positions")(y)
@@ -74,7 +83,7 @@ def build_model(attention, letters, phonemes, width=64, heads=4, depth=2, dropou
         y = decoder_block(y, memory, attention, heads, dropout, f"decoder{block}")
     y = keras.layers.LayerNormalization(epsilon=1e-6, name="decoder_norm")(y)
     logits = keras.layers.Dense(phonemes, name="next_phoneme")(y)
-    return keras.Model([letter_ids, phoneme_ids], logits, name=f"g2p_{attention}")
+    return keras.Model([letter_ids, phoneme_ids], logits, name="g2p")
 
 
 class Speller(tf.Module):
@@ -131,7 +140,7 @@ def edit_distance(a, b):
 
 def parse_args(argv=None):
     return common.parser(
-        __doc__.splitlines()[0], epochs=5, batch_size=128, output_dir="runs/g2p"
+        __doc__.splitlines()[0], "g2p", epochs=5, batch_size=128, output_dir="runs/g2p"
     ).parse_args(argv)
 
 

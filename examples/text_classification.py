@@ -83,16 +83,19 @@ def learn_vocabulary(texts, size, seed):
 
 def build_classifier(attention, vocabulary_size, sequence_length, classes,
                      width=64, heads=4, depth=2, dropout=0.1):
+    """`attention`: a `common.AttentionSpec` or its string form, e.g. "double"."""
+    attention = common.AttentionSpec.of(attention, common.EXAMPLE_SITES["text"])
     ids = keras.Input((sequence_length,), dtype="int32", name="token_ids")
     x = keras.layers.Embedding(vocabulary_size, width, mask_zero=True, name="embedding")(ids)
     x = transformer.PositionEmbedding(sequence_length, name="positions")(x)
+    encoder = attention.layer_kwargs("encoder")
     for block in range(depth):
-        x = transformer.encoder_block(x, attention, heads, dropout, f"block{block}")
+        x = transformer.encoder_block(x, encoder, heads, dropout, f"block{block}")
     x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
     x = keras.layers.GlobalAveragePooling1D()(x)  # over unpadded tokens
     x = keras.layers.Dropout(dropout)(x)
     logits = keras.layers.Dense(classes, name="logits")(x)
-    return keras.Model(ids, logits, name=f"text_{attention}")
+    return keras.Model(ids, logits, name="text_classifier")
 
 
 def macro_f1(labels, predictions, classes):
@@ -107,7 +110,9 @@ def macro_f1(labels, predictions, classes):
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__.splitlines()[0], epochs=3, batch_size=64, output_dir="runs/text")
+    p = common.parser(
+        __doc__.splitlines()[0], "text", epochs=3, batch_size=64, output_dir="runs/text"
+    )
     p.add_argument("--data", default=None, help="a CSV file of your own (default: the tweets)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")

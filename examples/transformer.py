@@ -30,13 +30,14 @@ class PositionEmbedding(keras.layers.Layer):
 
 
 def attention_layer(attention, width, heads, dropout, name, causal_normalization=False):
+    """`attention`: the site's layer keyword arguments, e.g. {"normalization": "double"}."""
     return keras_dna.DoublyNormalizedAttention(
         num_heads=heads,
         key_dim=width // heads,
         dropout=dropout,
-        normalization=attention,
         causal_normalization=causal_normalization,
         name=name,
+        **attention,
     )
 
 
@@ -47,7 +48,10 @@ def feed_forward(x, width, dropout, name):
 
 
 def encoder_block(x, attention, heads, dropout, name):
-    """Pre-norm self-attention and feed-forward block; Keras masks flow through."""
+    """Pre-norm self-attention and feed-forward block; Keras masks flow through.
+
+    `attention`: the layer keyword arguments of the encoder site.
+    """
     width = x.shape[-1]
     y = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{name}_norm1")(x)
     y = attention_layer(attention, width, heads, dropout, f"{name}_attention")(y, y)

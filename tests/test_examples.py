@@ -7,13 +7,17 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
+import common  # noqa: E402
 import digits  # noqa: E402
 import grapheme_to_phoneme  # noqa: E402
 import text_classification  # noqa: E402
+
+import keras_dna  # noqa: E402
 
 
 def _check_metrics(directory, attention):
@@ -72,8 +76,70 @@ def test_text_example_trains_on_a_users_csv(tmp_path):
     assert metrics["test_accuracy"] == 1.0  # the words give the class away
 
 
-def test_g2p_decoder_does_not_see_later_phonemes():
-    model = grapheme_to_phoneme.build_model("double", letters=10, phonemes=12, width=16, heads=2, depth=1)
+@pytest.mark.parametrize("text, canonical, kwargs", [
+    ("hybrid", "hybrid", [{"normalization": "hybrid"}] * 3),
+    (" double+null ", "double+null", [{"normalization": "double", "null_query": True}] * 3),
+    ("encoder=double, decoder=single,cross=double+null",
+     "encoder=double,decoder=single,cross=double+null",
+     [{"normalization": "double"}, {"normalization": "single"},
+      {"normalization": "double", "null_query": True}]),
+    ("cross=hybrid", "encoder=double,decoder=double,cross=hybrid",
+     [{"normalization": "double"}, {"normalization": "double"}, {"normalization": "hybrid"}]),
+    ("cross=single,encoder=single,decoder=single", "single", [{"normalization": "single"}] * 3),
+])
+def test_attention_spec_parses_to_layer_arguments_and_a_canonical_string(text, canonical, kwargs):
+    spec = common.AttentionSpec.parse(text, common.SITES)
+    assert str(spec) == canonical
+    assert [spec.layer_kwargs(site) for site in common.SITES] == kwargs
+    assert common.AttentionSpec.parse(canonical, common.SITES) == spec
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "malformed attention ''"),
+    ("double,single", "expected one choice or SITE=CHOICE"),
+    ("softmax",
+     "unknown attention 'softmax'; allowed: double, single, hybrid, each optionally with \\+null"),
+    ("double+nul", "unknown attention 'double\\+nul'"),
+    ("encoder=double,encoder=single", "site 'encoder' given twice"),
+    ("encoder=double,attention=single", "unknown site 'attention'.*has: encoder, decoder, cross"),
+    ("encoder=", "malformed entry 'encoder='.*expected SITE=CHOICE"),
+    ("encoder=double,", "malformed entry ''"),
+    ("=double", "malformed entry '=double'"),
+    ("encoder=double=single", "malformed entry"),
+    ("encoder=double,cross", "malformed entry 'cross'"),
+    ("decoder=triple", "unknown attention 'triple'"),
+])
+def test_attention_spec_rejects_bad_specs_saying_why(text, message):
+    with pytest.raises(ValueError, match=message):
+        common.AttentionSpec.parse(text, common.SITES)
+
+
+def test_an_example_rejects_sites_it_lacks_on_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        digits.parse_args(["--attention", "encoder=single,decoder=single"])
+    assert "unknown site 'decoder'" in capsys.readouterr().err
+    assert str(digits.parse_args(["--attention", "encoder=single"]).attention) == "single"
+    assert str(digits.parse_args([]).attention) == "double"
+
+
+def test_g2p_builds_each_site_with_its_own_attention():
+    model = grapheme_to_phoneme.build_model(
+        "encoder=double,decoder=single,cross=hybrid", letters=10, phonemes=12, width=16, heads=2,
+        depth=2,
+    )
+    layers = {layer.name: layer for layer in model._flatten_layers()
+              if isinstance(layer, keras_dna.DoublyNormalizedAttention)}
+    assert {name: layer.get_config()["normalization"] for name, layer in layers.items()} == {
+        "encoder0_attention": "double", "encoder1_attention": "double",
+        "decoder0_self": "single", "decoder1_self": "single",
+        "decoder0_cross": "hybrid", "decoder1_cross": "hybrid",
+    }
+    assert layers["decoder1_cross"].causal_normalization
+
+
+@pytest.mark.parametrize("attention", ["double", "encoder=single,decoder=hybrid,cross=double"])
+def test_g2p_decoder_does_not_see_later_phonemes(attention):
+    model = grapheme_to_phoneme.build_model(attention, letters=10, phonemes=12, width=16, heads=2, depth=1)
     rng = np.random.default_rng(0)
     letters = rng.integers(1, 10, size=(3, grapheme_to_phoneme.MAX_LETTERS)).astype("int32")
     letters[0, 5:] = 0
@@ -101,17 +167,70 @@ def test_g2p_trains_decodes_and_serves_words(tmp_path):
         assert all(re.fullmatch("[A-Z]+", phoneme) for phoneme in word.decode().split())
 
 
-def test_compare_writes_table_and_plot(tmp_path):
+def test_compare_writes_table_paired_differences_and_curves(tmp_path):
     import compare
 
     compare.main([
-        "--examples", "digits", "--seeds", "0", "--set", "digits", "--epochs 1 --limit 200",
+        "--examples", "digits", "--seeds", "0", "1", "--set", "digits", "--epochs 2 --limit 200",
+        "--configs", "softmax=single", "dna=double", "dna-encoders=encoder=double,decoder=single",
         "--output-dir", str(tmp_path),
     ])
     table = (tmp_path / "comparison.md").read_text()
-    for attention in ("single", "double", "hybrid"):
-        assert f"| {attention} |" in table
     assert "--set digits" in table
-    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-    double = json.loads((tmp_path / "digits" / "double" / "seed0" / "metrics.json").read_text())
-    assert double["explaining_away"]["share_below_bound"] == 0.0
+    assert "| Δ accuracy vs softmax (95% CI) |" in table
+    assert re.search(r"\| softmax \| single \|.*\| baseline \|", table)
+    runs = {
+        name: [json.loads((tmp_path / "digits" / name / f"seed{seed}" / "metrics.json").read_text())
+               for seed in (0, 1)]
+        for name in ("softmax", "dna")
+    }
+    differences = [
+        d["test_accuracy"] - s["test_accuracy"] for d, s in zip(runs["dna"], runs["softmax"])
+    ]
+    half = 12.706 * np.std(differences, ddof=1) / np.sqrt(2)  # t quantile, 1 degree of freedom
+    mean = np.mean(differences)
+    cell = f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
+    assert re.search(r"\| dna \| double \|.*\| " + re.escape(cell) + r"( \*)? \|", table)
+    # On digits (encoder only) dna-encoders is dna: noted, not trained again.
+    assert "dna-encoders: the same as dna on digits" in table
+    assert not (tmp_path / "digits" / "dna-encoders").exists()
+    for png in ("comparison.png", "curves_digits.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert all(len(r["history"]["val_accuracy"]) == 2 for r in runs["dna"])
+    assert runs["dna"][0]["explaining_away"]["share_below_bound"] == 0.0
+
+
+def test_paired_t_interval_matches_a_hand_computation():
+    import compare
+
+    # Differences 2, 3, 4: mean 3, standard deviation 1, t(0.975, 2) = 4.303.
+    mean, (low, high) = compare.paired_difference([3.0, 5.0, 4.0], [1.0, 2.0, 0.0])
+    assert mean == pytest.approx(3.0)
+    assert (low, high) == pytest.approx((3 - 4.303 / np.sqrt(3), 3 + 4.303 / np.sqrt(3)))
+    assert compare.paired_difference([0.5], [0.25]) == (0.25, None)
+    assert compare.difference_cell([3.0, 5.0, 4.0], [1.0, 2.0, 0.0]).endswith(" *")
+    assert not compare.difference_cell([1.0, 3.0], [2.0, 2.0]).endswith("*")
+    assert [compare.t_quantile_95(df) for df in (1, 30, 31, 1000)] == [12.706, 2.042, 1.96, 1.96]
+    with pytest.raises(ValueError, match="at least 1"):
+        compare.t_quantile_95(0)
+
+
+def test_compare_configs_default_and_errors(capsys):
+    import compare
+
+    configs = dict(compare.parse_args([]).configs)
+    assert list(configs) == ["softmax", "dna", "dna-encoders", "dna-null", "hybrid"]
+    assert str(configs["dna-encoders"]) == "encoder=double,decoder=single,cross=single"
+    assert configs["dna-null"].layer_kwargs("cross") == {
+        "normalization": "double", "null_query": True,
+    }
+    for argv, message in [
+        (["--configs", "double"], "malformed configuration 'double': expected NAME=SPEC"),
+        (["--configs", "a/b=double"], "malformed configuration"),
+        (["--configs", "encoder=double"], "named after the site 'encoder'"),
+        (["--configs", "x=triple"], "configuration 'x': unknown attention 'triple'"),
+        (["--configs", "x=double", "x=single"], "names must differ; repeated: x"),
+    ]:
+        with pytest.raises(SystemExit):
+            compare.parse_args(argv)
+        assert message in capsys.readouterr().err
