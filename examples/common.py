@@ -32,15 +32,17 @@ class SiteAttention:
                 f"unknown attention {text!r}; allowed: "
                 f"{', '.join(keras_dna.ops.NORMALIZATIONS)}, each optionally with {NULL_SUFFIX}"
             )
-        return cls(normalization, normalization != text)
+        null_query = normalization != text
+        if null_query and normalization == "single":
+            raise ValueError(
+                f"{text!r}: the null query joins double normalization's per-key "
+                f"step, which softmax has not; use double{NULL_SUFFIX} or hybrid{NULL_SUFFIX}"
+            )
+        return cls(normalization, null_query)
 
     def layer_kwargs(self):
         """Keyword arguments of `DoublyNormalizedAttention` for this site."""
-        kwargs = {"normalization": self.normalization}
-        # Only when asked for: layers without the null query do not take the argument.
-        if self.null_query:
-            kwargs["null_query"] = True
-        return kwargs
+        return {"normalization": self.normalization, "null_query": self.null_query}
 
     def __str__(self):
         return self.normalization + (NULL_SUFFIX if self.null_query else "")

@@ -14,7 +14,9 @@ from keras_dna.attention import DoublyNormalizedAttention
 __all__ = ["to_doubly_normalized"]
 
 
-def to_doubly_normalized(model, normalization="double", causal_normalization=()):
+def to_doubly_normalized(
+    model, normalization="double", causal_normalization=(), null_query=None
+):
     """Returns a copy of `model` with every MultiHeadAttention replaced.
 
     Args:
@@ -26,15 +28,23 @@ def to_doubly_normalized(model, normalization="double", causal_normalization=())
             `causal_normalization=True`: those in decoders that receive a
             causal `attention_mask` instead of `use_causal_mask=True`, and
             decoder cross-attention. `True` selects all attention layers.
+        null_query: `True` or `False` sets `null_query` of every new layer
+            (see `DoublyNormalizedAttention`); `None` (default) keeps each
+            layer's own (`False` for a `MultiHeadAttention`).
 
     Returns:
-        A new model sharing no variables with `model`; all weights equal,
-        new hybrid mixing logits at zero.
+        A new model sharing no variables with `model`; all weights equal.
+        Mixing and null query logits a layer already had are kept; new
+        ones start at their initial values.
     """
     if not isinstance(model, (keras.Sequential, keras.Model)) or not model.built:
         raise TypeError(
             "Argument `model` must be a built Keras model. "
             f"Received: {type(model).__name__}"
+        )
+    if null_query not in (None, True, False):
+        raise TypeError(
+            f"Argument `null_query` must be None, True or False. Received: {null_query!r}"
         )
     if causal_normalization is True:
         causal_names = None  # all
@@ -56,6 +66,8 @@ def to_doubly_normalized(model, normalization="double", causal_normalization=())
             "normalization": normalization,
             "causal_normalization": causal_names is None or layer.name in causal_names,
         }
+        if null_query is not None:
+            config["null_query"] = null_query
         return DoublyNormalizedAttention.from_config(config)
 
     try:
@@ -72,10 +84,19 @@ def to_doubly_normalized(model, normalization="double", causal_normalization=())
         )
     for old, new in zip(model.layers, converted.layers):
         if isinstance(new, DoublyNormalizedAttention):
-            # Copy sublayer by sublayer: a hybrid layer has one more weight.
-            for name in ("_query_dense", "_key_dense", "_value_dense", "_output_dense", "_gate_dense"):
-                if hasattr(old, name):
-                    getattr(new, name).set_weights(getattr(old, name).get_weights())
+            _copy_attention_weights(old, new)
         else:
             new.set_weights(old.get_weights())
     return converted
+
+
+def _copy_attention_weights(old, new):
+    """Copies sublayer by sublayer, and the per-head logits both layers have."""
+    for name in ("_query_dense", "_key_dense", "_value_dense", "_output_dense", "_gate_dense"):
+        if hasattr(old, name):
+            getattr(new, name).set_weights(getattr(old, name).get_weights())
+    for name in ("mixing_logits", "null_query_logits"):
+        source = getattr(old, name, None)
+        target = getattr(new, name, None)
+        if source is not None and target is not None:
+            target.assign(source)

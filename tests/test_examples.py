@@ -76,21 +76,22 @@ def test_text_example_trains_on_a_users_csv(tmp_path):
     assert metrics["test_accuracy"] == 1.0  # the words give the class away
 
 
-@pytest.mark.parametrize("text, canonical, kwargs", [
-    ("hybrid", "hybrid", [{"normalization": "hybrid"}] * 3),
-    (" double+null ", "double+null", [{"normalization": "double", "null_query": True}] * 3),
+@pytest.mark.parametrize("text, canonical, sites", [
+    ("hybrid", "hybrid", [("hybrid", False)] * 3),
+    (" double+null ", "double+null", [("double", True)] * 3),
     ("encoder=double, decoder=single,cross=double+null",
      "encoder=double,decoder=single,cross=double+null",
-     [{"normalization": "double"}, {"normalization": "single"},
-      {"normalization": "double", "null_query": True}]),
+     [("double", False), ("single", False), ("double", True)]),
     ("cross=hybrid", "encoder=double,decoder=double,cross=hybrid",
-     [{"normalization": "double"}, {"normalization": "double"}, {"normalization": "hybrid"}]),
-    ("cross=single,encoder=single,decoder=single", "single", [{"normalization": "single"}] * 3),
+     [("double", False), ("double", False), ("hybrid", False)]),
+    ("cross=single,encoder=single,decoder=single", "single", [("single", False)] * 3),
 ])
-def test_attention_spec_parses_to_layer_arguments_and_a_canonical_string(text, canonical, kwargs):
+def test_attention_spec_parses_to_layer_arguments_and_a_canonical_string(text, canonical, sites):
     spec = common.AttentionSpec.parse(text, common.SITES)
     assert str(spec) == canonical
-    assert [spec.layer_kwargs(site) for site in common.SITES] == kwargs
+    assert [spec.layer_kwargs(site) for site in common.SITES] == [
+        {"normalization": normalization, "null_query": null} for normalization, null in sites
+    ]
     assert common.AttentionSpec.parse(canonical, common.SITES) == spec
 
 
@@ -108,6 +109,7 @@ def test_attention_spec_parses_to_layer_arguments_and_a_canonical_string(text, c
     ("encoder=double=single", "malformed entry"),
     ("encoder=double,cross", "malformed entry 'cross'"),
     ("decoder=triple", "unknown attention 'triple'"),
+    ("cross=single+null", "softmax has not; use double\\+null or hybrid\\+null"),
 ])
 def test_attention_spec_rejects_bad_specs_saying_why(text, message):
     with pytest.raises(ValueError, match=message):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_dna
 from keras_dna import DoublyNormalizedAttention
 from keras_dna import ops as dna_ops
 from tests import oracle
@@ -277,3 +278,24 @@ def test_layer_chunked_equals_whole(rng, causal):
     np.testing.assert_allclose(chunk_out, whole_out, atol=1e-5)
     np.testing.assert_allclose(chunk_grad, whole_grad, atol=1e-5)
     assert np.abs(whole_grad).max() > 1e-4
+
+
+def test_conversion_adds_or_keeps_the_null_query(rng):
+    inputs = keras.Input((6, 8))
+    mha_model = keras.Model(inputs, keras.layers.MultiHeadAttention(HEADS, 4)(inputs, inputs))
+    added = keras_dna.convert.to_doubly_normalized(mha_model, null_query=True)
+    layer = added.layers[-1]
+    np.testing.assert_array_equal(np.asarray(layer.null_query_logits), np.zeros(HEADS))
+
+    layer.null_query_logits.assign(rng.normal(size=HEADS))
+    kept = keras_dna.convert.to_doubly_normalized(added, normalization="hybrid")
+    np.testing.assert_array_equal(
+        np.asarray(kept.layers[-1].null_query_logits), np.asarray(layer.null_query_logits)
+    )
+    x = rng.normal(size=(2, 6, 8)).astype("float32")
+    again = keras_dna.convert.to_doubly_normalized(added)
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(added(x)), atol=1e-6)
+    dropped = keras_dna.convert.to_doubly_normalized(added, null_query=False)
+    assert dropped.layers[-1].null_query_logits is None
+    with pytest.raises(TypeError, match="null_query"):
+        keras_dna.convert.to_doubly_normalized(mha_model, null_query="on")
