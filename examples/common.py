@@ -6,6 +6,8 @@ import json
 import pathlib
 import time
 
+import keras
+
 import keras_dna
 
 # Where an example has attention: encoder self-attention, decoder
@@ -22,6 +24,8 @@ class SiteAttention:
 
     normalization: str = DEFAULT_CHOICE
     null_query: bool = False
+    # The null query logits' initial value; None: the layer's default.
+    null_init: float = None
 
     @classmethod
     def parse(cls, text):
@@ -42,7 +46,10 @@ class SiteAttention:
 
     def layer_kwargs(self):
         """Keyword arguments of `DoublyNormalizedAttention` for this site."""
-        return {"normalization": self.normalization, "null_query": self.null_query}
+        kwargs = {"normalization": self.normalization, "null_query": self.null_query}
+        if self.null_query and self.null_init is not None:
+            kwargs["null_query_initializer"] = keras.initializers.Constant(self.null_init)
+        return kwargs
 
     def __str__(self):
         return self.normalization + (NULL_SUFFIX if self.null_query else "")
@@ -96,6 +103,12 @@ class AttentionSpec:
         """Keyword arguments of `DoublyNormalizedAttention` at `site`."""
         return self[site].layer_kwargs()
 
+    def with_null_init(self, null_init):
+        """This spec, its null queries starting at `null_init` (None: the default)."""
+        return AttentionSpec(tuple(
+            (site, dataclasses.replace(choice, null_init=null_init)) for site, choice in self.choices
+        ))
+
     def restricted(self, sites):
         """This spec without the sites not in `sites` (a model lacking them)."""
         return AttentionSpec(tuple((s, a) for s, a in self.choices if s in sites))
@@ -124,10 +137,19 @@ def _example_spec(sites):
     return ",".join(f"{s}={c}" for s, c in zip(sites, ("single", "double+null", "hybrid")))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Folds `--null-init` into the attention spec it modifies."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        parsed.attention = parsed.attention.with_null_init(parsed.null_init)
+        return parsed
+
+
 def parser(description, example, epochs, batch_size, output_dir):
     """The arguments every example takes; `example` names its attention sites."""
     sites = EXAMPLE_SITES[example]
-    p = argparse.ArgumentParser(description=description)
+    p = _Parser(description=description)
     p.add_argument(
         "--attention", type=attention_argument(sites), default=DEFAULT_CHOICE, metavar="SPEC",
         help="single (softmax), double (DNA) or hybrid, each optionally with +null "
@@ -135,6 +157,9 @@ def parser(description, example, epochs, batch_size, output_dir):
         f"SITE=CHOICE with SITE in {', '.join(sites)}, sites not named taking "
         f"{DEFAULT_CHOICE} (e.g. {_example_spec(sites)})",
     )
+    p.add_argument("--null-init", type=float, default=None, metavar="BETA",
+                   help="initial null query log-mass of the +null sites "
+                   "(default: the layer's null_query_initializer)")
     p.add_argument("--strategy", choices=keras_dna.distribute.SPECS, default="auto",
                    help="distribution strategy (see keras_dna.distribute)")
     p.add_argument("--epochs", type=int, default=epochs)
@@ -213,6 +238,7 @@ class Run:
         record = {
             "example": example,
             "attention": str(args.attention),
+            "null_init": args.null_init,
             "seed": args.seed,
             "epochs": args.epochs,
             "strategy": args.strategy,

@@ -21,6 +21,7 @@ import numpy as np
 __all__ = [
     "LayerAttention",
     "attention_layers",
+    "causal_ceiling_statistics",
     "collect_attention",
     "explaining_away_statistics",
     "summarize",
@@ -166,6 +167,51 @@ def collect_attention(model, inputs, layers=None):
             valid=valid,
         ))
     return report
+
+
+def causal_ceiling_statistics(report):
+    """How far causal self-attention layers sit from the causal ceiling.
+
+    Causal double normalization without a null query always gives each
+    query at least as much weight on itself as on any earlier key (DNA.md,
+    "The causal ceiling"); softmax and the null query need not.
+
+    Args:
+        report: A `LayerAttention` or a list of them. Only causal
+            self-attention calls count: as many queries as keys, and no
+            valid pair with a key after its query.
+
+    Returns:
+        A dict: `rows` (rows of those layers with the diagonal and at least
+        one earlier key valid, per head), `diagonal_max_share` (the share
+        of them whose largest weight is on the diagonal) and
+        `max_earlier_weight` (the largest weight any query gives an
+        earlier key); `None` values when the report has no such layer.
+    """
+    if isinstance(report, LayerAttention):
+        report = [report]
+    diagonal_is_max, earlier_max = [], []
+    for layer in report:
+        _, _, queries, keys = layer.weights.shape
+        upper = np.triu(np.ones((queries, keys), bool), 1)
+        if queries != keys or (layer.valid & upper).any():
+            continue
+        earlier = layer.valid & np.tril(np.ones((queries, keys), bool), -1)
+        diagonal = np.diagonal(layer.weights, axis1=-2, axis2=-1)
+        rows = np.diagonal(layer.valid, axis1=-2, axis2=-1) & earlier.any(axis=-1)
+        earlier_weights = np.where(earlier[:, None], layer.weights, 0.0).max(axis=-1)
+        rows = np.broadcast_to(rows[:, None], diagonal.shape)
+        # A relative tolerance for float32 rounding of ties (B = 1 off the diagonal).
+        diagonal_is_max.append((diagonal >= earlier_weights * (1 - 1e-5))[rows])
+        earlier_max.append(earlier_weights[rows])
+    if not diagonal_is_max or not np.concatenate(diagonal_is_max).size:
+        return {"rows": 0, "diagonal_max_share": None, "max_earlier_weight": None}
+    diagonal_is_max = np.concatenate(diagonal_is_max)
+    return {
+        "rows": int(diagonal_is_max.size),
+        "diagonal_max_share": float(diagonal_is_max.mean()),
+        "max_earlier_weight": float(np.concatenate(earlier_max).max()),
+    }
 
 
 def explaining_away_statistics(report, threshold=0.1):

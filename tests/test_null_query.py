@@ -299,3 +299,40 @@ def test_conversion_adds_or_keeps_the_null_query(rng):
     assert dropped.layers[-1].null_query_logits is None
     with pytest.raises(TypeError, match="null_query"):
         keras_dna.convert.to_doubly_normalized(mha_model, null_query="on")
+
+
+def _causal_model(rng, **kwargs):
+    inputs = keras.Input((7, 8))
+    layer = DoublyNormalizedAttention(num_heads=HEADS, key_dim=4, **kwargs)
+    outputs = layer(inputs, inputs, use_causal_mask=True)
+    model = keras.Model(inputs, outputs)
+    # Larger scores, so that some query prefers an earlier key.
+    layer.query_dense.kernel.assign(layer.query_dense.kernel * 6.0)
+    if layer.null_query_logits is not None:
+        layer.null_query_logits.assign(np.full(HEADS, 2.0))
+    return model
+
+
+@pytest.mark.parametrize("kwargs, at_ceiling", [
+    ({}, True), ({"normalization": "single"}, False), ({"null_query": True}, False),
+])
+def test_analysis_measures_the_causal_ceiling(rng, kwargs, at_ceiling):
+    model = _causal_model(rng, **kwargs)
+    x = rng.normal(size=(4, 7, 8)).astype("float32")
+    stats = keras_dna.analysis.causal_ceiling_statistics(
+        keras_dna.analysis.collect_attention(model, x)
+    )
+    assert stats["rows"] == 4 * HEADS * 6  # every row but the first, per head
+    assert (stats["diagonal_max_share"] == 1.0) == at_ceiling
+    assert (stats["max_earlier_weight"] <= 0.5 + 1e-6) == at_ceiling
+
+
+def test_analysis_ceiling_ignores_cross_attention(rng):
+    inputs, memory = keras.Input((5, 8)), keras.Input((7, 8))
+    layer = DoublyNormalizedAttention(num_heads=HEADS, key_dim=4, causal_normalization=True)
+    model = keras.Model([inputs, memory], layer(inputs, memory))
+    x = [rng.normal(size=(2, 5, 8)), rng.normal(size=(2, 7, 8))]
+    stats = keras_dna.analysis.causal_ceiling_statistics(
+        keras_dna.analysis.collect_attention(model, x)
+    )
+    assert stats == {"rows": 0, "diagonal_max_share": None, "max_earlier_weight": None}
