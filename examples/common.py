@@ -230,7 +230,10 @@ class Run:
                     np.broadcast_to(layer.valid_keys[:, None, :], layer.column_sums.shape)
                 ] for layer in report},
             )
-        return keras_dna.analysis.explaining_away_statistics(report)
+        return {
+            **keras_dna.analysis.explaining_away_statistics(report),
+            "causal_ceiling": keras_dna.analysis.causal_ceiling_statistics(report),
+        }
 
     def write_metrics(self, example, history, **metrics):
         """Writes metrics.json (chief only) and returns the metrics."""

@@ -185,12 +185,15 @@ def example_table(example, runs, specs, same):
     columns = EXAMPLES[example][1]
     main_key, main_label, _ = columns[0]
     baseline = next(iter(runs))
+    # Causal self-attention (a decoder) has a ceiling to report.
+    ceiling = "decoder" in common.EXAMPLE_SITES[example]
+    ceiling_labels = " | decoder rows at the ceiling | max weight on an earlier token" if ceiling else ""
     lines = [
         f"**{example}**\n",
         "| config | attention | " + " | ".join(label for _, label, _ in columns)
-        + f" | min column sum | keys below DNA bound | keys below 0.1 "
+        + f" | min column sum | keys below DNA bound | keys below 0.1{ceiling_labels} "
         f"| Δ {main_label} vs {baseline} (95% CI) |",
-        "|---" * (len(columns) + 6) + "|",
+        "|---" * (len(columns) + 6 + 2 * ceiling) + "|",
     ]
     for name, config_runs in runs.items():
         cells = [name, str(specs[name])]
@@ -200,6 +203,14 @@ def example_table(example, runs, specs, same):
             mean_std([s["min_column_sum"] for s in stats]),
             f"{100 * np.mean([s['share_below_bound'] for s in stats]):.2f}%",
             f"{100 * np.mean([s['share_below_threshold'] for s in stats]):.2f}%",
+        ]
+        if ceiling:
+            ceilings = [s["causal_ceiling"] for s in stats]
+            cells += [
+                f"{100 * np.mean([c['diagonal_max_share'] for c in ceilings]):.1f}%",
+                f"{max(c['max_earlier_weight'] for c in ceilings):.3f}",
+            ]
+        cells += [
             "baseline" if name == baseline else difference_cell(
                 [r[main_key] for r in config_runs], [r[main_key] for r in runs[baseline]]
             ),
@@ -207,6 +218,10 @@ def example_table(example, runs, specs, same):
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Δ: configuration minus baseline, paired by seed; * the 95% interval "
               f"excludes 0. Curves: curves_{example}.png."]
+    if ceiling:
+        lines += ["Decoder rows at the ceiling: the share of causal self-attention rows "
+                  "(per head) whose largest weight is on the token itself; max weight on "
+                  "an earlier token: the largest over seeds (at most 0.5 at the ceiling)."]
     lines += [f"{name}: the same as {earlier} on {example} (sites: "
               f"{', '.join(common.EXAMPLE_SITES[example])}), not run again."
               for name, earlier in same.items()]
