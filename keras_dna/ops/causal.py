@@ -13,7 +13,7 @@ depends on a later query. This module owns that prefix log-sum-exp:
 - its transpose (`prefix_logsumexp_transpose`), the analytic gradient, so
   neither path is differentiated through;
 - `causal_double_normalization`, which combines them with one exponential
-  per score.
+  per score, a null query (`c[i, j] = logaddexp(c[i, j], beta)`) included.
 """
 
 import math

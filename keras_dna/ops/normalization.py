@@ -5,7 +5,9 @@ On masked scores `s` (validity `m`), one head:
 - single normalization (softmax): `P[i, j] = softmax over valid j of s[i, j]`;
 - double normalization: `c[j] = logsumexp over valid i of s[i, j]` (each
   key's normalizer over the queries), then
-  `A[i, j] = softmax over valid j of (s[i, j] - c[j])`.
+  `A[i, j] = softmax over valid j of (s[i, j] - c[j])`;
+- with a null query of log-mass `beta` per head (DNA.md, "Null query"):
+  `c[j] = logaddexp(c[j], beta)`.
 
 The double normalization's gradient is written out, so the backward pass
 costs one reduction more than softmax's and no exponential.
