@@ -67,21 +67,27 @@ class Run:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.start = time.time()
 
-    def analyse_attention(self, model, inputs):
+    def analyse_attention(self, model, inputs, **plot_options):
         """Explaining-away statistics of `model` on `inputs`; on the chief,
-        also attention.png and the column sums (column_sums.npz)."""
+        also attention.png and the column sums (column_sums.npz).
+
+        `plot_options` go to `keras_dna.analysis.plot_attention`: the
+        plotted example's `query_labels` and `key_labels`, `layers`.
+        """
+        report = keras_dna.analysis.collect_attention(model, inputs)
+        return self.save_attention(model.name, report, **plot_options)
+
+    def save_attention(self, model_name, report, **plot_options):
+        """`analyse_attention` for a report already collected."""
         import numpy as np
 
-        report = keras_dna.analysis.collect_attention(model, inputs)
         if self.is_chief:
             keras_dna.analysis.plot_attention(
-                {self.args.attention: report}, self.output_dir / "attention.png"
+                {model_name: report}, self.output_dir / "attention.png", **plot_options
             )
             np.savez(
                 self.output_dir / "column_sums.npz",
-                **{layer.name: layer.column_sums[
-                    np.broadcast_to(layer.valid_keys[:, None, :], layer.column_sums.shape)
-                ] for layer in report},
+                **{layer.name: layer.valid_column_sums for layer in report},
             )
         return keras_dna.analysis.explaining_away_statistics(report)
 
