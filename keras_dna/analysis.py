@@ -363,7 +363,10 @@ def _label_ticks(axis, labels, which, max_ticks):
 
 
 def _draw_heatmap(figure, axis, matrix, title, max_ticks):
-    image = axis.imshow(matrix.weights, cmap="viridis", vmin=0.0, interpolation="nearest")
+    # The figure is sized by the counts, so "auto" keeps cells near square
+    # while a few queries over many keys still get readable rows.
+    image = axis.imshow(matrix.weights, cmap="viridis", vmin=0.0, aspect="auto",
+                        interpolation="nearest")
     _label_ticks(axis, matrix.key_labels, "x", max_ticks)
     _label_ticks(axis, matrix.query_labels, "y", max_ticks)
     axis.set_xlabel(f"key ({len(matrix.key_labels)} valid)")
