@@ -37,8 +37,10 @@ def batches(features, targets, batch_size, shuffle, seed, transform=None):
     return data.prefetch(tf.data.AUTOTUNE)
 
 
-def compile_and_fit(run, build, learning_rate, train_data, validation_data):
-    """Builds the model in the strategy's scope and trains it with `fit`."""
+def compile_and_fit(run, build, learning_rate, train_data, validation_data,
+                    loss=None, metrics=("accuracy",)):
+    """Builds the model in the strategy's scope and trains it with `fit`;
+    the loss defaults to cross-entropy of logits."""
     import keras
 
     with run.strategy.scope():
@@ -46,8 +48,8 @@ def compile_and_fit(run, build, learning_rate, train_data, validation_data):
         model.compile(
             optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=1e-4),
             # Keras masks (padding) leave padded positions out of the loss.
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
+            loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=list(metrics),
         )
     history = model.fit(train_data, validation_data=validation_data, epochs=run.args.epochs)
     return model, history
