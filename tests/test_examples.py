@@ -115,3 +115,42 @@ def test_compare_writes_table_and_plot(tmp_path):
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     double = json.loads((tmp_path / "digits" / "double" / "seed0" / "metrics.json").read_text())
     assert double["explaining_away"]["share_below_bound"] == 0.0
+
+
+def test_explaining_away_data_and_matching():
+    import explaining_away as task
+
+    points, members, centres = task.point_sets(50)
+    assert points.shape == (50, task.POINTS, 2) and centres.shape == (50, task.CLUSTERS, 2)
+    sizes = np.stack([(members == c).sum(1) for c in range(task.CLUSTERS)], 1)
+    assert sizes.min() >= 2 and (sizes.sum(1) == task.POINTS).all()
+    gaps = np.linalg.norm(centres[:, :, None] - centres[:, None], axis=-1)
+    first, second = np.triu_indices(task.CLUSTERS, 1)
+    assert gaps[:, first, second].min() >= task.SEPARATION
+    # The slots may come in any order.
+    shuffled = centres[:, [2, 0, 1]]
+    np.testing.assert_allclose(task.matched_distances(centres, shuffled), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(task.matched_squared_error(centres, shuffled)), 0.0, atol=1e-6)
+    moved = shuffled.copy()
+    moved[:, 0, 0] += 0.3  # the slot of centre 2 moves by 0.3
+    np.testing.assert_allclose(task.matched_distances(centres, moved)[:, 2], 0.3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(task.matched_squared_error(centres, moved)), 0.09 / 3, atol=1e-5)
+
+
+def test_explaining_away_reports_metric_beside_starvation(tmp_path):
+    import explaining_away as task
+
+    task.main(["--epochs", "1", "--limit", "400", "--output-dir", str(tmp_path)])
+    saved = _check_metrics(tmp_path, "double")
+    assert 0.0 <= saved["test_cluster_recall"] <= 1.0
+    assert saved["test_centre_error"] > 0.0
+    stats = saved["explaining_away"]
+    assert stats["share_below_bound"] == 0.0
+    assert stats["min_column_sum"] >= 1 / task.POINTS * (1 - 1e-4)
+    assert stats["keys"] == 40 * 2 * 4 * task.POINTS  # test examples, layers, heads, points
+    assert set(saved["per_layer"]) == {"read0", "read1", "all"}
+    assert saved["starved_cluster_share"] == 0.0
+    assert saved["recall_of_starved_clusters"] is None
+    assert 0.0 <= saved["recall_of_other_clusters"] <= 1.0
+    assert -1.0 <= saved["attention_error_rank_correlation"] <= 1.0
+    assert (tmp_path / "attention.png").read_bytes()[:4] == b"\x89PNG"
