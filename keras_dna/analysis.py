@@ -275,6 +275,12 @@ def _kept_labels(labels, kept, name, what):
     )
 
 
+def _heads_shown(head, heads):
+    if heads == 1:
+        return "head 0 (the only head)"
+    return f"mean of {heads} heads" if head is None else f"head {head}"
+
+
 def attention_matrix(layer, example=0, head=None, query_labels=None, key_labels=None):
     """The weights `plot_attention` draws: one example, padding left out.
 
@@ -310,7 +316,7 @@ def attention_matrix(layer, example=0, head=None, query_labels=None, key_labels=
         key_labels=_kept_labels(key_labels, keys, "key_labels", "key"),
         queries=np.flatnonzero(queries),
         keys=np.flatnonzero(keys),
-        heads=f"mean of {heads} heads" if head is None else f"head {head}",
+        heads=_heads_shown(head, heads),
     )
 
 

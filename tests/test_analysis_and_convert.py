@@ -81,6 +81,7 @@ def test_plot_writes_a_png(tmp_path):
         "double": analysis.collect_attention(_single_layer_model(keras_dna.DoublyNormalizedAttention), x),
     }
     path = analysis.plot_attention(reports, tmp_path / "attention.png")
+    assert analysis.attention_matrix(reports["double"][0]).heads == "head 0 (the only head)"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
 
