@@ -30,10 +30,14 @@ What it does not show. The task is built so that an assignment (each point
 to one slot) is the right computation, which is what double normalization
 does in one step; it says nothing about tasks where it is not, such as the
 examples' text, digits and g2p, where DNA did not improve accuracy. The
-guarantee is that every key is read, not that it is read by the right query.
-Starved clusters and missed clusters going together is a correlation on
-this task, not proof that starvation causes the errors; a softmax model with
-more slots, heads or layers may find every cluster without competition.
+guarantee is that every key is read, not that it is read by the right
+query: a cluster can be spread thinly over all slots and still be missed.
+With several heads (--heads, default 4) a point one head starves may be read
+by another, so the share of key-head pairs below the bound overstates what
+is lost; the per-cluster count averages the heads. Starved clusters and
+missed clusters going together is a correlation on this task, not proof
+that starvation causes the errors; a softmax model with more slots, heads or
+layers may find every cluster without competition.
 """
 
 import itertools
