@@ -10,6 +10,15 @@ plot them.
     report = keras_dna.analysis.collect_attention(model, inputs)
     print(keras_dna.analysis.summarize(report))
     keras_dna.analysis.plot_attention({"softmax": report_a, "DNA": report_b}, "attention.png")
+
+Heatmaps leave padded queries and keys out and take the plotted example's
+labels, per layer when queries and keys differ (`attention_matrix` returns
+what is drawn):
+
+    keras_dna.analysis.plot_attention(
+        {"g2p": report}, "attention.png", layers=("decoder0_cross",),
+        query_labels=["<s>", "HH", "AH", "L", "OW"], key_labels=list("hello"),
+    )
 """
 
 import contextlib
@@ -217,8 +226,6 @@ def summarize(report, threshold=0.1):
     summary = {layer.name: explaining_away_statistics(layer, threshold) for layer in report}
     summary["all"] = explaining_away_statistics(report, threshold)
     return summary
-
-
 
 
 @dataclasses.dataclass
