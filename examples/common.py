@@ -13,7 +13,11 @@ import keras_dna
 # Where an example has attention: encoder self-attention, decoder
 # self-attention (causal) and decoder cross-attention.
 SITES = ("encoder", "decoder", "cross")
-EXAMPLE_SITES = {"digits": ("encoder",), "text": ("encoder",), "g2p": SITES}
+EXAMPLE_SITES = {
+    "digits": ("encoder",), "text": ("encoder",), "g2p": SITES,
+    # The diagnostic's slots read the points by cross-attention.
+    "explaining_away": ("cross",),
+}
 DEFAULT_CHOICE = "double"
 NULL_SUFFIX = "+null"
 
@@ -184,8 +188,10 @@ def batches(features, targets, batch_size, shuffle, seed, transform=None):
     return data.prefetch(tf.data.AUTOTUNE)
 
 
-def compile_and_fit(run, build, learning_rate, train_data, validation_data):
-    """Builds the model in the strategy's scope and trains it with `fit`."""
+def compile_and_fit(run, build, learning_rate, train_data, validation_data,
+                    loss=None, metrics=("accuracy",)):
+    """Builds the model in the strategy's scope and trains it with `fit`;
+    the loss defaults to cross-entropy of logits."""
     import keras
 
     with run.strategy.scope():
@@ -193,8 +199,8 @@ def compile_and_fit(run, build, learning_rate, train_data, validation_data):
         model.compile(
             optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=1e-4),
             # Keras masks (padding) leave padded positions out of the loss.
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
+            loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=list(metrics),
         )
     history = model.fit(train_data, validation_data=validation_data, epochs=run.args.epochs)
     return model, history
@@ -214,21 +220,29 @@ class Run:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.start = time.time()
 
-    def analyse_attention(self, model, inputs):
+    def analyse_attention(self, model, inputs, **plot_options):
         """Explaining-away statistics of `model` on `inputs`; on the chief,
-        also attention.png and the column sums (column_sums.npz)."""
+        also attention.png and the column sums (column_sums.npz).
+
+        `plot_options` go to `keras_dna.analysis.plot_attention`: the
+        plotted example's `query_labels` and `key_labels`, `layers`.
+        """
+        report = keras_dna.analysis.collect_attention(model, inputs)
+        return self.save_attention(model.name, report, **plot_options)
+
+    def save_attention(self, model_name, report, **plot_options):
+        """`analyse_attention` for a report already collected."""
         import numpy as np
 
-        report = keras_dna.analysis.collect_attention(model, inputs)
         if self.is_chief:
             keras_dna.analysis.plot_attention(
-                {str(self.args.attention): report}, self.output_dir / "attention.png"
+                {f"{model_name}, {self.args.attention}": report},
+                self.output_dir / "attention.png",
+                **plot_options,
             )
             np.savez(
                 self.output_dir / "column_sums.npz",
-                **{layer.name: layer.column_sums[
-                    np.broadcast_to(layer.valid_keys[:, None, :], layer.column_sums.shape)
-                ] for layer in report},
+                **{layer.name: layer.valid_column_sums for layer in report},
             )
         return {
             **keras_dna.analysis.explaining_away_statistics(report),

@@ -43,6 +43,12 @@ def build_model(attention, width=64, heads=4, depth=2, dropout=0.1):
     return keras.Model(images, logits, name="digits")
 
 
+def patch_names():
+    """"r2c3" for the patch in row 2, column 3 (from 1), in the model's order."""
+    side = IMAGE // PATCH
+    return [f"r{row + 1}c{column + 1}" for row in range(side) for column in range(side)]
+
+
 def parse_args(argv=None):
     return common.parser(
         __doc__.splitlines()[0], "digits", epochs=30, batch_size=64, output_dir="runs/digits"
@@ -66,7 +72,10 @@ def main(argv=None):
         batches(train, shuffle=True), batches(validation, shuffle=False),
     )
     test_loss, test_accuracy = model.evaluate(batches(test, shuffle=False), verbose=0)
-    explaining_away = run.analyse_attention(model, images[test[:256]])
+    explaining_away = run.analyse_attention(
+        model, images[test[:256]], layers=(0, 1), query_labels=patch_names(),
+        key_labels=patch_names(),
+    )
     if run.is_chief:
         model.export(str(run.output_dir / "saved_model"), verbose=False)
     metrics = run.write_metrics(

@@ -138,6 +138,23 @@ def edit_distance(a, b):
     return row[-1]
 
 
+def plot_labels(sample, letter_vocabulary, phoneme_vocabulary, depth=2):
+    """The first example's letters (encoder queries, all keys but the
+    decoder's own) and phonemes (decoder queries and self-attention keys)."""
+    letter_ids, phoneme_ids = sample
+    # Id 0 (padding) is left out of the plot; 1 is the unknown letter.
+    letters = ["", "?", *letter_vocabulary]
+    phonemes = ["", "?", *phoneme_vocabulary]
+    word = [letters[i] for i in letter_ids[0]]
+    spoken = [phonemes[i] for i in phoneme_ids[0]]
+    query_labels, key_labels = {}, {}
+    for block in range(depth):
+        query_labels[f"encoder{block}_attention"] = key_labels[f"encoder{block}_attention"] = word
+        query_labels[f"decoder{block}_self"] = key_labels[f"decoder{block}_self"] = spoken
+        query_labels[f"decoder{block}_cross"], key_labels[f"decoder{block}_cross"] = spoken, word
+    return {"query_labels": query_labels, "key_labels": key_labels}
+
+
 def parse_args(argv=None):
     return common.parser(
         __doc__.splitlines()[0], "g2p", epochs=5, batch_size=128, output_dir="runs/g2p"
@@ -181,7 +198,10 @@ def main(argv=None):
     word_error_rate = float(np.mean([e > 0 for e in errors]))
     phoneme_error_rate = float(sum(errors) / sum(len(r) for r in references))
     sample = (letters[test[:256]], targets[test[:256], :-1])
-    explaining_away = run.analyse_attention(model, sample)
+    explaining_away = run.analyse_attention(
+        model, sample, layers=("encoder0_attention", "decoder0_self", "decoder0_cross"),
+        **plot_labels(sample, letter_vocabulary, phoneme_vocabulary),
+    )
     if run.is_chief:
         tf.saved_model.save(speller, str(run.output_dir / "saved_model"))
     metrics = run.write_metrics(

@@ -158,7 +158,11 @@ def main(argv=None):
     test_loss, test_accuracy = classifier.evaluate(test_data, verbose=0)
     predictions = np.argmax(classifier.predict(test_data, verbose=0), axis=-1)
     sample_ids = tokenizer(tf.constant(texts[test[:256]].astype(str)))
-    explaining_away = run.analyse_attention(classifier, sample_ids)
+    # The plot's labels: the first test text's WordPiece tokens.
+    tokens = [vocabulary[i] for i in np.asarray(sample_ids[0])]
+    explaining_away = run.analyse_attention(
+        classifier, sample_ids, layers=(0, 1), query_labels=tokens, key_labels=tokens
+    )
 
     if run.is_chief:
         strings = keras.Input((), dtype="string", name="text")

@@ -10,6 +10,15 @@ plot them.
     report = keras_dna.analysis.collect_attention(model, inputs)
     print(keras_dna.analysis.summarize(report))
     keras_dna.analysis.plot_attention({"softmax": report_a, "DNA": report_b}, "attention.png")
+
+Heatmaps leave padded queries and keys out and take the plotted example's
+labels, per layer when queries and keys differ (`attention_matrix` returns
+what is drawn):
+
+    keras_dna.analysis.plot_attention(
+        {"g2p": report}, "attention.png", layers=("decoder0_cross",),
+        query_labels=["<s>", "HH", "AH", "L", "OW"], key_labels=list("hello"),
+    )
 """
 
 import contextlib
@@ -25,6 +34,8 @@ __all__ = [
     "collect_attention",
     "explaining_away_statistics",
     "summarize",
+    "AttentionMatrix",
+    "attention_matrix",
     "plot_attention",
 ]
 
@@ -52,6 +63,12 @@ class LayerAttention:
     def column_sums(self):
         """`(batch, heads, keys)`: the total attention each key receives."""
         return self.weights.sum(axis=-2)
+
+    @property
+    def valid_column_sums(self):
+        """1-D: the column sums of the valid keys, all examples and heads."""
+        valid = np.broadcast_to(self.valid_keys[:, None, :], self.column_sums.shape)
+        return self.column_sums[valid]
 
     @property
     def valid_keys(self):
@@ -233,7 +250,7 @@ def explaining_away_statistics(report, threshold=0.1):
     for layer in report:
         valid = np.broadcast_to(layer.valid_keys[:, None, :], layer.column_sums.shape)
         bound = layer.lower_bound[:, None, None]
-        sums.append(layer.column_sums[valid])
+        sums.append(layer.valid_column_sums)
         # A relative tolerance keeps float32 rounding of weights that sit
         # exactly on the bound from counting as a violation.
         below_bound.append((layer.column_sums < bound * (1 - 1e-4))[valid])
@@ -257,43 +274,257 @@ def summarize(report, threshold=0.1):
     return summary
 
 
-def plot_attention(reports, path, layer_index=0, example=0, head=0):
-    """Writes a PNG comparing reports, e.g. softmax beside DNA.
+@dataclasses.dataclass
+class AttentionMatrix:
+    """One example's attention in one layer, with padding left out.
 
-    One row per report: a heatmap of one head's weights (queries down, keys
-    across) for one layer and example, and a histogram of the column sums of
-    all valid keys of all layers, with DNA's lower bound marked.
+    Attributes:
+        weights: `(valid queries, valid keys)`: the rows of queries with at
+            least one valid key and the columns of keys at least one query
+            may attend to.
+        query_labels, key_labels: One string per row and per column.
+        queries, keys: The positions (along the layer's flattened query and
+            key axes) of the rows and columns kept.
+        heads: What `weights` shows, e.g. `"head 2"` or `"mean of 4 heads"`.
+    """
+
+    weights: np.ndarray
+    query_labels: list
+    key_labels: list
+    queries: np.ndarray
+    keys: np.ndarray
+    heads: str
+
+
+def _check_index(name, value, count, allow_none=False):
+    if allow_none and value is None:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 <= value < count:
+        allowed = "None or an integer" if allow_none else "an integer"
+        raise ValueError(
+            f"Argument `{name}` must be {allowed} in [0, {count}). Received: {name}={value!r}"
+        )
+
+
+def _kept_labels(labels, kept, name, what):
+    """The labels of the kept positions; `labels` has one per position or
+    one per kept position."""
+    positions = np.flatnonzero(kept)
+    if labels is None:
+        return [str(p) for p in positions]
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+        raise TypeError(
+            f"Argument `{name}` must be a sequence of labels, one per {what}. "
+            f"Received: {name}={labels!r}"
+        )
+    labels = [label.decode() if isinstance(label, bytes) else str(label) for label in labels]
+    if len(labels) == kept.size:
+        return [labels[p] for p in positions]
+    if len(labels) == positions.size:
+        return labels
+    raise ValueError(
+        f"Argument `{name}` must have one label per {what} position ({kept.size}) or "
+        f"per valid {what} ({positions.size}). Received {len(labels)} labels."
+    )
+
+
+def _heads_shown(head, heads):
+    if heads == 1:
+        return "head 0 (the only head)"
+    return f"mean of {heads} heads" if head is None else f"head {head}"
+
+
+def attention_matrix(layer, example=0, head=None, query_labels=None, key_labels=None):
+    """The weights `plot_attention` draws: one example, padding left out.
 
     Args:
-        reports: Dict of label to the list `collect_attention` returned.
-        path: Where to write the PNG.
-        layer_index, example, head: Which weights the heatmap shows.
+        layer: A `LayerAttention` (an item of `collect_attention`'s report).
+        example: Which example of the batch.
+        head: Which head; `None` averages the heads.
+        query_labels, key_labels: Optional labels (e.g. tokens), one per
+            position of the layer's queries (keys), padding included, or one
+            per valid query (key). Default: the positions.
+
+    Returns:
+        An `AttentionMatrix`.
     """
+    if not isinstance(layer, LayerAttention):
+        raise TypeError(
+            f"Argument `layer` must be a LayerAttention. Received: layer={layer!r}"
+        )
+    batch, heads = layer.weights.shape[:2]
+    _check_index("example", example, batch)
+    _check_index("head", head, heads, allow_none=True)
+    valid = layer.valid[example]
+    queries, keys = valid.any(axis=1), valid.any(axis=0)
+    if not queries.any():
+        raise ValueError(
+            f"Argument `example`: example {example} has no valid query in layer {layer.name!r}."
+        )
+    weights = layer.weights[example]
+    weights = weights.mean(axis=0) if head is None else weights[head]
+    return AttentionMatrix(
+        weights=weights[np.ix_(queries, keys)],
+        query_labels=_kept_labels(query_labels, queries, "query_labels", "query"),
+        key_labels=_kept_labels(key_labels, keys, "key_labels", "key"),
+        queries=np.flatnonzero(queries),
+        keys=np.flatnonzero(keys),
+        heads=_heads_shown(head, heads),
+    )
+
+
+def _chosen_layers(report, layers):
+    """The `LayerAttention`s of `report` named or indexed by `layers`."""
+    if isinstance(layers, (str, int)) or not hasattr(layers, "__iter__"):
+        raise TypeError(
+            "Argument `layers` must be a sequence of layer indices or names. "
+            f"Received: layers={layers!r}"
+        )
+    by_name = {layer.name: layer for layer in report}
+    chosen = []
+    for item in layers:
+        if isinstance(item, str) and item in by_name:
+            chosen.append(by_name[item])
+        elif isinstance(item, (int, np.integer)) and -len(report) <= item < len(report):
+            chosen.append(report[item])
+        else:
+            raise ValueError(
+                f"Argument `layers`: {item!r} is neither a layer name nor an index of "
+                f"the report; its layers are {list(by_name)}."
+            )
+    if not chosen:
+        raise ValueError("Argument `layers` must name at least one layer.")
+    return chosen
+
+
+def _labels_of(labels, layer_name, name, known_names):
+    """`labels` itself, or its entry for the layer when it is a dict."""
+    if not isinstance(labels, dict):
+        return labels
+    unknown = set(labels) - set(known_names)
+    if unknown:
+        raise ValueError(
+            f"Argument `{name}` has labels for layers the reports do not have: "
+            f"{sorted(unknown)}; their layers are {sorted(known_names)}."
+        )
+    return labels.get(layer_name)
+
+
+def _label_ticks(axis, labels, which, max_ticks):
+    """At most `max_ticks` labelled ticks, smaller type for longer axes."""
+    step = -(-len(labels) // max_ticks)
+    ticks = np.arange(0, len(labels), step)
+    size = 9 if len(labels) <= 16 else 8 if len(labels) <= 28 else 7
+    if which == "x":
+        axis.set_xticks(ticks, [labels[t] for t in ticks], rotation=90, fontsize=size)
+    else:
+        axis.set_yticks(ticks, [labels[t] for t in ticks], fontsize=size)
+
+
+def _draw_heatmap(figure, axis, matrix, title, max_ticks):
+    # The figure is sized by the counts, so "auto" keeps cells near square
+    # while a few queries over many keys still get readable rows.
+    image = axis.imshow(matrix.weights, cmap="viridis", vmin=0.0, aspect="auto",
+                        interpolation="nearest")
+    _label_ticks(axis, matrix.key_labels, "x", max_ticks)
+    _label_ticks(axis, matrix.query_labels, "y", max_ticks)
+    axis.set_xlabel(f"key ({len(matrix.key_labels)} valid)")
+    axis.set_ylabel(f"query ({len(matrix.query_labels)} valid)")
+    axis.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=axis, shrink=0.8, label="attention weight")
+
+
+def _draw_column_sums(axis, report, model):
+    axis.hist(np.concatenate([layer.valid_column_sums for layer in report]), bins=50,
+              color="tab:blue")
+    bound = min(float(layer.lower_bound[layer.lower_bound > 0].min()) for layer in report)
+    axis.axvline(bound, color="tab:red", linestyle="--", label="DNA lower bound")
+    axis.set_title(f"{model}: attention received per key\n(all layers, examples, heads)",
+                   fontsize=10)
+    axis.set_xlabel("column sum")
+    axis.set_ylabel("keys")
+    axis.set_yscale("log")
+    axis.legend(fontsize=8)
+
+
+def _cell_inches(count):
+    # About a quarter inch per row or column keeps 8-point labels apart.
+    return min(max(0.25 * count, 2.5), 12.0)
+
+
+def plot_attention(reports, path, layers=(0,), example=0, head=None,
+                   query_labels=None, key_labels=None, max_ticks=40):
+    """Writes a PNG comparing reports, e.g. softmax beside DNA.
+
+    One row per report: for each chosen layer, a heatmap of one example's
+    weights (queries down, keys across; padded queries and keys left out, see
+    `attention_matrix`), and a histogram of the column sums of all valid keys
+    of all layers, with DNA's lower bound marked.
+
+    Args:
+        reports: Dict of a model's name to the list `collect_attention`
+            returned for it; the names appear in the titles.
+        path: Where to write the PNG.
+        layers: Indices (in call order) or names of the layers to draw.
+        example: Which example of the batch.
+        head: Which head; `None` (the default) draws the mean of the heads.
+        query_labels, key_labels: The example's labels (e.g. tokens), one per
+            query (key) position or per valid query (key), for every drawn
+            layer; or a dict of layer name to such labels, for layers whose
+            queries (keys) differ, e.g. cross-attention. Default: positions.
+        max_ticks: At most this many labelled ticks per axis.
+
+    Returns:
+        `path`.
+    """
+    if not isinstance(reports, dict) or not reports:
+        raise TypeError(
+            "Argument `reports` must be a non-empty dict of name to the list "
+            f"collect_attention returned. Received: reports={reports!r}"
+        )
+    if not isinstance(max_ticks, int) or isinstance(max_ticks, bool) or max_ticks < 1:
+        raise ValueError(
+            f"Argument `max_ticks` must be a positive integer. Received: max_ticks={max_ticks!r}"
+        )
+    names = {layer.name for report in reports.values() for layer in report}
+    rows = []
+    for model, report in reports.items():
+        matrices = [
+            (layer, attention_matrix(
+                layer, example, head,
+                _labels_of(query_labels, layer.name, "query_labels", names),
+                _labels_of(key_labels, layer.name, "key_labels", names),
+            ))
+            for layer in _chosen_layers(report, layers)
+        ]
+        rows.append((model, report, matrices))
+    _draw(rows, path, example, max_ticks)
+    return path
+
+
+def _draw(rows, path, example, max_ticks):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(len(reports), 2, figsize=(10, 3.6 * len(reports)), squeeze=False)
-    for row, (label, report) in enumerate(reports.items()):
-        chosen = report[layer_index]
-        heatmap = axes[row, 0].imshow(chosen.weights[example, head], cmap="viridis", aspect="auto")
-        axes[row, 0].set_title(f"{label}: {chosen.name}, head {head}")
-        axes[row, 0].set_xlabel("key")
-        axes[row, 0].set_ylabel("query")
-        figure.colorbar(heatmap, ax=axes[row, 0])
-        sums = np.concatenate([
-            layer.column_sums[np.broadcast_to(layer.valid_keys[:, None, :], layer.column_sums.shape)]
-            for layer in report
-        ])
-        axes[row, 1].hist(sums, bins=50, color="tab:blue")
-        bound = min(float(layer.lower_bound[layer.lower_bound > 0].min()) for layer in report)
-        axes[row, 1].axvline(bound, color="tab:red", linestyle="--", label="DNA lower bound")
-        axes[row, 1].set_title(f"{label}: attention received per key (all layers)")
-        axes[row, 1].set_xlabel("column sum")
-        axes[row, 1].set_yscale("log")
-        axes[row, 1].legend()
-    figure.tight_layout()
+    columns = len(rows[0][2])
+    widths = [
+        max(_cell_inches(len(row[2][c][1].key_labels)) for row in rows) + 1.8
+        for c in range(columns)
+    ] + [4.5]
+    heights = [
+        max(_cell_inches(len(m.query_labels)) for _, m in row[2]) + 1.8 for row in rows
+    ]
+    figure, axes = plt.subplots(
+        len(rows), columns + 1, figsize=(sum(widths), sum(heights)), squeeze=False,
+        gridspec_kw={"width_ratios": widths, "height_ratios": heights},
+        layout="constrained",
+    )
+    for r, (model, report, matrices) in enumerate(rows):
+        for c, (layer, matrix) in enumerate(matrices):
+            title = f"{model}: {layer.name} ({layer.normalization})\n{matrix.heads}, example {example}"
+            _draw_heatmap(figure, axes[r, c], matrix, title, max_ticks)
+        _draw_column_sums(axes[r, -1], report, model)
     figure.savefig(path, dpi=100)
     plt.close(figure)
-    return path

@@ -81,8 +81,120 @@ def test_plot_writes_a_png(tmp_path):
         "double": analysis.collect_attention(_single_layer_model(keras_dna.DoublyNormalizedAttention), x),
     }
     path = analysis.plot_attention(reports, tmp_path / "attention.png")
+    assert analysis.attention_matrix(reports["double"][0]).heads == "head 0 (the only head)"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
+
+
+def _cross_attention_report():
+    """Example 0: 3 of 5 queries and 4 of 7 keys are valid; example 1: all."""
+    keras.utils.set_random_seed(2)
+    queries = keras.Input((5,), dtype="int32")
+    keys = keras.Input((7,), dtype="int32")
+    q = keras.layers.Embedding(10, 8, mask_zero=True)(queries)
+    k = keras.layers.Embedding(10, 8, mask_zero=True)(keys)
+    out = keras_dna.DoublyNormalizedAttention(2, 4, name="cross")(q, k)
+    model = keras.Model([queries, keys], out)
+    query_ids = np.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]], "int32")
+    key_ids = np.array([[1, 2, 3, 4, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7]], "int32")
+    return analysis.collect_attention(model, [query_ids, key_ids])
+
+
+def test_attention_matrix_leaves_padding_out():
+    (layer,) = _cross_attention_report()
+    matrix = analysis.attention_matrix(layer, example=0)
+    assert matrix.weights.shape == (3, 4)
+    assert matrix.queries.tolist() == [0, 1, 2] and matrix.keys.tolist() == [0, 1, 2, 3]
+    assert matrix.query_labels == ["0", "1", "2"]
+    np.testing.assert_allclose(matrix.weights, layer.weights[0].mean(axis=0)[:3, :4])
+    assert matrix.heads == "mean of 2 heads"
+    one_head = analysis.attention_matrix(layer, example=0, head=1)
+    np.testing.assert_allclose(one_head.weights, layer.weights[0, 1, :3, :4])
+    assert one_head.heads == "head 1"
+    assert analysis.attention_matrix(layer, example=1).weights.shape == (5, 7)
+
+
+def test_attention_matrix_labels_per_position_or_per_valid_position():
+    (layer,) = _cross_attention_report()
+    every = analysis.attention_matrix(
+        layer, query_labels=list("abcde"), key_labels=[b"k0", "k1", "k2", "k3", "x", "y", "z"]
+    )
+    valid_only = analysis.attention_matrix(
+        layer, query_labels=list("abc"), key_labels=["k0", "k1", "k2", "k3"]
+    )
+    for matrix in (every, valid_only):
+        assert matrix.query_labels == ["a", "b", "c"]
+        assert matrix.key_labels == ["k0", "k1", "k2", "k3"]
+
+
+def test_attention_matrix_rejects_bad_arguments():
+    (layer,) = _cross_attention_report()
+    with pytest.raises(ValueError, match="`query_labels`.*5.*3.*Received 4"):
+        analysis.attention_matrix(layer, query_labels=list("abcd"))
+    with pytest.raises(ValueError, match="`key_labels`"):
+        analysis.attention_matrix(layer, key_labels=list("abcde"))
+    with pytest.raises(ValueError, match="`key_labels`"):
+        # Example 1 has no padding: 4 labels fit neither its 7 positions nor 7 valid keys.
+        analysis.attention_matrix(layer, example=1, key_labels=list("abcd"))
+    with pytest.raises(TypeError, match="`query_labels`"):
+        analysis.attention_matrix(layer, query_labels="abc")
+    with pytest.raises(ValueError, match="`head`"):
+        analysis.attention_matrix(layer, head=2)
+    with pytest.raises(ValueError, match="`example`"):
+        analysis.attention_matrix(layer, example=2)
+    with pytest.raises(TypeError, match="`layer`"):
+        analysis.attention_matrix([layer])
+
+
+def _plotted_figure(monkeypatch, *args, **kwargs):
+    """Calls plot_attention and returns the figure it saved."""
+    import matplotlib.figure
+
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(figure, *a, **k):
+        saved.append(figure)
+        return original(figure, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    analysis.plot_attention(*args, **kwargs)
+    (figure,) = saved
+    return figure
+
+
+def test_plot_draws_the_trimmed_labelled_matrix(tmp_path, monkeypatch):
+    report = _cross_attention_report()
+    figure = _plotted_figure(
+        monkeypatch, {"tiny_model": report}, tmp_path / "a.png", layers=("cross",), head=1,
+        query_labels={"cross": ["<s>", "AH", "B", "", ""]}, key_labels=list("abcdefg"),
+    )
+    heatmap = figure.axes[0]
+    assert heatmap.images[0].get_array().shape == (3, 4)
+    np.testing.assert_allclose(heatmap.images[0].get_array(), report[0].weights[0, 1, :3, :4])
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == ["<s>", "AH", "B"]
+    assert [t.get_text() for t in heatmap.get_xticklabels()] == list("abcd")
+    assert all(word in heatmap.get_title() for word in ("tiny_model", "cross", "double", "head 1"))
+    assert any(axis.get_ylabel() == "attention weight" for axis in figure.axes)  # colour bar
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    # Long axes keep at most max_ticks labels.
+    figure = _plotted_figure(monkeypatch, {"m": report}, tmp_path / "b.png", max_ticks=2)
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["0", "2"]
+
+
+def test_plot_rejects_bad_layers_and_labels(tmp_path):
+    report = _cross_attention_report()
+    with pytest.raises(ValueError, match="`layers`.*'decoder'"):
+        analysis.plot_attention({"m": report}, tmp_path / "a.png", layers=("decoder",))
+    with pytest.raises(ValueError, match="`query_labels`.*'crosss'"):
+        analysis.plot_attention({"m": report}, tmp_path / "a.png", query_labels={"crosss": ["a"]})
+    with pytest.raises(ValueError, match="`key_labels`"):
+        analysis.plot_attention({"m": report}, tmp_path / "a.png", key_labels=["a", "b"])
+    with pytest.raises(TypeError, match="`reports`"):
+        analysis.plot_attention(report, tmp_path / "a.png")
+    with pytest.raises(ValueError, match="`max_ticks`"):
+        analysis.plot_attention({"m": report}, tmp_path / "a.png", max_ticks=0)
+    assert not (tmp_path / "a.png").exists()
 
 
 def test_analysis_needs_attention_layers():

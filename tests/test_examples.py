@@ -236,3 +236,63 @@ def test_compare_configs_default_and_errors(capsys):
         with pytest.raises(SystemExit):
             compare.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_explaining_away_data_and_matching():
+    import explaining_away as task
+
+    points, members, centres = task.point_sets(50)
+    assert points.shape == (50, task.POINTS, 2) and centres.shape == (50, task.CLUSTERS, 2)
+    sizes = np.stack([(members == c).sum(1) for c in range(task.CLUSTERS)], 1)
+    assert sizes.min() >= 2 and (sizes.sum(1) == task.POINTS).all()
+    gaps = np.linalg.norm(centres[:, :, None] - centres[:, None], axis=-1)
+    first, second = np.triu_indices(task.CLUSTERS, 1)
+    assert gaps[:, first, second].min() >= task.SEPARATION
+    # The slots may come in any order.
+    shuffled = centres[:, [2, 0, 1]]
+    np.testing.assert_allclose(task.matched_distances(centres, shuffled), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(task.matched_squared_error(centres, shuffled)), 0.0, atol=1e-6)
+    moved = shuffled.copy()
+    moved[:, 0, 0] += 0.3  # the slot of centre 2 moves by 0.3
+    np.testing.assert_allclose(task.matched_distances(centres, moved)[:, 2], 0.3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(task.matched_squared_error(centres, moved)), 0.09 / 3, atol=1e-5)
+
+
+def test_explaining_away_links_starved_clusters_to_misses():
+    import explaining_away as task
+    from keras_dna.analysis import LayerAttention
+
+    members = np.repeat([0, 1, 2], [task.POINTS - 4, 2, 2])[None].repeat(2, axis=0)
+    # Every slot reads clusters 0 and 2 evenly and never cluster 1.
+    weights = np.where(members[:, None, None, :] == 1, 0.0, 1.0 / (task.POINTS - 2))
+    weights = np.broadcast_to(weights, (2, 1, task.CLUSTERS, task.POINTS))
+    valid = np.ones((2, task.CLUSTERS, task.POINTS), bool)
+    report = [LayerAttention("read0", "single", weights, valid)]
+    distances = np.full((2, task.CLUSTERS), 0.05)
+    distances[0, 1] = 0.5  # cluster 1 of example 0 is missed
+    linked = task.starvation_and_errors(report, members, distances)
+    assert linked == {
+        "analysed_clusters": 6,
+        "starved_clusters": 2,
+        "recall_of_starved_clusters": 0.5,
+        "recall_of_other_clusters": 1.0,
+    }
+
+
+def test_explaining_away_reports_metric_beside_starvation(tmp_path):
+    import explaining_away as task
+
+    task.main(["--epochs", "1", "--limit", "400", "--output-dir", str(tmp_path)])
+    saved = _check_metrics(tmp_path, "double")
+    assert 0.0 <= saved["test_cluster_recall"] <= 1.0
+    assert saved["test_centre_error"] > 0.0
+    stats = saved["explaining_away"]
+    assert stats["share_below_bound"] == 0.0
+    assert stats["min_column_sum"] >= 1 / task.POINTS * (1 - 1e-4)
+    assert stats["keys"] == 40 * 2 * 4 * task.POINTS  # test examples, layers, heads, points
+    assert set(saved["per_layer"]) == {"read0", "read1", "all"}
+    assert saved["analysed_clusters"] == 40 * task.CLUSTERS
+    assert saved["starved_clusters"] == 0
+    assert saved["recall_of_starved_clusters"] is None
+    assert 0.0 <= saved["recall_of_other_clusters"] <= 1.0
+    assert (tmp_path / "attention.png").read_bytes()[:4] == b"\x89PNG"
