@@ -16,6 +16,13 @@ from keras_dna.ops.checks import check_null_query_normalization
 from keras_dna.ops.checks import same_static_shape
 
 
+# The null query's initial log-mass: the best of -2, 0, 2 and 4 on the
+# grapheme-to-phoneme example (benchmarks/null_query_init.py). With scores of
+# order 1 over tens of queries, it starts each key about halfway between
+# double normalization and softmax.
+NULL_QUERY_INIT = 4.0
+
+
 # Whether the call in progress (in this thread) passed `use_causal_mask=True`.
 # `MultiHeadAttention.call` folds the flag into the mask it hands to
 # `_compute_attention`, which must still normalize causally; a context
@@ -137,7 +144,10 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             gives each query at least as much weight on itself as on any
             earlier key, and the first query of causal cross-attention
             attends uniformly. For `"double"` and `"hybrid"` only.
-        null_query_initializer: Initializer of `null_query_logits`.
+        null_query_initializer: Initializer of `null_query_logits`;
+            defaults to the constant `NULL_QUERY_INIT` (4.0), chosen on the
+            grapheme-to-phoneme example from -2, 0, 2 and 4 (see the README,
+            "When does DNA pay?").
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -187,7 +197,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         jit_compile="auto",
         chunk_size=None,
         null_query=False,
-        null_query_initializer="zeros",
+        null_query_initializer=None,
         **kwargs,
     ):
         _check_constructor_arguments(
@@ -225,7 +235,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._jit_compile = jit_compile
         self._chunk_size = chunk_size
         self._null_query = null_query
-        self._null_query_initializer = keras.initializers.get(null_query_initializer)
+        self._null_query_initializer = keras.initializers.get(
+            null_query_initializer or keras.initializers.Constant(NULL_QUERY_INIT)
+        )
         self._mixing_logits = None
         self._null_query_logits = None
 

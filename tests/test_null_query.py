@@ -285,7 +285,7 @@ def test_conversion_adds_or_keeps_the_null_query(rng):
     mha_model = keras.Model(inputs, keras.layers.MultiHeadAttention(HEADS, 4)(inputs, inputs))
     added = keras_dna.convert.to_doubly_normalized(mha_model, null_query=True)
     layer = added.layers[-1]
-    np.testing.assert_array_equal(np.asarray(layer.null_query_logits), np.zeros(HEADS))
+    np.testing.assert_array_equal(np.asarray(layer.null_query_logits), np.full(HEADS, 4.0))
 
     layer.null_query_logits.assign(rng.normal(size=HEADS))
     kept = keras_dna.convert.to_doubly_normalized(added, normalization="hybrid")
