@@ -14,6 +14,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_dna import DoublyNormalizedAttention  # noqa: E402
@@ -23,6 +24,8 @@ POLICIES = ["float64", "float32", "mixed_float16", "mixed_bfloat16"]
 
 
 def main():
+    # Seeded weights too, so that two runs (or two versions) print the same.
+    keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     batch, length, width = 4, 24, 32
     query = rng.normal(size=(batch, length, width))
@@ -30,11 +33,15 @@ def main():
     attention_mask = rng.random((batch, length, length)) < 0.8
     print("| dtype policy | normalization | masks | max output error | max weight error |")
     print("|---|---|---|---|---|")
-    for normalization in ("double", "hybrid", "single"):
-        reference = DoublyNormalizedAttention(4, 8, normalization=normalization, dtype="float64")
+    for normalization, null_query in (
+        ("double", False), ("hybrid", False), ("single", False), ("double", True),
+    ):
+        options = {"normalization": normalization, "null_query": null_query}
+        label = normalization + (" + null query" if null_query else "")
+        reference = DoublyNormalizedAttention(4, 8, dtype="float64", **options)
         reference(query, query)
         for policy in POLICIES:
-            layer = DoublyNormalizedAttention(4, 8, normalization=normalization, dtype=policy)
+            layer = DoublyNormalizedAttention(4, 8, dtype=policy, **options)
             layer(query.astype("float32"), query.astype("float32"))
             layer.set_weights(reference.get_weights())
             for name, kwargs, valid, causal in (
@@ -51,7 +58,7 @@ def main():
                 rows = valid.any(-1)
                 out_error = np.abs(np.asarray(out, np.float64)[rows] - want_out[rows]).max()
                 weight_error = np.abs(np.asarray(weights, np.float64) - want_weights).max()
-                print(f"| {policy} | {normalization} | {name} | {out_error:.2e} | {weight_error:.2e} |")
+                print(f"| {policy} | {label} | {name} | {out_error:.2e} | {weight_error:.2e} |")
 
 
 if __name__ == "__main__":
