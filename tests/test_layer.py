@@ -96,13 +96,19 @@ def test_layer_matches_oracle(rng, normalization, case, dtype, weight_tol, outpu
     )
 
 
-@pytest.mark.parametrize("normalization", NORMALIZATIONS)
-def test_multi_axis_attention_normalizes_axes_jointly(rng, normalization):
-    layer = _layer(normalization, attention_axes=(1, 2))
+@pytest.mark.parametrize("normalization, null_query", [
+    ("double", False), ("single", False), ("hybrid", False), ("double", True), ("hybrid", True),
+])
+def test_multi_axis_attention_normalizes_axes_jointly(rng, normalization, null_query):
+    layer = _layer(normalization, attention_axes=(1, 2), null_query=null_query)
     x = rng.normal(size=(B, 3, 4, DIM)).astype("float32")
     mask = rng.random((B, 1, 1, 3, 4)) < 0.7
     layer(x, x)
     _set_mixing(layer, rng)
+    null = None
+    if null_query:
+        null = rng.normal(size=HEADS)
+        layer.null_query_logits.assign(null)
     _, weights = layer(x, x, attention_mask=mask, return_attention_scores=True)
     assert weights.shape == (B, HEADS, 3, 4, 3, 4)
     q = np.einsum("bxyd,dnh->bxynh", x, layer.query_dense.kernel.numpy()) + layer.query_dense.bias.numpy()
@@ -110,7 +116,8 @@ def test_multi_axis_attention_normalizes_axes_jointly(rng, normalization):
     scores = np.einsum("bxynh,bzwnh->bnxyzw", q, k) / np.sqrt(HEAD_DIM)
     mixing = None if layer.mixing_logits is None else layer.mixing_logits.numpy()
     expected = oracle.attention_weights(
-        scores.reshape(B, HEADS, 12, 12), mask.reshape(B, 1, 1, 12), normalization, False, mixing
+        scores.reshape(B, HEADS, 12, 12), mask.reshape(B, 1, 1, 12), normalization, False, mixing,
+        null,
     )
     np.testing.assert_allclose(
         np.asarray(weights).reshape(B, HEADS, 12, 12), expected, atol=2e-6
