@@ -192,8 +192,6 @@ def compile_and_fit(run, build, learning_rate, train_data, validation_data,
                     loss=None, metrics=("accuracy",)):
     """Builds the model in the strategy's scope and trains it with `fit`;
     the loss defaults to cross-entropy of logits."""
-    import keras
-
     with run.strategy.scope():
         model = build()
         model.compile(
@@ -210,8 +208,6 @@ class Run:
     """The strategy, output folder and timing of one example run."""
 
     def __init__(self, args):
-        import keras
-
         keras.utils.set_random_seed(args.seed)
         self.args = args
         self.strategy = keras_dna.distribute.strategy_from_spec(args.strategy)
