@@ -19,6 +19,8 @@ EXAMPLE_SITES = {
     "explaining_away": ("cross",),
 }
 DEFAULT_CHOICE = "double"
+SCHEDULES = ("cosine", "constant")
+WARMUP_FRACTION = 0.05
 NULL_SUFFIX = "+null"
 
 
@@ -167,6 +169,10 @@ def parser(description, example, epochs, batch_size, output_dir):
     p.add_argument("--strategy", choices=keras_dna.distribute.SPECS, default="auto",
                    help="distribution strategy (see keras_dna.distribute)")
     p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="learning rate: cosine (a linear warm-up over the first "
+                   f"{WARMUP_FRACTION:.0%} of the steps, then cosine decay to zero "
+                   "at the last epoch) or constant")
     p.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
     p.add_argument("--seed", type=int, default=0, help="initialization and shuffling seed")
     p.add_argument("--limit", type=int, default=None,
@@ -188,14 +194,31 @@ def batches(features, targets, batch_size, shuffle, seed, transform=None):
     return data.prefetch(tf.data.AUTOTUNE)
 
 
+def learning_rate_schedule(schedule, peak, total_steps):
+    """`peak` throughout ("constant"), or warmed up to `peak` and decayed to
+    zero by `total_steps` ("cosine"): decaying to zero lets a fixed epoch
+    budget end converged rather than wherever a constant rate has got to."""
+    if schedule == "constant":
+        return peak
+    warmup_steps = max(1, int(WARMUP_FRACTION * total_steps))
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, max(1, total_steps - warmup_steps), warmup_target=peak, warmup_steps=warmup_steps
+    )
+
+
 def compile_and_fit(run, build, learning_rate, train_data, validation_data,
                     loss=None, metrics=("accuracy",)):
-    """Builds the model in the strategy's scope and trains it with `fit`;
-    the loss defaults to cross-entropy of logits."""
+    """Builds the model in the strategy's scope and trains it with `fit`,
+    `learning_rate` being the peak of `--schedule`; the loss defaults to
+    cross-entropy of logits. `train_data`: a tf.data.Dataset of known length."""
+    total_steps = int(train_data.cardinality()) * run.args.epochs
+    if total_steps <= 0:
+        raise ValueError("compile_and_fit: train_data must be a dataset of known, non-zero length")
     with run.strategy.scope():
         model = build()
+        schedule = learning_rate_schedule(run.args.schedule, learning_rate, total_steps)
         model.compile(
-            optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=1e-4),
+            optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
             # Keras masks (padding) leave padded positions out of the loss.
             loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=list(metrics),
@@ -254,6 +277,7 @@ class Run:
             "null_init": args.null_init,
             "seed": args.seed,
             "epochs": args.epochs,
+            "schedule": args.schedule,
             "strategy": args.strategy,
             "replicas": self.strategy.num_replicas_in_sync,
             "seconds": round(time.time() - self.start, 1),

@@ -124,6 +124,19 @@ def test_an_example_rejects_sites_it_lacks_on_the_command_line(capsys):
     assert str(digits.parse_args([]).attention) == "double"
 
 
+def test_cosine_schedule_warms_up_to_the_peak_and_decays_to_zero():
+    total = 200
+    schedule = common.learning_rate_schedule("cosine", 1e-3, total)
+    rates = np.array([float(schedule(step)) for step in range(total + 1)])
+    warmup = int(common.WARMUP_FRACTION * total)
+    assert rates[0] == 0.0
+    assert np.all(np.diff(rates[: warmup + 1]) > 0)
+    np.testing.assert_allclose(rates[warmup], 1e-3, rtol=1e-6)
+    assert np.all(np.diff(rates[warmup:]) <= 0)
+    assert rates[-1] < 1e-9
+    assert common.learning_rate_schedule("constant", 1e-3, total) == 1e-3
+
+
 def test_g2p_builds_each_site_with_its_own_attention():
     model = grapheme_to_phoneme.build_model(
         "encoder=double,decoder=single,cross=hybrid", letters=10, phonemes=12, width=16, heads=2,
