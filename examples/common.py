@@ -152,7 +152,7 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-def parser(description, example, epochs, batch_size, output_dir):
+def parser(description, example, epochs, batch_size, learning_rate, output_dir):
     """The arguments every example takes; `example` names its attention sites."""
     sites = EXAMPLE_SITES[example]
     p = _Parser(description=description)
@@ -169,6 +169,8 @@ def parser(description, example, epochs, batch_size, output_dir):
     p.add_argument("--strategy", choices=keras_dna.distribute.SPECS, default="auto",
                    help="distribution strategy (see keras_dna.distribute)")
     p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--learning-rate", type=float, default=learning_rate, metavar="RATE",
+                   help="the peak learning rate of --schedule")
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="learning rate: cosine (a linear warm-up over the first "
                    f"{WARMUP_FRACTION:.0%} of the steps, then cosine decay to zero "
@@ -206,17 +208,16 @@ def learning_rate_schedule(schedule, peak, total_steps):
     )
 
 
-def compile_and_fit(run, build, learning_rate, train_data, validation_data,
-                    loss=None, metrics=("accuracy",)):
-    """Builds the model in the strategy's scope and trains it with `fit`,
-    `learning_rate` being the peak of `--schedule`; the loss defaults to
-    cross-entropy of logits. `train_data`: a tf.data.Dataset of known length."""
+def compile_and_fit(run, build, train_data, validation_data, loss=None, metrics=("accuracy",)):
+    """Builds the model in the strategy's scope and trains it with `fit` at
+    `--learning-rate` under `--schedule`; the loss defaults to cross-entropy
+    of logits. `train_data`: a tf.data.Dataset of known length."""
     total_steps = int(train_data.cardinality()) * run.args.epochs
     if total_steps <= 0:
         raise ValueError("compile_and_fit: train_data must be a dataset of known, non-zero length")
     with run.strategy.scope():
         model = build()
-        schedule = learning_rate_schedule(run.args.schedule, learning_rate, total_steps)
+        schedule = learning_rate_schedule(run.args.schedule, run.args.learning_rate, total_steps)
         model.compile(
             optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
             # Keras masks (padding) leave padded positions out of the loss.
@@ -277,6 +278,7 @@ class Run:
             "null_init": args.null_init,
             "seed": args.seed,
             "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
             "schedule": args.schedule,
             "strategy": args.strategy,
             "replicas": self.strategy.num_replicas_in_sync,

@@ -51,7 +51,8 @@ def patch_names():
 
 def parse_args(argv=None):
     return common.parser(
-        __doc__.splitlines()[0], "digits", epochs=30, batch_size=64, output_dir="runs/digits"
+        __doc__.splitlines()[0], "digits", epochs=30, batch_size=64, learning_rate=1e-3,
+        output_dir="runs/digits"
     ).parse_args(argv)
 
 
@@ -68,7 +69,7 @@ def main(argv=None):
         return common.batches(images[indices], labels[indices], args.batch_size, shuffle, args.seed)
 
     model, history = common.compile_and_fit(
-        run, lambda: build_model(args.attention), 1e-3,
+        run, lambda: build_model(args.attention),
         batches(train, shuffle=True), batches(validation, shuffle=False),
     )
     test_loss, test_accuracy = model.evaluate(batches(test, shuffle=False), verbose=0)

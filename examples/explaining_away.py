@@ -196,7 +196,7 @@ def plot_labels(members):
 def parse_args(argv=None):
     p = common.parser(
         __doc__.splitlines()[0], "explaining_away", epochs=20, batch_size=64,
-        output_dir="runs/explaining_away",
+        learning_rate=2e-3, output_dir="runs/explaining_away",
     )
     p.add_argument("--heads", type=int, default=4, help="attention heads per layer")
     return p.parse_args(argv)
@@ -213,7 +213,7 @@ def main(argv=None):
         return common.batches(points[indices], centres[indices], args.batch_size, shuffle, args.seed)
 
     model, history = common.compile_and_fit(
-        run, lambda: build_model(args.attention, heads=args.heads), 2e-3,
+        run, lambda: build_model(args.attention, heads=args.heads),
         batches(train, shuffle=True), batches(validation, shuffle=False),
         loss=matched_squared_error, metrics=(),
     )

@@ -157,7 +157,8 @@ def plot_labels(sample, letter_vocabulary, phoneme_vocabulary, depth=2):
 
 def parse_args(argv=None):
     return common.parser(
-        __doc__.splitlines()[0], "g2p", epochs=5, batch_size=128, output_dir="runs/g2p"
+        __doc__.splitlines()[0], "g2p", epochs=5, batch_size=128, learning_rate=1e-3,
+        output_dir="runs/g2p"
     ).parse_args(argv)
 
 
@@ -185,7 +186,7 @@ def main(argv=None):
     model, history = common.compile_and_fit(
         run,
         lambda: build_model(args.attention, len(letter_vocabulary) + 2, len(phoneme_vocabulary) + 2),
-        1e-3, batches(train, shuffle=True), batches(validation, shuffle=False),
+        batches(train, shuffle=True), batches(validation, shuffle=False),
     )
     speller = Speller(model, letter_vocabulary, phoneme_vocabulary)
     test_words = [pairs[i][0] for i in test]

@@ -111,7 +111,8 @@ def macro_f1(labels, predictions, classes):
 
 def parse_args(argv=None):
     p = common.parser(
-        __doc__.splitlines()[0], "text", epochs=3, batch_size=64, output_dir="runs/text"
+        __doc__.splitlines()[0], "text", epochs=3, batch_size=64, learning_rate=5e-4,
+        output_dir="runs/text"
     )
     p.add_argument("--data", default=None, help="a CSV file of your own (default: the tweets)")
     p.add_argument("--text-column", default="text")
@@ -152,7 +153,7 @@ def main(argv=None):
     classifier, history = common.compile_and_fit(
         run,
         lambda: build_classifier(args.attention, len(vocabulary), args.sequence_length, len(classes)),
-        5e-4, batches(train, shuffle=True), batches(validation, shuffle=False),
+        batches(train, shuffle=True), batches(validation, shuffle=False),
     )
     test_data = batches(test, shuffle=False)
     test_loss, test_accuracy = classifier.evaluate(test_data, verbose=0)
