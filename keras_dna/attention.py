@@ -11,6 +11,8 @@ from keras_dna.ops.backend import compiled
 from keras_dna.ops.backend import einsum
 from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.checks import check_chunk_size
+from keras_dna.ops.checks import check_mask_values
+from keras_dna.ops.checks import check_match
 from keras_dna.ops.checks import check_normalization
 from keras_dna.ops.checks import check_null_query_normalization
 from keras_dna.ops.checks import same_static_shape
@@ -61,6 +63,40 @@ def _check_constructor_arguments(
             raise TypeError(f"Argument `{name}` must be a bool. Received: {name}={flag!r}")
     if null_query:
         check_null_query_normalization(normalization)
+
+
+def _check_ranks(query_shape, value_shape, key_shape):
+    """Raises unless query, value and key are `(batch, ..., features)` of one rank."""
+    rank = len(query_shape)
+    if rank < 3:
+        raise ValueError(
+            "Argument `query` must have rank 3 or more: (batch, sequence, "
+            f"features), or several sequence axes. Received: query.shape={tuple(query_shape)}"
+        )
+    for name, shape in (("value", value_shape), ("key", key_shape)):
+        if shape is not None and len(shape) != rank:
+            raise ValueError(
+                f"Argument `{name}` must have the rank of `query` ({rank}). "
+                f"Received: {name}.shape={tuple(shape)}, query.shape={tuple(query_shape)}"
+            )
+
+
+def _check_attention_axes(attention_axes, rank):
+    """Raises unless `attention_axes` are distinct axes of a rank-`rank`
+    query other than its batch (first) and feature (last) axes."""
+    if attention_axes is None:
+        return
+    allowed = tuple(range(1, rank - 1))
+    # MultiHeadAttention counts a negative axis from the last but one.
+    resolved = [axis + rank if isinstance(axis, int) and axis < 0 else axis for axis in attention_axes]
+    if any(a not in allowed or isinstance(a, bool) for a in resolved) or len(set(resolved)) != len(
+        resolved
+    ):
+        raise ValueError(
+            "Argument `attention_axes` must hold distinct axes of `query` other "
+            f"than the batch and feature axes: for rank {rank}, from 1 to "
+            f"{rank - 2} (or -{rank - 1} to -2). Received: attention_axes={attention_axes}"
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_dna")
@@ -159,7 +195,12 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         value_mask: Optional boolean tensor of shape `(B, S)`.
         key_mask: Optional boolean tensor of shape `(B, S)`.
         attention_mask: Optional boolean tensor of shape `(B, T, S)` (or
-            broadcastable to it, e.g. `(B, 1, S)`); `True` attends.
+            broadcastable to it, e.g. `(B, 1, S)` or `(T, S)`), or per head
+            `(B, num_heads, T, S)` (or broadcastable to it); `True`
+            attends. Masks are boolean: a float mask may hold only 0 and
+            1 (checked when its values are known, in eager calls), as an
+            additive mask (0 keeps, -1e9 drops) would be cast the wrong
+            way round; pass `additive_mask == 0` instead.
         return_attention_scores: If `True`, also return the normalized
             attention weights, shaped `(B, num_heads, T, S)`.
         training: Whether dropout is active.
@@ -272,6 +313,11 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             ),
         }
 
+    def build(self, query_shape, value_shape, key_shape=None):
+        _check_ranks(query_shape, value_shape, key_shape)
+        _check_attention_axes(self._attention_axes, len(query_shape))
+        super().build(query_shape, value_shape, key_shape)
+
     def _build_attention(self, rank):
         super()._build_attention(rank)
         if self._normalization == "hybrid":
@@ -305,20 +351,24 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._check_call_inputs(
             query, value, key, query_mask, value_mask, key_mask, attention_mask
         )
+        for name, mask in (
+            ("query_mask", query_mask), ("value_mask", value_mask),
+            ("key_mask", key_mask), ("attention_mask", attention_mask),
+        ):
+            check_mask_values(name, mask)
         self._check_call_options(return_attention_scores, use_causal_mask)
         if query_mask is not None:
             # `MultiHeadAttention` only reads the Keras mask of `query`. A
             # padded query changes every output through the per-key step, so
             # an explicit `query_mask` must reach the attention mask too.
-            query_mask = ops.cast(query_mask, "bool")
-            expanded = query_mask
+            expanded = ops.cast(query_mask, "bool")
             for _ in self._attention_axes:
                 expanded = ops.expand_dims(expanded, -1)
-            attention_mask = (
-                expanded
-                if attention_mask is None
-                else ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
-            )
+            if attention_mask is not None:
+                if self._is_per_head(attention_mask, query):
+                    expanded = self._with_heads_axis(expanded, len(attention_mask.shape))
+                expanded = ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
+            attention_mask = expanded
         token = _CAUSAL_MASK_IN_CALL.set(bool(use_causal_mask))
         try:
             return super().call(
@@ -365,12 +415,13 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             for weight in (self._mixing_logits, self._null_query_logits)
         )
         if attention_mask is not None:
-            # Insert the heads axis (and any missing batch axes) in front of
-            # the query and key axes: rank batch + heads + 2 * attention axes.
-            attention_mask = ops.cast(attention_mask, "bool")
-            while len(attention_mask.shape) < len(query.shape) - 1 + num_axes:
-                attention_mask = ops.expand_dims(attention_mask, -2 * num_axes - 1)
-        if self._chunk_size is not None:
+            # Rank batch + heads + 2 * attention axes, as the scores.
+            attention_mask = self._with_heads_axis(
+                ops.cast(attention_mask, "bool"), len(query.shape) - 1 + num_axes
+            )
+        # Asked for the weights (as `keras_dna.analysis` asks), a chunked layer
+        # computes them whole: `call` refuses to return them, not this.
+        if self._chunk_size is not None and not return_attention_scores:
             output = compiled(doubly_normalized_attention, self._jit_compile)(
                 query, key, value, attention_mask, normalization=self._normalization,
                 causal_normalization=causal_normalization, scale=self._inverse_sqrt_key_dim,
@@ -393,6 +444,44 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             dropped = weights
         attention_output = einsum(self._combine_equation, dropped, value)
         return attention_output, weights
+
+    def _with_heads_axis(self, mask, rank):
+        """`mask` with the heads axis (and any missing batch axes) inserted
+        in front of the query and key axes, up to `rank`."""
+        while len(mask.shape) < rank:
+            mask = ops.expand_dims(mask, -2 * len(self._attention_axes) - 1)
+        return mask
+
+    def _is_per_head(self, attention_mask, query):
+        """Whether `attention_mask` has a heads axis: the scores' rank,
+        `(B, num_heads, T, S)` for a `(B, T, dim)` query."""
+        return len(attention_mask.shape) == len(query.shape) + len(self._attention_axes)
+
+    def _compute_attention_mask(
+        self,
+        query,
+        value,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        use_causal_mask=False,
+    ):
+        # The masks `MultiHeadAttention` derives are `(B, T, S)`; ANDed as
+        # they are with a per-head `(B, N, T, S)` mask, the batch would
+        # broadcast against the heads.
+        if attention_mask is None or not self._is_per_head(attention_mask, query):
+            return super()._compute_attention_mask(
+                query, value, query_mask, value_mask, key_mask, attention_mask, use_causal_mask
+            )
+        attention_mask = ops.cast(attention_mask, "bool")
+        derived = super()._compute_attention_mask(
+            query, value, query_mask, value_mask, key_mask, None, use_causal_mask
+        )
+        if derived is None:
+            return attention_mask
+        rank = len(attention_mask.shape)
+        return ops.logical_and(attention_mask, self._with_heads_axis(derived, rank))
 
     def _check_call_options(self, return_attention_scores, use_causal_mask):
         if self._chunk_size is not None:
@@ -437,18 +526,32 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                     f"{name}.shape={tensor.shape}"
                 )
         built_rank = len(self._query_dense.equation.split(",")[0])
+        _check_ranks(query.shape, value.shape, key.shape)
         if len(query.shape) != built_rank:
             raise ValueError(
                 f"Argument `query` must have rank {built_rank}, the rank the "
                 f"layer was built with. Received: query.shape={query.shape}"
             )
-        key_axes = tuple(key.shape[axis] for axis in self._attention_axes)
+        axes = self._attention_axes
+        batch_axes = tuple(axis for axis in range(built_rank - 1) if axis not in axes)
+        for name, tensor in (("value", value), ("key", key)):
+            for axis in batch_axes:
+                check_match(
+                    "batch size" if axis == 0 else f"size in axis {axis} (not an attention axis)",
+                    "query", query.shape[axis], name, tensor.shape[axis],
+                )
+        # The scores' layout: batch axes, heads (per-head masks only),
+        # query axes, key axes.
+        batch = tuple(query.shape[axis] for axis in batch_axes)
+        heads = ()
+        if attention_mask is not None and self._is_per_head(attention_mask, query):
+            heads = (self._num_heads,)
+        pairs = tuple(query.shape[axis] for axis in axes) + tuple(key.shape[axis] for axis in axes)
         for name, mask, target_shape, min_rank in (
             ("query_mask", query_mask, query.shape[:-1], len(query.shape) - 1),
             ("value_mask", value_mask, value.shape[:-1], len(value.shape) - 1),
             ("key_mask", key_mask, key.shape[:-1], len(key.shape) - 1),
-            ("attention_mask", attention_mask, tuple(query.shape[:-1]) + key_axes,
-             2 * len(self._attention_axes)),
+            ("attention_mask", attention_mask, batch + heads + pairs, 2 * len(axes)),
         ):
             if mask is not None:
                 check_broadcastable(name, mask.shape, target_shape, min_rank)

@@ -104,7 +104,8 @@ def layer_forward(layer, query, value, key=None, valid=None, causal=False):
     null = getattr(layer, "null_query_logits", None)
     weights = attention_weights(
         scores,
-        None if valid is None else valid[:, None],
+        # (B, T, S) for every head, or per head (B, N, T, S).
+        None if valid is None else valid if valid.ndim == 4 else valid[:, None],
         normalization=getattr(layer, "normalization", "single"),
         causal=causal,
         mixing_logits=None if mixing is None else np.asarray(mixing),

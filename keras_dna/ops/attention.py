@@ -16,6 +16,7 @@ from keras_dna.ops.blockwise import chunked_attention
 from keras_dna.ops.causal import causal_double_normalization
 from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.checks import check_chunk_size
+from keras_dna.ops.checks import check_mask_values
 from keras_dna.ops.checks import check_match
 from keras_dna.ops.checks import check_normalization
 from keras_dna.ops.checks import check_null_query_normalization
@@ -89,6 +90,7 @@ def normalize_attention_scores(
     scores = ops.cast(scores, working_dtype(out_dtype))
     valid = None
     if mask is not None:
+        check_mask_values("mask", mask)
         valid = ops.cast(mask, "bool")
         check_broadcastable("mask", valid.shape, scores.shape)
     heads = scores.shape[rank - 2 * num_attention_axes - 1]
@@ -258,6 +260,7 @@ def doubly_normalized_attention(
     for axis, what in ((0, "batch size"), (1, "length"), (2, "number of heads")):
         check_match(what, "key", key.shape[axis], "value", value.shape[axis])
     if chunk_size is not None:
+        check_mask_values("mask", mask)
         query, key = checked_query_and_key(query, key)
         check_normalization(normalization)
         dtype = working_dtype(query.dtype)

@@ -7,7 +7,9 @@ backend; what differs lives here, so that a backend has one place to go:
   attention-shaped equations;
 - `compiled`: an XLA-compiled version of a function, shared by every layer
   that calls it (TensorFlow), so that uncompiled models still run the
-  normalization compiled.
+  normalization compiled;
+- `cumulative_logsumexp`: each backend's own prefix log-sum-exp, for axes
+  whose length is only known when the function runs.
 """
 
 import keras
@@ -56,3 +58,33 @@ def compiled(function, jit_compile):
         # another layer's mixing logits.
         _compiled_functions[function] = tf.function(function, jit_compile=True)
     return _compiled_functions[function]
+
+
+def cumulative_logsumexp(x, axis, reverse=False):
+    """Inclusive prefix (with `reverse`, suffix) log-sum-exp along `axis`.
+
+    Keras has no such op; each backend has one, exact for any spread, that
+    takes lengths unknown when traced (and empty axes), which unrolled code
+    cannot. Not for differentiation (callers write the gradient out).
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.math.cumulative_logsumexp(x, axis=axis, reverse=reverse)
+    if backend == "jax":
+        import jax
+
+        return jax.lax.cumlogsumexp(x, axis=axis % len(x.shape), reverse=reverse)
+    if backend == "torch":
+        import torch
+
+        if reverse:
+            return torch.flip(torch.logcumsumexp(torch.flip(x, (axis,)), axis), (axis,))
+        return torch.logcumsumexp(x, axis)
+    import numpy as np
+
+    x = np.asarray(x)
+    if reverse:
+        return np.flip(np.logaddexp.accumulate(np.flip(x, axis), axis=axis), axis)
+    return np.logaddexp.accumulate(x, axis=axis)

@@ -214,6 +214,10 @@ def _scan(step, init, xs, stacked_like, reverse=False):
     shaped like `stacked_like`. `xs` may contain `None`.
     """
     length = ops.shape(keras.tree.flatten(xs)[0])[0]
+    if length == 0:
+        # No block (no query): XLA rejects the loop body's writes into
+        # empty buffers even though it would never run.
+        return init, stacked_like
 
     def body(i, state):
         carry, stacked = state

@@ -7,9 +7,9 @@ depends on a later query. This module owns that prefix log-sum-exp:
 
 - a fast path in exponential space, against each key's maximum, with prefix
   sums in short blocks (`prefix_sum`);
-- an exact sequential scan in log space (`exact_prefix_logsumexp`), taken
-  only where the fast sums would underflow (scores rising by more than
-  about 40 along the queries);
+- an exact prefix log-sum-exp in log space (`exact_prefix_logsumexp`),
+  blocked the same way, taken only where the fast sums would underflow
+  (scores rising by more than about 40 along the queries);
 - its transpose (`prefix_logsumexp_transpose`), the analytic gradient, so
   neither path is differentiated through;
 - `causal_double_normalization`, which combines them with one exponential
@@ -20,11 +20,13 @@ import math
 
 from keras import ops
 
+from keras_dna.ops.backend import cumulative_logsumexp
 from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.normalization import softmax_part_of_gradient
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
+from keras_dna.ops.numerics import max_along
 from keras_dna.ops.numerics import smallest_normal
 from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import underflow_log_threshold
@@ -41,69 +43,100 @@ def _static_length(x, axis):
     return length if isinstance(length, int) else None
 
 
-def prefix_sum(x, axis, reverse=False):
-    """Inclusive prefix (or with `reverse`, suffix) sum along `axis` (negative).
+def _running(rows, combine, reverse):
+    """Inclusive running `combine` of `rows` (or from the end), and the total."""
+    out = [None] * len(rows)
+    total = None
+    for k in reversed(range(len(rows))) if reverse else range(len(rows)):
+        total = rows[k] if total is None else combine(total, rows[k])
+        out[k] = total
+    return out, total
 
-    Blocked for XLA: sequential adds within blocks of `_PREFIX_BLOCK`, then
-    the same over the block totals. A reverse sum needs no flipped copies.
+
+def _blocked_prefix(x, axis, reverse, combine, identity, short):
+    """Inclusive prefix (with `reverse`, suffix) of the associative
+    `combine` along `axis` (negative), `identity` its neutral element.
+
+    Blocked, so that XLA needs neither a loop nor a windowed reduction:
+    sequential steps within blocks of `_PREFIX_BLOCK`, then the same over
+    the block totals. `short(x, axis, reverse)` takes unknown lengths and
+    lengths of one block or less.
     """
     length = _static_length(x, axis)
     if length is None or length <= _PREFIX_BLOCK:
-        if reverse:
-            return ops.flip(ops.cumsum(ops.flip(x, axis=axis), axis=axis), axis=axis)
-        return ops.cumsum(x, axis=axis)
+        return short(x, axis, reverse)
     rank = len(x.shape)
     axis = axis % rank
-    # Zeros at the end change neither prefix nor suffix sums of the rest.
+    # Neutral entries at the end change neither prefixes nor suffixes of the rest.
     padding = (-length) % _PREFIX_BLOCK
     if padding:
         pad_width = [(0, 0)] * rank
         pad_width[axis] = (0, padding)
-        x = ops.pad(x, pad_width)
+        x = ops.pad(x, pad_width, constant_values=identity)
     num_blocks = (length + padding) // _PREFIX_BLOCK
     shape = ops.shape(x)
     blocks = ops.reshape(
         x, tuple(shape[:axis]) + (num_blocks, _PREFIX_BLOCK) + tuple(shape[axis + 1 :])
     )
     rows = [ops.take(blocks, k, axis=axis + 1) for k in range(_PREFIX_BLOCK)]
-    sums = [None] * _PREFIX_BLOCK
-    total = None
-    for k in reversed(range(_PREFIX_BLOCK)) if reverse else range(_PREFIX_BLOCK):
-        total = rows[k] if total is None else total + rows[k]
-        sums[k] = total
-    within = ops.stack(sums, axis=axis + 1)
-    # The blocks before (after) each block, by shifting the inclusive sums
-    # of the totals (not by subtracting, which would cancel).
-    inclusive = prefix_sum(total, axis, reverse=reverse)
-    zero = ops.zeros_like(ops.take(inclusive, ops.arange(1), axis=axis))
+    within, total = _running(rows, combine, reverse)
+    # The blocks before (after) each block, by shifting the inclusive
+    # results over the totals (not by undoing `combine`, which would cancel).
+    inclusive = _blocked_prefix(total, axis, reverse, combine, identity, short)
+    none = ops.full_like(ops.take(inclusive, ops.arange(1), axis=axis), identity)
     if reverse:
-        parts = [ops.take(inclusive, ops.arange(1, num_blocks), axis=axis), zero]
+        parts = [ops.take(inclusive, ops.arange(1, num_blocks), axis=axis), none]
     else:
-        parts = [zero, ops.take(inclusive, ops.arange(num_blocks - 1), axis=axis)]
+        parts = [none, ops.take(inclusive, ops.arange(num_blocks - 1), axis=axis)]
     others = ops.concatenate(parts, axis=axis)
-    out = ops.reshape(within + ops.expand_dims(others, axis + 1), shape)
+    out = combine(ops.stack(within, axis=axis + 1), ops.expand_dims(others, axis + 1))
+    out = ops.reshape(out, shape)
     if padding:
         out = ops.take(out, ops.arange(length), axis=axis)
     return out
 
 
-def exact_prefix_logsumexp(scores):
-    """Prefix log-sum-exp along the query axis, exact for any spread.
+def _cumulative_sum(x, axis, reverse):
+    if reverse:
+        return ops.flip(ops.cumsum(ops.flip(x, axis=axis), axis=axis), axis=axis)
+    return ops.cumsum(x, axis=axis)
 
-    A sequential scan over the queries carrying each key's running
-    log-sum-exp: one pass, memory of a few copies of `scores`, and the same
-    code for static and unknown lengths. Only taken when the fast path would
-    lose precision, and never differentiated (the gradient is analytic).
+
+def prefix_sum(x, axis, reverse=False):
+    """Inclusive prefix (or with `reverse`, suffix) sum along `axis` (negative).
+
+    Blocked for XLA, which lowers a cumulative sum to a windowed reduction
+    whose cost grows with the square of the axis length. A reverse sum
+    needs no flipped copies.
     """
+    return _blocked_prefix(x, axis, reverse, ops.add, 0.0, _cumulative_sum)
 
-    def step(running, row):
-        running = logaddexp(running, row)
-        return running, running
 
-    by_query = ops.moveaxis(scores, -2, 0)
-    start = ops.full_like(by_query[0], masked_value(scores))
-    _, prefix = ops.scan(step, start, by_query)
-    return ops.moveaxis(prefix, 0, -2)
+def _short_prefix_logsumexp(x, axis, reverse):
+    """The prefix log-sum-exp of a short axis (unrolled: plain tensor ops,
+    which LiteRT converts) or of one of unknown length (the backend's op)."""
+    length = _static_length(x, axis)
+    if length is None:
+        return cumulative_logsumexp(x, axis, reverse)
+    if length == 0:
+        return x
+    rows = [ops.take(x, k, axis=axis) for k in range(length)]
+    return ops.stack(_running(rows, logaddexp, reverse)[0], axis=axis)
+
+
+def exact_prefix_logsumexp(scores, reverse=False):
+    """Prefix (with `reverse`, suffix) log-sum-exp along the query axis,
+    exact for any spread.
+
+    In log space, blocked as `prefix_sum`: no loop for static lengths, so
+    XLA and the LiteRT converter take it as plain tensor ops; unknown
+    lengths take the backend's cumulative log-sum-exp. Only taken
+    when the fast path would lose precision, and never differentiated (the
+    gradient is analytic).
+    """
+    return _blocked_prefix(
+        scores, -2, reverse, logaddexp, masked_value(scores), _short_prefix_logsumexp
+    )
 
 
 def _positive_part_log(x):
@@ -122,7 +155,7 @@ def prefix_logsumexp(scores, valid):
     the gradient out with `prefix_logsumexp_transpose`.
     """
     # As in `_key_logsumexp`, masked entries add nothing to a valid prefix.
-    shift = ops.max(scores, axis=-2, keepdims=True)
+    shift = max_along(scores, -2)
     partial = prefix_sum(ops.exp(scores - shift), axis=-2)
     trusted = partial >= math.exp(underflow_log_threshold(scores))
     if valid is not None:
@@ -142,7 +175,7 @@ def prefix_logsumexp_transpose(scores, key_lse, upstream):
     prefix sum against each key's maximum where that cannot overflow, else
     in log space, the positive and negative parts of `upstream` apart.
     """
-    shift = ops.max(scores, axis=-2, keepdims=True)
+    shift = max_along(scores, -2)
     bounded = ops.logical_or(
         key_lse - shift >= underflow_log_threshold(scores), upstream == 0
     )
@@ -157,9 +190,7 @@ def prefix_logsumexp_transpose(scores, key_lse, upstream):
         total = 0.0
         for sign in (1.0, -1.0):
             log_terms = _positive_part_log(sign * upstream) - key_lse
-            reverse_lse = ops.flip(
-                exact_prefix_logsumexp(ops.flip(log_terms, axis=-2)), axis=-2
-            )
+            reverse_lse = exact_prefix_logsumexp(log_terms, reverse=True)
             total = total + sign * ops.exp(scores + reverse_lse)
         return total
 
@@ -169,7 +200,8 @@ def prefix_logsumexp_transpose(scores, key_lse, upstream):
 def _smallest_valid(sums, where_valid):
     if where_valid is not None:
         sums = ops.where(where_valid, sums, float("inf"))
-    return ops.min(sums)
+    # Over no entries at all, nothing is untrusted.
+    return ops.min(sums, initial=float("inf"))
 
 
 def _causal_key_logsumexp(scores, valid, null):
@@ -220,7 +252,7 @@ def causal_double_normalization(scores, valid, null_logits=None):
     @ops.custom_gradient
     def normalize(scores, *null):
         # Shared by E and P, the shift cancels in B.
-        shift = ops.max(mask_scores(scores, valid), axis=-2, keepdims=True)
+        shift = max_along(mask_scores(scores, valid), -2)
         if null:
             shift = ops.maximum(shift, null[0])
         terms = ops.exp(scores - shift)

@@ -4,6 +4,8 @@ Each raises a `ValueError` that names the argument, what was expected and
 what was received, before any backend sees a bad shape.
 """
 
+import keras
+import numpy as np
 from keras import ops
 
 NORMALIZATIONS = ("double", "single", "hybrid")
@@ -90,3 +92,53 @@ def checked_query_and_key(query, key):
     for axis, what in ((0, "batch size"), (2, "number of heads"), (3, "head size")):
         check_match(what, "query", query.shape[axis], "key", key.shape[axis])
     return query, key
+
+
+def _known_values(x):
+    """The values of `x` as a NumPy array if known now (eager), else `None`."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, keras.KerasTensor):
+        return None
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            return None
+    elif backend == "jax":
+        import jax
+
+        if isinstance(x, jax.core.Tracer):
+            return None
+    elif backend == "torch":
+        import torch
+
+        if torch.compiler.is_compiling():
+            return None
+    return ops.convert_to_numpy(x)
+
+
+def check_mask_values(name, mask):
+    """Raises if `mask` is a float tensor whose known values are not all 0 or 1.
+
+    Masks are boolean (True attends). A float mask is cast to bool, so an
+    additive mask (0 keeps, a large negative number drops), a habit from
+    other libraries, would silently attend where it meant not to. Its
+    values are only known eagerly; traced, the cast stands.
+    """
+    if mask is None or not hasattr(mask, "dtype"):
+        return
+    if "float" not in keras.backend.standardize_dtype(mask.dtype):
+        return
+    values = _known_values(mask)
+    if values is None:
+        return
+    stray = np.unique(values[(values != 0) & (values != 1)])
+    if stray.size:
+        raise ValueError(
+            f"Argument `{name}` must be a boolean mask (True, or 1, attends). "
+            f"A float mask may only hold 0 and 1; received values such as "
+            f"{stray[:3].tolist()}. An additive mask (0 keeps, a large negative "
+            f"number drops) becomes a boolean one as `{name} == 0`."
+        )

@@ -17,6 +17,7 @@ from keras import ops
 
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import masked_value
+from keras_dna.ops.numerics import max_along
 from keras_dna.ops.numerics import sum_like
 
 
@@ -28,7 +29,7 @@ def row_softmax(logits, valid):
     """
     if valid is not None:
         logits = ops.where(valid, logits, masked_value(logits))
-    row_max = ops.max(logits, axis=-1, keepdims=True)
+    row_max = max_along(logits, -1)
     terms = ops.exp(logits - row_max)
     if valid is not None:
         terms = ops.where(valid, terms, 0.0)
@@ -51,7 +52,7 @@ def key_logsumexp(scores):
     """
     # c does not depend on the shift mathematically; stopping its gradient
     # saves the backward pass through the max.
-    shift = ops.stop_gradient(ops.max(scores, axis=-2, keepdims=True))
+    shift = ops.stop_gradient(max_along(scores, -2))
     total = ops.sum(ops.exp(scores - shift), axis=-2, keepdims=True)
     return shift + ops.log(total)
 

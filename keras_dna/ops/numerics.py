@@ -40,6 +40,17 @@ def underflow_log_threshold(x):
     return -300.0 if _is_float64(x) else -40.0
 
 
+def max_along(x, axis):
+    """The maximum along `axis` (kept), `masked_value` over an empty axis.
+
+    `ops.max` raises on an empty tensor in eager mode; an empty query or
+    key sequence must give an empty result instead, as softmax attention
+    does. Every score is at least `masked_value`, so the floor changes
+    nothing else.
+    """
+    return ops.max(x, axis=axis, keepdims=True, initial=masked_value(x))
+
+
 def smallest_normal(x):
     return 1e-307 if _is_float64(x) else 1e-37
 
