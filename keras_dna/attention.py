@@ -65,20 +65,21 @@ def _check_constructor_arguments(
         check_null_query_normalization(normalization)
 
 
-def _check_ranks(query_shape, value_shape, key_shape):
-    """Raises unless query, value and key are `(batch, ..., features)` of one rank."""
+def _check_ranks(query_shape, value_shape):
+    """Raises unless query and value are `(batch, ..., features)` of one rank.
+
+    (`MultiHeadAttention` checks that key and value agree.)"""
     rank = len(query_shape)
     if rank < 3:
         raise ValueError(
             "Argument `query` must have rank 3 or more: (batch, sequence, "
             f"features), or several sequence axes. Received: query.shape={tuple(query_shape)}"
         )
-    for name, shape in (("value", value_shape), ("key", key_shape)):
-        if shape is not None and len(shape) != rank:
-            raise ValueError(
-                f"Argument `{name}` must have the rank of `query` ({rank}). "
-                f"Received: {name}.shape={tuple(shape)}, query.shape={tuple(query_shape)}"
-            )
+    if len(value_shape) != rank:
+        raise ValueError(
+            f"Argument `value` must have the rank of `query` ({rank}). "
+            f"Received: value.shape={tuple(value_shape)}, query.shape={tuple(query_shape)}"
+        )
 
 
 def _check_attention_axes(attention_axes, rank):
@@ -314,7 +315,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         }
 
     def build(self, query_shape, value_shape, key_shape=None):
-        _check_ranks(query_shape, value_shape, key_shape)
+        _check_ranks(query_shape, value_shape)
         _check_attention_axes(self._attention_axes, len(query_shape))
         super().build(query_shape, value_shape, key_shape)
 
@@ -526,7 +527,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                     f"{name}.shape={tensor.shape}"
                 )
         built_rank = len(self._query_dense.equation.split(",")[0])
-        _check_ranks(query.shape, value.shape, key.shape)
+        _check_ranks(query.shape, value.shape)
         if len(query.shape) != built_rank:
             raise ValueError(
                 f"Argument `query` must have rank {built_rank}, the rank the "

@@ -1,0 +1,92 @@
+"""Keras's own MultiHeadAttention tests, run against DoublyNormalizedAttention.
+
+The test file ships in the keras wheel. It is loaded from the installed
+keras with `layers.MultiHeadAttention` swapped for our class: with
+`normalization="single"` every test must pass (a drop-in replacement); with
+`"double"` exactly the tests that compare against softmax values must
+differ, each for the reason listed.
+"""
+
+import importlib.util
+import pathlib
+import types
+import unittest
+
+import keras
+import pytest
+from keras.src import layers as keras_layers
+
+from keras_dna import DoublyNormalizedAttention
+
+KERAS_TESTS = (
+    pathlib.Path(keras.__file__).parent / "src" / "layers" / "attention" / "multi_head_attention_test.py"
+)
+
+# Under double normalization, `use_causal_mask=True` normalizes causally
+# (no query's weights depend on later queries), while the same lower-
+# triangular mask passed as `attention_mask` leaves the per-key step over
+# all queries the mask allows (`causal_normalization=True` asks for causal).
+# Softmax has no per-key step, so there the two agree.
+_CAUSAL_FLAG_VERSUS_MASK = (
+    "compares use_causal_mask=True with the same causal mask given as "
+    "attention_mask, which DNA normalizes differently by design"
+)
+DIFFERENT_UNDER_DOUBLE = {
+    "test_causal_only_fast_path": _CAUSAL_FLAG_VERSUS_MASK,
+    "test_causal_only_masks_when_fused_path_disabled_dropout_only": _CAUSAL_FLAG_VERSUS_MASK,
+    "test_causal_only_with_other_mask_falls_back": _CAUSAL_FLAG_VERSUS_MASK,
+    "test_compute_attention_combines_causal_and_explicit_mask_fused_fallback": (
+        _CAUSAL_FLAG_VERSUS_MASK
+    ),
+    "test_compute_attention_combines_causal_and_explicit_mask_manual_path": (
+        _CAUSAL_FLAG_VERSUS_MASK
+    ),
+    "test_masking_causal": _CAUSAL_FLAG_VERSUS_MASK,
+}
+
+
+class _Result(unittest.TestResult):
+    """Counts `pytest.skip` inside a test as a skip, not an error."""
+
+    def addError(self, test, err):
+        if issubclass(err[0], pytest.skip.Exception):
+            self.addSkip(test, str(err[1]))
+        else:
+            super().addError(test, err)
+
+
+def _swapped_test_case(normalization):
+    """Keras's test case, its `layers.MultiHeadAttention` ours with `normalization`."""
+    spec = importlib.util.spec_from_file_location(
+        f"keras_multi_head_attention_test_{normalization}", KERAS_TESTS
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    @keras.saving.register_keras_serializable(package="keras_dna_tests", name=normalization)
+    class Swapped(DoublyNormalizedAttention):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("normalization", normalization)
+            super().__init__(*args, **kwargs)
+
+    swapped_layers = types.ModuleType("layers")
+    swapped_layers.__dict__.update(vars(keras_layers))
+    swapped_layers.MultiHeadAttention = Swapped
+    module.layers = swapped_layers
+    return module.MultiHeadAttentionTest
+
+
+# Collected by pytest: every Keras test, against "single".
+class TestKerasSuiteWithSingleNormalization(_swapped_test_case("single")):
+    pass
+
+
+def test_keras_suite_with_double_normalization_differs_exactly_where_expected():
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(_swapped_test_case("double"))
+    result = _Result()
+    suite.run(result)
+    failed = {test.id().rsplit(".", 1)[-1] for test, _ in result.failures + result.errors}
+    assert suite.countTestCases() > 40
+    assert failed == set(DIFFERENT_UNDER_DOUBLE), {
+        test.id(): trace.splitlines()[-1] for test, trace in result.failures + result.errors
+    }
