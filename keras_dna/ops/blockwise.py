@@ -22,6 +22,7 @@ import keras
 from keras import ops
 
 from keras_dna.ops.backend import einsum
+from keras_dna.ops.backend import result_dtype
 from keras_dna.ops.causal import prefix_logsumexp
 from keras_dna.ops.causal import prefix_logsumexp_transpose
 from keras_dna.ops.checks import check_broadcastable
@@ -44,7 +45,7 @@ def chunked_attention(
     Same arguments, checked by the caller (with `scale` given); the output
     has the dtype of the query and key.
     """
-    out_dtype = keras.backend.result_type(query.dtype, key.dtype)
+    out_dtype = result_dtype(query.dtype, key.dtype)
     dtype = working_dtype(out_dtype)
     # Head-major, as the blocks are taken along the queries of each head.
     query, key, value = (

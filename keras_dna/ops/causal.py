@@ -20,9 +20,12 @@ import math
 
 from keras import ops
 
+from keras_dna.ops.backend import cumsum
 from keras_dna.ops.backend import cumulative_logsumexp
+from keras_dna.ops.backend import maximum
 from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.normalization import softmax_part_of_gradient
+from keras_dna.ops.numerics import at_least
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
@@ -98,8 +101,8 @@ def _blocked_prefix(x, axis, reverse, combine, identity, short):
 
 def _cumulative_sum(x, axis, reverse):
     if reverse:
-        return ops.flip(ops.cumsum(ops.flip(x, axis=axis), axis=axis), axis=axis)
-    return ops.cumsum(x, axis=axis)
+        return ops.flip(cumsum(ops.flip(x, axis=axis), axis), axis=axis)
+    return cumsum(x, axis)
 
 
 def prefix_sum(x, axis, reverse=False):
@@ -162,7 +165,7 @@ def prefix_logsumexp(scores, valid):
         trusted = ops.logical_or(trusted, ops.logical_not(valid))
     return ops.cond(
         ops.all(trusted),
-        lambda: shift + ops.log(ops.maximum(partial, smallest_normal(scores))),
+        lambda: shift + ops.log(at_least(partial, smallest_normal(scores))),
         lambda: exact_prefix_logsumexp(scores),
     )
 
@@ -254,7 +257,7 @@ def causal_double_normalization(scores, valid, null_logits=None):
         # Shared by E and P, the shift cancels in B.
         shift = max_along(mask_scores(scores, valid), -2)
         if null:
-            shift = ops.maximum(shift, null[0])
+            shift = maximum(shift, null[0])
         terms = ops.exp(scores - shift)
         if valid is not None:
             terms = ops.where(valid, terms, 0.0)
@@ -265,7 +268,7 @@ def causal_double_normalization(scores, valid, null_logits=None):
         trusted = _smallest_valid(key_sums, valid) >= threshold
         # Below the threshold, the terms are masked (zero) or the exact branch
         # is taken, so the floor changes no value used.
-        key_sums = ops.maximum(key_sums, threshold)
+        key_sums = at_least(key_sums, threshold)
         key_weights = terms / key_sums
         query_sums = ops.sum(key_weights, axis=-1, keepdims=True)
         trusted = ops.logical_and(
@@ -273,7 +276,7 @@ def causal_double_normalization(scores, valid, null_logits=None):
         )
         weights = ops.cond(
             trusted,
-            lambda: key_weights / ops.maximum(query_sums, threshold),
+            lambda: key_weights / at_least(query_sums, threshold),
             lambda: _exact_causal_weights(mask_scores(scores, valid), valid, null),
         )
 

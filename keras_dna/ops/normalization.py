@@ -15,6 +15,7 @@ costs one reduction more than softmax's and no exponential.
 
 from keras import ops
 
+from keras_dna.ops.numerics import at_least
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import max_along
@@ -34,7 +35,7 @@ def row_softmax(logits, valid):
     if valid is not None:
         terms = ops.where(valid, terms, 0.0)
     # At least 1 in a row with a valid key: its maximum is among them.
-    row_sums = ops.maximum(ops.sum(terms, axis=-1, keepdims=True), 1.0)
+    row_sums = at_least(ops.sum(terms, axis=-1, keepdims=True), 1.0)
     return terms / row_sums, ops.exp(row_max + ops.log(row_sums))
 
 

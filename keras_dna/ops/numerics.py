@@ -9,6 +9,8 @@ of exponentials only above a floor far from where `exp` flushes to zero.
 import keras
 from keras import ops
 
+from keras_dna.ops.backend import maximum
+
 
 def working_dtype(dtype):
     """The dtype normalization runs in: float32, or float64 for float64."""
@@ -55,13 +57,22 @@ def smallest_normal(x):
     return 1e-307 if _is_float64(x) else 1e-37
 
 
+def at_least(x, floor):
+    """`maximum(x, floor)` for a Python number `floor`, in the dtype of `x`.
+
+    A Python float would be float32 outside TensorFlow (Keras maps float64
+    to float32 there), rounding float64 work.
+    """
+    return maximum(x, ops.convert_to_tensor(floor, dtype=x.dtype))
+
+
 def mask_scores(scores, valid):
     """`scores` with `masked_value` wherever `valid` is False."""
     return scores if valid is None else ops.where(valid, scores, masked_value(scores))
 
 
 def logaddexp(a, b):
-    high = ops.maximum(a, b)
+    high = maximum(a, b)
     return high + ops.log1p(ops.exp(-ops.abs(a - b)))
 
 

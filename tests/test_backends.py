@@ -1,0 +1,256 @@
+"""DNA on whichever Keras backend runs the tests: TensorFlow, JAX or PyTorch.
+
+Written in `keras.ops` and NumPy only, so that `.ci/run` runs this module
+under each backend (`KERAS_BACKEND=jax JAX_ENABLE_X64=1`, `KERAS_BACKEND=torch`):
+the oracle, the properties of DNA.md, float64 finite-difference gradients,
+the chunked path, serialization, `fit` compiled, and `.keras` files saved
+under another backend.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_dna
+from keras_dna import DoublyNormalizedAttention
+from tests import oracle
+
+BACKEND = keras.backend.backend()
+NORMALIZATIONS = ["double", "single", "hybrid"]
+HEADS = 2
+
+
+def _numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def value_and_gradients(function, *arrays):
+    """`function(*tensors)` (a scalar) and its gradients, by the backend's autodiff."""
+    if BACKEND == "jax":
+        import jax
+
+        value, grads = jax.value_and_grad(function, argnums=tuple(range(len(arrays))))(
+            *(ops.convert_to_tensor(a) for a in arrays)
+        )
+    elif BACKEND == "torch":
+        import torch
+
+        tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+        value = function(*tensors)
+        grads = torch.autograd.grad(value, tensors)
+    else:
+        import tensorflow as tf
+
+        tensors = [tf.constant(a) for a in arrays]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            value = function(*tensors)
+        grads = tape.gradient(value, tensors)
+    return float(_numpy(value)), [_numpy(g) for g in grads]
+
+
+def _case(rng, normalization, causal, masked, null):
+    scores = rng.normal(size=(2, HEADS, 6, 5)) * 3
+    valid = rng.random((2, 1, 6, 5)) < 0.7 if masked else None
+    mixing = rng.normal(size=HEADS) if normalization == "hybrid" else None
+    null_logits = rng.normal(size=HEADS) if null else None
+    return scores, valid, mixing, null_logits
+
+
+CASES = [
+    (normalization, causal, masked, null)
+    for normalization in NORMALIZATIONS
+    for causal in (False, True)
+    for masked in (False, True)
+    for null in ((False, True) if normalization != "single" else (False,))
+]
+
+
+@pytest.mark.parametrize("normalization, causal, masked, null", CASES)
+def test_weights_match_the_oracle_in_float32_and_float64(rng, normalization, causal, masked, null):
+    scores, valid, mixing, null_logits = _case(rng, normalization, causal, masked, null)
+    expected = oracle.attention_weights(scores, valid, normalization, causal, mixing, null_logits)
+    for dtype, tolerance in (("float32", 2e-6), ("float64", 1e-12)):
+        got = keras_dna.ops.normalize_attention_scores(
+            scores.astype(dtype), valid, normalization=normalization,
+            causal_normalization=causal, mixing_logits=mixing, null_query_logits=null_logits,
+        )
+        assert keras.backend.standardize_dtype(got.dtype) == dtype
+        np.testing.assert_allclose(_numpy(got), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_sum_to_one_and_no_key_is_explained_away(rng, causal):
+    scores = rng.normal(size=(2, HEADS, 7, 7)) * 6
+    valid = rng.random((2, 1, 7, 7)) < 0.6
+    valid[..., np.arange(7), np.arange(7)] = True
+    weights = _numpy(keras_dna.ops.normalize_attention_scores(
+        scores, valid, causal_normalization=causal
+    ))
+    full = np.broadcast_to(valid, weights.shape)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-12)
+    assert np.all(weights[~full] == 0)
+    widest = full.sum(-1).max(-1, keepdims=True)
+    column_sums = weights.sum(-2)
+    keys_seen = full.any(-2)
+    assert np.all(column_sums[keys_seen] >= (1.0 / widest.repeat(7, -1))[keys_seen] - 1e-12)
+
+
+def test_causal_extreme_spread_takes_the_exact_path(rng):
+    scores = rng.normal(size=(1, HEADS, 40, 6))
+    scores = scores + 5.0 * np.arange(40)[:, None]  # rises by 195 along the queries
+    for dtype, tolerance in (("float64", 1e-10), ("float32", 1e-4)):
+        got = keras_dna.ops.normalize_attention_scores(
+            scores.astype(dtype), causal_normalization=True
+        )
+        expected = oracle.attention_weights(scores.astype(dtype), causal=True)
+        np.testing.assert_allclose(_numpy(got), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("normalization, causal, masked, null", [
+    ("double", False, True, False), ("double", True, True, False),
+    ("double", False, True, True), ("double", True, False, True), ("hybrid", True, True, True),
+])
+def test_float64_gradients_match_finite_differences(rng, normalization, causal, masked, null):
+    scores, valid, mixing, null_logits = _case(rng, normalization, causal, masked, null)
+    projection = rng.normal(size=scores.shape)
+    arrays = [scores] + ([null_logits] if null else [])
+
+    def loss(scores, null_logits=None):
+        weights = keras_dna.ops.normalize_attention_scores(
+            scores, valid, normalization=normalization, causal_normalization=causal,
+            mixing_logits=mixing, null_query_logits=null_logits,
+        )
+        return ops.sum(weights * ops.convert_to_tensor(projection))
+
+    _, grads = value_and_gradients(loss, *arrays)
+
+    def numeric(*arrays):
+        return float(np.sum(oracle.attention_weights(
+            arrays[0], valid, normalization, causal, mixing, arrays[1] if null else None
+        ) * projection))
+
+    step = 1e-6
+    for which, (array, grad) in enumerate(zip(arrays, grads)):
+        for index in [tuple(rng.integers(0, n) for n in array.shape) for _ in range(6)]:
+            shifted = [a.copy() for a in arrays]
+            shifted[which][index] += step
+            up = numeric(*shifted)
+            shifted[which][index] -= 2 * step
+            down = numeric(*shifted)
+            np.testing.assert_allclose(grad[index], (up - down) / (2 * step), atol=1e-7)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("null", [False, True])
+def test_chunked_equals_whole_forward_and_backward(rng, is_causal, null):
+    query, key, value = (rng.normal(size=(2, 9, HEADS, 4)) for _ in range(3))
+    null_logits = rng.normal(size=HEADS) if null else None
+    projection = ops.convert_to_tensor(rng.normal(size=(2, 9, HEADS, 4)))
+
+    def loss(query, key, value, chunk_size):
+        output = keras_dna.ops.doubly_normalized_attention(
+            query, key, value, is_causal=is_causal, null_query_logits=null_logits,
+            chunk_size=chunk_size,
+        )
+        return ops.sum(output * projection)
+
+    whole, whole_grads = value_and_gradients(lambda *x: loss(*x, None), query, key, value)
+    chunked, chunked_grads = value_and_gradients(lambda *x: loss(*x, 4), query, key, value)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12)
+    for got, expected in zip(chunked_grads, whole_grads):
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"normalization": "hybrid", "null_query": True}, {"chunk_size": 3},
+])
+def test_layer_matches_the_oracle_with_masks(rng, options):
+    layer = DoublyNormalizedAttention(HEADS, 4, bias_initializer="random_normal", **options)
+    query = rng.normal(size=(2, 6, 8)).astype("float32")
+    query_valid = np.arange(6)[None, :] < np.array([[6], [4]])
+    output = layer(query, query, query_mask=query_valid, use_causal_mask=True)
+    valid = oracle.validity(2, 6, 6, query_mask=query_valid, causal=True)
+    expected, _ = oracle.layer_forward(layer, query, query, valid=valid, causal=True)
+    rows = valid.any(-1)
+    np.testing.assert_allclose(_numpy(output)[rows], expected[rows], atol=2e-5, rtol=0)
+
+
+def test_per_head_masks_and_empty_sequences(rng):
+    layer = DoublyNormalizedAttention(HEADS, 4, causal_normalization=True)
+    query = rng.normal(size=(3, 5, 8)).astype("float32")
+    mask = rng.random((3, HEADS, 5, 5)) < 0.6
+    mask[..., 0] = True
+    output = layer(query, query, attention_mask=mask)
+    expected, _ = oracle.layer_forward(layer, query, query, valid=mask, causal=True)
+    np.testing.assert_allclose(_numpy(output), expected, atol=2e-5, rtol=0)
+    for shape in ((3, 0, 8), (0, 5, 8)):
+        empty = np.zeros(shape, "float32")
+        assert tuple(layer(empty, empty, use_causal_mask=True).shape) == shape
+
+
+def _tiny_model(options):
+    tokens = keras.Input((6,), dtype="int32")
+    x = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)
+    x = DoublyNormalizedAttention(HEADS, 4, name="attention", **options)(x, x, use_causal_mask=True)
+    return keras.Model(tokens, keras.layers.Dense(20)(x))
+
+
+def _tokens(seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 20, size=(16, 6)).astype("int32")
+    tokens[::3, 4:] = 0
+    return tokens
+
+
+@pytest.mark.parametrize("options", [{}, {"null_query": True}, {"chunk_size": 4}])
+def test_fit_compiled_trains_and_the_model_round_trips(tmp_path, options):
+    keras.utils.set_random_seed(0)
+    model = _tiny_model(options)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2), jit_compile=True,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    tokens = _tokens(0)
+    history = model.fit(tokens, np.roll(tokens, 1, axis=1), epochs=4, batch_size=8, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert isinstance(restored.get_layer("attention"), DoublyNormalizedAttention)
+    np.testing.assert_allclose(_numpy(restored(tokens)), _numpy(model(tokens)), atol=1e-6)
+
+
+SAVE_UNDER_ANOTHER_BACKEND = """
+import json, sys
+import numpy as np
+import keras
+from tests.test_backends import _tiny_model, _tokens
+keras.utils.set_random_seed(1)
+model = _tiny_model(json.loads(sys.argv[2]))
+model.save(sys.argv[1] + "/model.keras")
+np.save(sys.argv[1] + "/outputs.npy", keras.ops.convert_to_numpy(model(_tokens(1))))
+"""
+OTHER_BACKEND = {"tensorflow": "jax", "jax": "torch", "torch": "tensorflow"}
+
+
+@pytest.mark.parametrize("options", [{"normalization": "hybrid", "null_query": True}])
+def test_a_keras_file_saved_under_another_backend_loads_with_the_same_outputs(tmp_path, options):
+    other = OTHER_BACKEND[BACKEND]
+    environment = {**os.environ, "KERAS_BACKEND": other, "JAX_ENABLE_X64": "1"}
+    subprocess.run(
+        [sys.executable, "-c", SAVE_UNDER_ANOTHER_BACKEND, str(tmp_path), json.dumps(options)],
+        check=True, env=environment, cwd=pathlib.Path(__file__).resolve().parents[1],
+    )
+    restored = keras.saving.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(
+        _numpy(restored(_tokens(1))), np.load(tmp_path / "outputs.npy"), atol=1e-5
+    )
