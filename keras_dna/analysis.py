@@ -142,9 +142,15 @@ def _flatten(layer, weights, mask, causal):
         valid = np.broadcast_to(valid, (weights.shape[0], queries, keys))
     else:
         mask = np.asarray(keras.ops.convert_to_numpy(mask), bool)
-        # The layer's mask lacks the heads axis; insert it, broadcast, drop it.
+        # Insert the heads axis where the mask lacks it; broadcast; drop it.
         while mask.ndim < len(shape):
             mask = np.expand_dims(mask, -2 * axes - 1)
+        if mask.shape[-2 * axes - 1] != 1:
+            raise ValueError(
+                f"Layer `{layer.name}` was called with a per-head attention mask: "
+                "the analysis counts valid keys per query, the same for every "
+                "head, and cannot report this call. Analyse a call without it."
+            )
         mask = np.broadcast_to(mask, shape[:-2 * axes - 1] + (1,) + shape[-2 * axes:])
         valid = mask.reshape((-1, queries, keys))
     return weights, np.array(valid)

@@ -225,3 +225,13 @@ def test_collect_attention_recomputes_the_weights_of_chunked_layers(rng):
     np.testing.assert_allclose(report.weights, np.asarray(expected), atol=1e-6)
     # The chunked model's own output is unchanged by the analysis.
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(whole(x, x, use_causal_mask=True)), atol=1e-5)
+
+
+def test_collect_attention_refuses_per_head_masks_clearly(rng):
+    inputs = keras.Input((T, DIM))
+    mask = keras.Input((HEADS, T, T), dtype="bool")
+    layer = DoublyNormalizedAttention(HEADS, HEAD_DIM, name="per_head")
+    model = keras.Model([inputs, mask], layer(inputs, inputs, attention_mask=mask))
+    x = rng.normal(size=(2, T, DIM)).astype("float32")
+    with pytest.raises(ValueError, match="`per_head` was called with a per-head attention mask"):
+        keras_dna.analysis.collect_attention(model, [x, rng.random((2, HEADS, T, T)) < 0.5])
