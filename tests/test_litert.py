@@ -55,3 +55,17 @@ def test_exact_causal_path_converts_and_matches_the_oracle():
     expected = oracle.attention_weights(scores, causal=True)
     np.testing.assert_allclose(np.asarray(model(scores)), expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(run(scores), expected, atol=1e-4, rtol=0)
+
+
+def test_conversion_after_an_export_with_unknown_lengths(rng, tmp_path):
+    """A layer first exported with unknown lengths (a SavedModel's signature)
+    still converts once its inputs are static: the shared compiled function
+    does not hand the static call the export's general trace."""
+    layer = DoublyNormalizedAttention(2, 4)
+    general_input = keras.Input((None, DIM))
+    general = keras.Model(general_input, layer(general_input, general_input, use_causal_mask=True))
+    general.export(str(tmp_path / "general"), verbose=False)
+    x = keras.Input((T, DIM), batch_size=2)
+    model = keras.Model(x, layer(x, x, use_causal_mask=True))
+    data = rng.normal(size=(2, T, DIM)).astype("float32")
+    np.testing.assert_allclose(_converted(model)(data), np.asarray(model(data)), atol=1e-4, rtol=0)

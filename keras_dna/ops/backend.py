@@ -71,6 +71,15 @@ def einsum(equation, *operands):
 _compiled_functions = {}
 
 
+def _static_shapes(arguments):
+    """Whether every tensor in `arguments` has a fully known shape."""
+    return all(
+        None not in tuple(x.shape)
+        for x in keras.tree.flatten(arguments)
+        if hasattr(x, "shape") and x.shape is not None
+    )
+
+
 def compiled(function, jit_compile):
     """`function`, XLA-compiled where `jit_compile` asks and the backend can.
 
@@ -80,15 +89,23 @@ def compiled(function, jit_compile):
     """
     if jit_compile is False or keras.backend.backend() != "tensorflow":
         return function
-    if function not in _compiled_functions:
-        import tensorflow as tf
 
+    def call(*args, **kwargs):
         # Traced once per shape (XLA compiles once per shape anyway). With
         # relaxed shapes (`reduce_retracing`), a trace shared by hybrid layers
         # with different numbers of heads computed one layer's gradient with
-        # another layer's mixing logits.
-        _compiled_functions[function] = tf.function(function, jit_compile=True)
-    return _compiled_functions[function]
+        # another layer's mixing logits. Calls with unknown dimensions (a
+        # SavedModel's signature) get a function of their own: TensorFlow
+        # would reuse their general trace for later static calls, which then
+        # lose the code paths that need static lengths (LiteRT conversion).
+        key = (function, _static_shapes((args, kwargs)))
+        if key not in _compiled_functions:
+            import tensorflow as tf
+
+            _compiled_functions[key] = tf.function(function, jit_compile=True)
+        return _compiled_functions[key](*args, **kwargs)
+
+    return call
 
 
 def cumulative_logsumexp(x, axis, reverse=False):
