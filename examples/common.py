@@ -198,8 +198,9 @@ def batches(features, targets, batch_size, shuffle, seed, transform=None):
 
 def learning_rate_schedule(schedule, peak, total_steps):
     """`peak` throughout ("constant"), or warmed up to `peak` and decayed to
-    zero by `total_steps` ("cosine"): decaying to zero lets a fixed epoch
-    budget end converged rather than wherever a constant rate has got to."""
+    zero by `total_steps` ("cosine"): decaying to zero settles the weights at
+    the end of a fixed epoch budget instead of leaving them wherever a
+    constant rate has them (whether the budget suffices is another matter)."""
     if schedule == "constant":
         return peak
     warmup_steps = max(1, int(WARMUP_FRACTION * total_steps))

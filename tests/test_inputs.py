@@ -211,6 +211,9 @@ def test_additive_float_masks_are_rejected_by_the_ops(rng):
     query = rng.normal(size=(B, T, HEADS, HEAD_DIM))
     with pytest.raises(ValueError, match="`mask` must be a boolean mask"):
         keras_dna.ops.doubly_normalized_attention(query, query, query, additive[..., :T], chunk_size=2)
+    # Also where the causal mask joins it first.
+    with pytest.raises(ValueError, match="`mask` must be a boolean mask"):
+        keras_dna.ops.doubly_normalized_attention_weights(query, query, additive[..., :T], is_causal=True)
 
 
 def test_collect_attention_recomputes_the_weights_of_chunked_layers(rng):

@@ -200,6 +200,10 @@ def doubly_normalized_attention_weights(
         Weights of shape `(batch, num_heads, query_length, key_length)`.
     """
     query, key = checked_query_and_key(query, key)
+    if mask is not None:
+        # Checked before the causal mask joins it as a bool.
+        check_mask_values("mask", mask)
+        mask = ops.cast(mask, "bool")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     # A Python scale stays a weak type: no float32 rounding of float64 work.
@@ -208,7 +212,7 @@ def doubly_normalized_attention_weights(
         query_index = ops.expand_dims(ops.arange(ops.shape(query)[1]), -1)
         key_index = ops.expand_dims(ops.arange(ops.shape(key)[1]), 0)
         causal_mask = query_index >= key_index
-        mask = causal_mask if mask is None else ops.logical_and(ops.cast(mask, "bool"), causal_mask)
+        mask = causal_mask if mask is None else ops.logical_and(mask, causal_mask)
     return normalize_attention_scores(
         scores,
         mask,
