@@ -1,5 +1,6 @@
 """The `DoublyNormalizedAttention` layer."""
 
+import contextlib
 import contextvars
 
 import keras
@@ -25,11 +26,26 @@ from keras_dna.ops.checks import same_static_shape
 NULL_QUERY_INIT = 4.0
 
 
-# Whether the call in progress (in this thread) passed `use_causal_mask=True`.
-# `MultiHeadAttention.call` folds the flag into the mask it hands to
-# `_compute_attention`, which must still normalize causally; a context
-# variable carries it there without mutating the layer.
-_CAUSAL_MASK_IN_CALL = contextvars.ContextVar("causal_mask_in_call", default=False)
+# The layers that normalize causally in the call in progress (in this
+# thread) without `causal_normalization=True`: those called with
+# `use_causal_mask=True` (which `MultiHeadAttention.call` folds into the mask
+# it hands to `_compute_attention`), and those a caller that builds its own
+# causal mask names (`normalizing_causally`). A context variable carries it
+# there without mutating the layer.
+_CAUSAL_IN_CALL = contextvars.ContextVar("causal_in_call", default=frozenset())
+
+
+@contextlib.contextmanager
+def normalizing_causally(layer, causal=True):
+    """Within the block, `layer` normalizes causally (if `causal`)."""
+    if not causal:
+        yield
+        return
+    token = _CAUSAL_IN_CALL.set(_CAUSAL_IN_CALL.get() | {id(layer)})
+    try:
+        yield
+    finally:
+        _CAUSAL_IN_CALL.reset(token)
 
 
 def _check_constructor_arguments(
@@ -271,6 +287,21 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             **kwargs,
         )
         self._dropout = dropout
+        self._set_options(
+            normalization, causal_normalization, jit_compile, chunk_size, null_query,
+            null_query_initializer,
+        )
+
+    def _set_options(
+        self, normalization="double", causal_normalization=False, jit_compile="auto",
+        chunk_size=None, null_query=False, null_query_initializer=None,
+    ):
+        """Sets what this layer adds to `MultiHeadAttention` (also on a
+        `MultiHeadAttention` whose class `keras_dna.convert` swaps)."""
+        _check_constructor_arguments(
+            None, normalization, jit_compile, chunk_size, self._dropout,
+            causal_normalization, null_query,
+        )
         self._flash_attention = False
         self._normalization = normalization
         self._causal_normalization = causal_normalization
@@ -282,6 +313,8 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         )
         self._mixing_logits = None
         self._null_query_logits = None
+        if self.built:
+            self._add_logits()
 
     @property
     def normalization(self):
@@ -321,6 +354,16 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
 
     def _build_attention(self, rank):
         super()._build_attention(rank)
+        self._add_logits()
+
+    def _normalizes_causally(self):
+        """Whether the first step is causal in the call in progress."""
+        return self._causal_normalization or id(self) in _CAUSAL_IN_CALL.get()
+
+    def _add_logits(self):
+        """Adds the per-head logits of `"hybrid"` and of the null query."""
+        locked = self._tracker.locked
+        self._tracker.unlock()
         if self._normalization == "hybrid":
             self._mixing_logits = self.add_weight(
                 name="mixing_logits",
@@ -335,6 +378,8 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 initializer=self._null_query_initializer,
                 trainable=True,
             )
+        if locked:
+            self._tracker.lock()
 
     def call(
         self,
@@ -370,8 +415,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                     expanded = self._with_heads_axis(expanded, len(attention_mask.shape))
                 expanded = ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
             attention_mask = expanded
-        token = _CAUSAL_MASK_IN_CALL.set(bool(use_causal_mask))
-        try:
+        with normalizing_causally(self, use_causal_mask):
             return super().call(
                 query,
                 value,
@@ -383,8 +427,6 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 training=training,
                 use_causal_mask=use_causal_mask,
             )
-        finally:
-            _CAUSAL_MASK_IN_CALL.reset(token)
 
     def _compute_attention(
         self,
@@ -406,9 +448,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 if attention_mask is None
                 else ops.logical_and(ops.cast(attention_mask, "bool"), causal_mask)
             )
-        causal_normalization = (
-            self._causal_normalization or use_causal_mask or _CAUSAL_MASK_IN_CALL.get()
-        )
+        causal_normalization = use_causal_mask or self._normalizes_causally()
         # The backend variable: a compiled TensorFlow function cannot take
         # the Keras wrapper.
         mixing_logits, null_query_logits = (

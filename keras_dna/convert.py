@@ -3,100 +3,317 @@
     dna_model = keras_dna.convert.to_doubly_normalized(trained_mha_model)
     dna_model.compile(...); dna_model.fit(...)  # fine-tune with DNA
 
-The weights are copied, so with `normalization="single"` the converted model
+The conversion reaches every attention layer: graph nodes of functional
+models (nested ones too), attention held by custom layers and subclassed
+models, keras-hub's Transformer layers, backbones and task models. Each
+`MultiHeadAttention` becomes a `DoublyNormalizedAttention` in place (its
+class is swapped: same weights, names and sublayers), keras-hub's
+`CachedMultiHeadAttention` a `keras_dna.hub.CachedDoublyNormalizedAttention`.
+A layer or model that builds attention itself (so would build softmax again
+when loaded) becomes an instance of a registered subclass of its own class,
+`DoublyNormalized<Class>`, that converts what it builds: the converted model
+saves to `.keras` and loads as DNA. With `normalization="single"` it
 computes exactly what the original did.
 """
+
+import inspect
 
 import keras
 
 from keras_dna.attention import DoublyNormalizedAttention
+from keras_dna.ops.checks import check_normalization
 
-__all__ = ["to_doubly_normalized"]
+__all__ = ["converted_class", "make_doubly_normalized", "to_doubly_normalized"]
+
+# The keyword arguments of `DoublyNormalizedAttention` a conversion may set.
+ATTENTION_OPTIONS = (
+    "normalization", "causal_normalization", "jit_compile", "chunk_size", "null_query",
+    "null_query_initializer",
+)
 
 
 def to_doubly_normalized(
     model, normalization="double", causal_normalization=(), null_query=None
 ):
-    """Returns a copy of `model` with every MultiHeadAttention replaced.
+    """Returns a copy of `model` with every attention layer doubly normalized.
 
     Args:
-        model: A built functional or `Sequential` Keras model (subclassed
-            models cannot be cloned: build them with DoublyNormalizedAttention
-            directly and load the weights with `set_weights`).
+        model: A built Keras model: functional, `Sequential`, subclassed (if
+            it can be rebuilt from its config), or a keras-hub backbone or
+            task model. An attention layer that keras_dna cannot convert
+            (another class of attention) is a `ValueError` naming it.
         normalization: `normalization` of the new layers.
-        causal_normalization: Names of the layers that need
+        causal_normalization: Names of the attention layers that need
             `causal_normalization=True`: those in decoders that receive a
             causal `attention_mask` instead of `use_causal_mask=True`, and
             decoder cross-attention. `True` selects all attention layers.
+            keras-hub's decoders need no names: their self-attention
+            normalizes causally with the causal mask they build, their
+            cross-attention always.
         null_query: `True` or `False` sets `null_query` of every new layer
             (see `DoublyNormalizedAttention`); `None` (default) keeps each
             layer's own (`False` for a `MultiHeadAttention`).
 
     Returns:
-        A new model sharing no variables with `model`; all weights equal.
-        Mixing and null query logits a layer already had are kept; new
-        ones start at their initial values.
+        A new model of the same class (or of its `DoublyNormalized<Class>`
+        subclass, see `converted_class`; a converted keras-hub causal LM
+        generates through the DNA cache) sharing no variables with `model`;
+        all weights equal. Mixing and null query logits a layer already had
+        are kept; new ones start at their initial values.
     """
-    if not isinstance(model, (keras.Sequential, keras.Model)) or not model.built:
+    if not isinstance(model, keras.Model) or not model.built:
         raise TypeError(
-            "Argument `model` must be a built Keras model. "
-            f"Received: {type(model).__name__}"
+            f"Argument `model` must be a built Keras model. Received: {type(model).__name__}"
         )
-    if null_query not in (None, True, False):
-        raise TypeError(
-            f"Argument `null_query` must be None, True or False. Received: {null_query!r}"
-        )
-    if causal_normalization is True:
-        causal_names = None  # all
-    elif isinstance(causal_normalization, (list, tuple, set, frozenset)):
-        causal_names = set(causal_normalization)
-    else:
-        raise TypeError(
-            "Argument `causal_normalization` must be True or a collection of "
-            f"layer names. Received: {causal_normalization!r}"
-        )
-    seen = set()
-
-    def replace(layer):
-        if not isinstance(layer, keras.layers.MultiHeadAttention):
-            return layer.__class__.from_config(layer.get_config())
-        seen.add(layer.name)
-        config = {
-            **layer.get_config(),
-            "normalization": normalization,
-            "causal_normalization": causal_names is None or layer.name in causal_names,
-        }
-        if null_query is not None:
-            config["null_query"] = null_query
-        return DoublyNormalizedAttention.from_config(config)
-
-    try:
-        converted = keras.models.clone_model(model, clone_function=replace)
-    except ValueError as error:
-        raise TypeError(
-            "Argument `model` could not be cloned (subclassed models cannot "
-            f"be): {error}"
-        ) from error
-    if causal_names is not None and not causal_names <= seen:
+    check_normalization(normalization)
+    options = _checked_tree_options(
+        {"normalization": normalization, "causal_normalization": causal_normalization,
+         "null_query": null_query}
+    )
+    copy = _copy(model)
+    converted = _convert_tree(copy, options)
+    causal = options["causal_normalization"]
+    if causal is not True and not set(causal) <= set(converted):
         raise ValueError(
             "Argument `causal_normalization` names layers that are not "
-            f"attention layers of the model: {sorted(causal_names - seen)}"
+            f"attention layers of the model: {sorted(set(causal) - set(converted))}"
         )
-    for old, new in zip(model.layers, converted.layers):
-        if isinstance(new, DoublyNormalizedAttention):
-            _copy_attention_weights(old, new)
+    if converted and not _is_plain_container(copy):
+        _swap_class(copy, converted_class(type(copy)))
+        copy._attention_options = options
+    return copy
+
+
+def _copy(model):
+    """A copy of `model` with equal weights and no shared variables."""
+    classes = {type(layer).__name__: type(layer) for layer in model._flatten_layers()}
+    try:
+        if _is_plain_container(model):
+            copy = keras.models.clone_model(model, recursive=True)
         else:
-            new.set_weights(old.get_weights())
+            copy = keras.saving.deserialize_keras_object(
+                keras.saving.serialize_keras_object(model), custom_objects=classes
+            )
+        copy.set_weights(model.get_weights())
+    except (TypeError, ValueError, NotImplementedError) as error:
+        raise TypeError(
+            f"Argument `model` ({type(model).__name__}) could not be copied from "
+            "its config, so it cannot be converted: give its class a "
+            "`get_config` that rebuilds it, or build it with "
+            f"DoublyNormalizedAttention directly. ({error})"
+        ) from error
+    return copy
+
+
+def checked_attention_options(name, options):
+    """`options` as a dict, checked to hold only `ATTENTION_OPTIONS`."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(ATTENTION_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"Argument `{name}` takes the keyword arguments {ATTENTION_OPTIONS} "
+            f"of DoublyNormalizedAttention. Received unknown keys: {unknown}"
+        )
+    return options
+
+
+def _hub_classes():
+    """keras-hub's cached attention and Transformer layers with their DNA
+    counterparts, or `{}` without keras-hub."""
+    try:
+        import keras_hub
+    except ImportError:
+        return {}
+    from keras_dna import hub
+
+    return {
+        keras_hub.layers.CachedMultiHeadAttention: hub.CachedDoublyNormalizedAttention,
+        keras_hub.layers.TransformerEncoder: hub.TransformerEncoder,
+        keras_hub.layers.TransformerDecoder: hub.TransformerDecoder,
+    }
+
+
+def _attention_class(layer):
+    """The DNA class `layer` becomes, `None` if it is no attention layer."""
+    cls = type(layer)
+    if isinstance(layer, DoublyNormalizedAttention):
+        return cls
+    if cls is keras.layers.MultiHeadAttention:
+        return DoublyNormalizedAttention
+    hub_class = _hub_classes().get(cls)
+    if hub_class is not None and issubclass(hub_class, DoublyNormalizedAttention):
+        return hub_class
+    if isinstance(layer, keras.layers.MultiHeadAttention) or cls.__name__.endswith("Attention"):
+        raise ValueError(
+            f"Layer '{layer.name}' ({cls.__module__}.{cls.__name__}) is an attention "
+            "layer keras_dna cannot convert: it is not MultiHeadAttention or "
+            "keras-hub's CachedMultiHeadAttention, whose computation "
+            "DoublyNormalizedAttention replaces."
+        )
+    return None
+
+
+def _swap_class(layer, cls):
+    layer.__class__ = cls
+    # Keras reads the call signature once, at construction.
+    layer._call_signature = inspect.signature(layer.call)
+    layer.call_signature_parameters = list(layer._call_signature.parameters)
+
+
+def _options_of(layer):
+    if not isinstance(layer, DoublyNormalizedAttention):
+        return {}
+    config = layer.get_config()
+    return {name: config[name] for name in ATTENTION_OPTIONS}
+
+
+def make_doubly_normalized(layer, **options):
+    """Turns an attention layer into DNA in place; returns it.
+
+    A `keras.layers.MultiHeadAttention` becomes a `DoublyNormalizedAttention`,
+    keras-hub's `CachedMultiHeadAttention` a `CachedDoublyNormalizedAttention`,
+    a DNA layer takes the new options. Weights, names and sublayers stay;
+    per-head logits the layer already has are kept where the new options
+    have them too.
+
+    Args:
+        layer: The attention layer.
+        **options: Keyword arguments of `DoublyNormalizedAttention` (see
+            `ATTENTION_OPTIONS`); unset ones keep the layer's own.
+    """
+    options = checked_attention_options("options", options)
+    cls = _attention_class(layer)
+    if cls is None:
+        raise TypeError(
+            f"Argument `layer` must be an attention layer. Received: {type(layer).__name__}"
+        )
+    options = {**_options_of(layer), **options}
+    if _options_of(layer) == options and type(layer) is cls:
+        return layer
+    kept = {
+        name: getattr(layer, name).numpy()
+        for name in ("mixing_logits", "null_query_logits")
+        if getattr(layer, name, None) is not None
+    }
+    _swap_class(layer, cls)
+    layer._set_options(**options)
+    for name, value in kept.items():
+        if getattr(layer, name) is not None:
+            getattr(layer, name).assign(value)
+    return layer
+
+
+_CONVERTED_CLASSES = {}
+
+
+class _ConvertsAttention:
+    """Mixed into `DoublyNormalized<Class>`: converts the attention the base
+    class builds, in `__init__` and in `build`, with the stored options."""
+
+    def __init__(self, *args, attention_options=None, **kwargs):
+        self._attention_options = _checked_tree_options(attention_options or {})
+        super().__init__(*args, **kwargs)
+        _convert_tree(self, self._attention_options)
+
+    def build(self, *args, **kwargs):
+        super().build(*args, **kwargs)
+        _convert_tree(self, self._attention_options)
+
+    def get_config(self):
+        return {**super().get_config(), "attention_options": dict(self._attention_options)}
+
+
+def converted_class(cls):
+    """`DoublyNormalized<cls>`: a registered subclass of the layer or model
+    class `cls` that converts the attention it builds.
+
+    `to_doubly_normalized` uses it for layers that build their own attention.
+    To load a converted model in a new process, call it first for each such
+    class of your own (keras-hub's are registered by `import keras_dna.hub`).
+    """
+    if issubclass(cls, _ConvertsAttention):
+        return cls
+    if cls not in _CONVERTED_CLASSES:
+        mixins = (_ConvertsAttention,)
+        hub = _hub_classes()
+        if hub:
+            from keras_dna.hub.generation import GeneratesWithCache
+            from keras_dna.hub.generation import is_causal_lm
+
+            if is_causal_lm(cls):
+                mixins = (GeneratesWithCache,) + mixins
+        name = f"DoublyNormalized{cls.__name__}"
+        converted = type(name, mixins + (cls,), {"__module__": __name__, "__doc__": cls.__doc__})
+        _CONVERTED_CLASSES[cls] = keras.saving.register_keras_serializable(
+            package="keras_dna"
+        )(converted)
+    return _CONVERTED_CLASSES[cls]
+
+
+def _is_plain_container(layer):
+    """Functional and Sequential models serialize their layers' configs, so
+    converted layers load as converted; any other class builds its own."""
+    return type(layer) in (keras.Model, keras.Sequential) or (
+        type(layer).__name__ == "Functional" and type(layer).__module__.startswith("keras.")
+    )
+
+
+def _children(layer):
+    return list(getattr(layer, "_layers", []))
+
+
+def _convert_tree(root, options):
+    """Converts every attention layer under `root`; returns their names."""
+    converted = []
+    holders = tuple(_hub_classes().values())
+
+    def visit(layer, ancestors):
+        hub_class = _hub_classes().get(type(layer), type(layer))
+        target = _attention_class(layer)
+        if target is not None:
+            make_doubly_normalized(layer, **_layer_options(layer, options))
+        elif issubclass(hub_class, holders):
+            # keras-hub's Transformer layers: ours convert what they build.
+            _swap_class(layer, hub_class)
+            layer._use_model_options(options)
+            if layer.built:
+                layer._convert_attention()
+        else:
+            for child in _children(layer):
+                visit(child, ancestors + [layer])
+            return
+        converted.append(layer.name)
+        for ancestor in ancestors[1:]:
+            if not _is_plain_container(ancestor) and not isinstance(ancestor, holders):
+                _swap_class(ancestor, converted_class(type(ancestor)))
+                ancestor._attention_options = dict(options)
+
+    for child in _children(root):
+        visit(child, [root])
     return converted
 
 
-def _copy_attention_weights(old, new):
-    """Copies sublayer by sublayer, and the per-head logits both layers have."""
-    for name in ("_query_dense", "_key_dense", "_value_dense", "_output_dense", "_gate_dense"):
-        if hasattr(old, name):
-            getattr(new, name).set_weights(getattr(old, name).get_weights())
-    for name in ("mixing_logits", "null_query_logits"):
-        source = getattr(old, name, None)
-        target = getattr(new, name, None)
-        if source is not None and target is not None:
-            target.assign(source)
+def _layer_options(layer, options):
+    causal = options.get("causal_normalization", ())
+    result = {"normalization": options["normalization"]}
+    if causal is True or layer.name in causal:
+        result["causal_normalization"] = True
+    if options.get("null_query") is not None:
+        result["null_query"] = options["null_query"]
+    return result
+
+
+def _checked_tree_options(options):
+    causal = options.get("causal_normalization", ())
+    if not (causal is True or isinstance(causal, (list, tuple, set, frozenset))):
+        raise TypeError(
+            "Argument `causal_normalization` must be True or a collection of "
+            f"layer names. Received: {causal!r}"
+        )
+    if options.get("null_query") not in (None, True, False):
+        raise TypeError(
+            "Argument `null_query` must be None, True or False. Received: "
+            f"{options.get('null_query')!r}"
+        )
+    causal = causal if causal is True else sorted(causal)
+    return {**options, "causal_normalization": causal}

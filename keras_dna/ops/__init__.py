@@ -18,6 +18,8 @@ can also be used on their own, in the style of
 - `normalization`: softmax and double normalization, with gradients;
 - `causal`: prefix log-sum-exps for causal normalization;
 - `blockwise`: the `chunk_size` path, blocks of queries;
+- `incremental`: causal normalization over queries that arrive in blocks
+  (decoding with a cache);
 - `numerics`: working dtypes, masked values, underflow floors;
 - `checks`: argument checks shared with the layer;
 - `backend`: what a Keras backend does differently (einsum, compilation);
@@ -28,9 +30,11 @@ from keras_dna.ops.attention import doubly_normalized_attention
 from keras_dna.ops.attention import doubly_normalized_attention_weights
 from keras_dna.ops.attention import normalize_attention_scores
 from keras_dna.ops.checks import NORMALIZATIONS
+from keras_dna.ops.incremental import causal_block_weights
 
 __all__ = [
     "NORMALIZATIONS",
+    "causal_block_weights",
     "doubly_normalized_attention",
     "doubly_normalized_attention_weights",
     "normalize_attention_scores",

@@ -102,7 +102,7 @@ def normalize_attention_scores(
     full_shape = ops.shape(scores)
     if num_attention_axes > 1:
         scores, valid = _flatten_attention_axes(scores, valid, num_attention_axes)
-    weights = _normalize(
+    weights = normalize_weights(
         scores, valid, normalization, causal_normalization, mixing_logits, null_query_logits
     )
     if num_attention_axes > 1:
@@ -146,10 +146,13 @@ def _flatten_attention_axes(scores, valid, num_attention_axes):
     return scores, valid
 
 
-def _normalize(scores, valid, normalization, causal, mixing_logits, null_logits):
+def normalize_weights(scores, valid, normalization, causal, mixing_logits, null_logits):
     """Weights of `(..., num_heads, T, S)` unmasked scores.
 
-    `mixing_logits` and `null_logits` are `None` or shaped `(num_heads, 1, 1)`.
+    `mixing_logits` is `None` or shaped `(num_heads, 1, 1)`; `null_logits`
+    `None` or broadcastable against the per-key normalizers, `(..., num_heads,
+    1, S)`: one per head, or (causal only) one per key, as decoding's key
+    state.
     """
     if normalization == "single":
         return row_softmax(scores, valid)[0]

@@ -1,0 +1,225 @@
+"""`CachedDoublyNormalizedAttention`: keras-hub's cached call, doubly normalized."""
+
+import contextlib
+import contextvars
+
+import keras
+from keras import ops
+
+from keras_dna.attention import DoublyNormalizedAttention
+from keras_dna.ops import causal_block_weights
+from keras_dna.ops import normalize_attention_scores
+from keras_dna.ops.backend import compiled
+from keras_dna.ops.backend import einsum
+
+# Where a prefill's committed queries end: a causal LM's `generate` runs the
+# whole padded prompt through the cache once, then processes the tokens from
+# the shortest prompt's last one on again, one per step. Those must not join
+# the key state twice.
+_PREFILL_END = contextvars.ContextVar("prefill_end", default=None)
+
+# The cache's slots: keys, values and, with causal double normalization, the
+# key state.
+_KEY, _VALUE, _STATE = 0, 1, 2
+
+
+@contextlib.contextmanager
+def prefill_until(position):
+    """Within the block, cached calls commit only queries before `position`
+    (a scalar, int or tensor) to the key state."""
+    token = _PREFILL_END.set(position)
+    try:
+        yield
+    finally:
+        _PREFILL_END.reset(token)
+
+
+@keras.saving.register_keras_serializable(package="keras_dna")
+class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
+    """`DoublyNormalizedAttention` with keras-hub's key/value cache.
+
+    Takes the call of `keras_hub.layers.CachedMultiHeadAttention` (the
+    `cache` and `cache_update_index` arguments, the same return values), so
+    keras-hub's decoders and causal LMs can decode with it; without a
+    cache it is `DoublyNormalizedAttention`, all of whose options it takes.
+
+    Decoding needs causal normalization: a key's normalizer may only sum
+    over the queries decoded so far. Each call then adds its queries to a
+    running log-sum-exp per cached key, the key state, so a prompt processed
+    at once and then one token per step gets the weights of one call over
+    the whole sequence.
+
+    Cache layout: `(B, slots, S, num_heads, head_dim)` (`key_dim` must equal
+    `value_dim`). Slot 0 holds the projected keys and slot 1 the values, as
+    keras-hub's. With `normalization="single"` there are no other slots: the
+    cache is keras-hub's. Otherwise slot 2 holds the key state:
+    `[..., 0]` each key's log-sum-exp of its scores over the queries so far
+    (per head) and `[..., 1]` 1 where there was any, 0 where none (the rest
+    is zeros; `head_dim` must be at least 2). A two-slot cache, such as the
+    zeros keras-hub's causal LMs start from, counts as one without queries:
+    the first call returns the three-slot cache. With
+    `cache_update_index=None` (the static cache of cross-attention) the keys
+    and values stay and the key state still grows, so the returned cache
+    must be passed to the next step.
+
+    Call arguments:
+        query: Query tensor of shape `(B, T, dim)`.
+        value: Value tensor of shape `(B, S*, dim)`: with a cache and a
+            `cache_update_index`, the new tokens to write into the cache
+            from that index; with a cache and no index, ignored.
+        key: Optional key tensor, shaped as `value`.
+        attention_mask: Optional boolean mask of shape `(B, T, S)`, `S` the
+            cache length when there is a cache.
+        cache: Optional cache, laid out as above.
+        cache_update_index: Optional int or int tensor: where `value` and
+            `key` go in the cache.
+        return_attention_scores: Whether to also return the weights.
+        training: Whether dropout is active.
+        **kwargs: Without a cache, the other call arguments of
+            `DoublyNormalizedAttention` (`query_mask`, `use_causal_mask`,
+            ...).
+
+    Returns:
+        `attention_output`, then the weights if `return_attention_scores`,
+        then the updated cache if a cache was given.
+    """
+
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        attention_mask=None,
+        cache=None,
+        cache_update_index=None,
+        return_attention_scores=False,
+        training=None,
+        **kwargs,
+    ):
+        if cache is None:
+            if cache_update_index is not None:
+                raise ValueError(
+                    "`cache_update_index` needs a `cache`. Received: "
+                    f"cache=None, cache_update_index={cache_update_index}"
+                )
+            return super().call(
+                query, value, key=key, attention_mask=attention_mask,
+                return_attention_scores=return_attention_scores, training=training, **kwargs,
+            )
+        if kwargs:
+            raise ValueError(
+                "With a `cache`, masks other than `attention_mask` are not "
+                f"taken. Received: {sorted(kwargs)}"
+            )
+        self._check_cache(cache)
+        gate = self._gate_dense(query) if self._use_gate else None
+        query = self._query_dense(query)
+        key = value if key is None else key
+        keys, values = cache[:, _KEY], cache[:, _VALUE]
+        if cache_update_index is not None:
+            start = [0, cache_update_index, 0, 0]
+            keys = ops.slice_update(keys, start, ops.cast(self._key_dense(key), keys.dtype))
+            values = ops.slice_update(
+                values, start, ops.cast(self._value_dense(value), values.dtype)
+            )
+        output, weights, state = self._attend_cached(
+            query, keys, values, attention_mask, cache, cache_update_index, training
+        )
+        if state is not None:
+            cache = ops.stack([keys, values, state], axis=1)
+        elif cache_update_index is not None:
+            cache = ops.stack([keys, values], axis=1)
+        if gate is not None:
+            output = ops.multiply(output, gate)
+        output = self._output_dense(output)
+        if return_attention_scores:
+            return output, weights, cache
+        return output, cache
+
+    def _check_cache(self, cache):
+        slots = (2,) if self._normalization == "single" else (2, 3)
+        shape = tuple(cache.shape)
+        if (
+            len(shape) != 5
+            or shape[1] not in slots
+            or shape[3:] != (self._num_heads, self._key_dim)
+        ):
+            raise ValueError(
+                "Argument `cache` must have shape (batch, slots, length, "
+                f"num_heads, head_dim) = (B, {' or '.join(map(str, slots))}, S, "
+                f"{self._num_heads}, {self._key_dim}) (see the class docstring). "
+                f"Received: cache.shape={shape}"
+            )
+        if self._value_dim != self._key_dim:
+            raise ValueError(
+                "A cache holds keys and values in one tensor, so `value_dim` "
+                f"must equal `key_dim`. Received: key_dim={self._key_dim}, "
+                f"value_dim={self._value_dim}"
+            )
+        if self._normalization != "single":
+            if not self._normalizes_causally():
+                raise ValueError(
+                    "Decoding with a cache needs causal normalization: "
+                    f"normalization={self._normalization!r} otherwise sums each "
+                    "key's scores over all queries, later ones included. Build "
+                    "the layer with causal_normalization=True."
+                )
+            if self._key_dim < 2:
+                raise ValueError(
+                    "The key state of a doubly-normalized cache needs "
+                    f"head_dim >= 2. Received: key_dim={self._key_dim}"
+                )
+
+    def _attend_cached(self, query, keys, values, attention_mask, cache, update_index, training):
+        """Output, weights and the new key state (`None` for softmax)."""
+        query = ops.multiply(query, self._inverse_sqrt_key_dim)
+        scores = einsum(self._dot_product_equation, keys, query)
+        valid = None
+        if attention_mask is not None:
+            valid = self._with_heads_axis(ops.cast(attention_mask, "bool"), 4)
+        state = None
+        if self._normalization == "single":
+            weights = normalize_attention_scores(scores, valid, normalization="single")
+        else:
+            weights, state = self._causal_block(scores, valid, cache, update_index)
+        dropped = self._dropout_layer(weights, training=training) if self._dropout else weights
+        return einsum(self._combine_equation, dropped, values), weights, state
+
+    def _causal_block(self, scores, valid, cache, update_index):
+        working = "float64" if scores.dtype == "float64" else "float32"
+        key_lse, key_seen = _unpack_state(cache, working)
+        committed = None
+        end = _PREFILL_END.get()
+        if end is not None and update_index is not None:
+            positions = update_index + ops.arange(ops.shape(scores)[-2])
+            committed = ops.reshape(positions < end, (1, 1, -1, 1))
+        mixing, null = (
+            None if weight is None else ops.reshape(ops.cast(weight.value, working), (-1, 1, 1))
+            for weight in (self._mixing_logits, self._null_query_logits)
+        )
+        weights, key_lse, key_seen = compiled(causal_block_weights, self._jit_compile)(
+            ops.cast(scores, working), valid, key_lse, key_seen, committed,
+            normalization=self._normalization, mixing_logits=mixing, null_logits=null,
+        )
+        return ops.cast(weights, scores.dtype), _pack_state(key_lse, key_seen, cache)
+
+
+def _unpack_state(cache, dtype):
+    """`(key_lse, key_seen)` shaped `(B, N, 1, S)` from the cache's slot 2."""
+    if cache.shape[1] == _STATE:
+        shape = ops.shape(cache)
+        empty = ops.zeros((shape[0], shape[3], 1, shape[2]), dtype)
+        return empty, ops.cast(empty, "bool")
+    state = ops.transpose(cache[:, _STATE], (0, 2, 1, 3))
+    key_lse = ops.expand_dims(ops.cast(state[..., 0], dtype), -2)
+    key_seen = ops.expand_dims(state[..., 1] > 0.5, -2)
+    return key_lse, key_seen
+
+
+def _pack_state(key_lse, key_seen, cache):
+    """Slot 2 of the cache, `(B, S, N, head_dim)`, from the key state."""
+    columns = [ops.cast(key_lse, cache.dtype), ops.cast(key_seen, cache.dtype)]
+    state = ops.stack([ops.squeeze(c, -2) for c in columns], axis=-1)  # (B, N, S, 2)
+    state = ops.transpose(state, (0, 2, 1, 3))
+    padding = ops.zeros_like(cache[:, _KEY, ..., 2:])
+    return ops.concatenate([state, padding], axis=-1)

@@ -1,0 +1,131 @@
+"""keras-hub's `TransformerEncoder` and `TransformerDecoder`, doubly normalized.
+
+Each builds keras-hub's layer and then turns its attention layers into DNA
+in place (`keras_dna.convert.make_doubly_normalized`): same weights, same
+names, so checkpoints of keras-hub's layers load into these.
+"""
+
+import keras
+import keras_hub
+
+from keras_dna.attention import normalizing_causally
+from keras_dna.convert import checked_attention_options
+from keras_dna.convert import make_doubly_normalized
+
+
+def _site_options(options):
+    """One attention layer's options from a whole model's (see
+    `keras_dna.convert.to_doubly_normalized`)."""
+    site = {"normalization": options["normalization"]}
+    if options.get("null_query") is not None:
+        site["null_query"] = options["null_query"]
+    if options.get("causal_normalization") is True:
+        site["causal_normalization"] = True
+    return site
+
+
+@keras.saving.register_keras_serializable(package="keras_dna")
+class TransformerEncoder(keras_hub.layers.TransformerEncoder):
+    """`keras_hub.layers.TransformerEncoder` with doubly-normalized attention.
+
+    Args:
+        attention_options: Keyword arguments of `DoublyNormalizedAttention`
+            for the self-attention (`normalization`, `null_query`,
+            `causal_normalization`, `chunk_size`, `jit_compile`,
+            `null_query_initializer`); defaults to double normalization.
+        *args, **kwargs: Those of `keras_hub.layers.TransformerEncoder`.
+    """
+
+    def __init__(self, *args, attention_options=None, **kwargs):
+        self._attention_options = checked_attention_options(
+            "attention_options", attention_options
+        )
+        super().__init__(*args, **kwargs)
+
+    def build(self, inputs_shape):
+        super().build(inputs_shape)
+        self._convert_attention()
+
+    def _convert_attention(self):
+        make_doubly_normalized(self._self_attention_layer, **self._attention_options)
+
+    def _use_model_options(self, options):
+        """Takes the options of `keras_dna.convert.to_doubly_normalized`."""
+        self._attention_options = _site_options(options)
+
+    def get_config(self):
+        return {**super().get_config(), "attention_options": dict(self._attention_options)}
+
+
+@keras.saving.register_keras_serializable(package="keras_dna")
+class TransformerDecoder(keras_hub.layers.TransformerDecoder):
+    """`keras_hub.layers.TransformerDecoder` with doubly-normalized attention.
+
+    Its attention layers are `keras_dna.hub.CachedDoublyNormalizedAttention`,
+    so it decodes with a cache as keras-hub's does (see that class for the
+    cache layout). The self-attention normalizes causally whenever the
+    layer builds its causal mask (`use_causal_mask=True`, the default);
+    the cross-attention always does, as decoding produces the queries one at
+    a time (DNA.md, "Causal normalization").
+
+    Args:
+        self_attention_options: Keyword arguments of
+            `DoublyNormalizedAttention` for the self-attention
+            (`normalization`, `null_query`, `causal_normalization`,
+            `chunk_size`, `jit_compile`, `null_query_initializer`); defaults
+            to double normalization.
+        cross_attention_options: The same for the cross-attention;
+            `causal_normalization` defaults to `True`.
+        *args, **kwargs: Those of `keras_hub.layers.TransformerDecoder`.
+    """
+
+    def __init__(self, *args, self_attention_options=None, cross_attention_options=None, **kwargs):
+        self._self_attention_options = checked_attention_options(
+            "self_attention_options", self_attention_options
+        )
+        self._cross_attention_options = checked_attention_options(
+            "cross_attention_options", {"causal_normalization": True, **(cross_attention_options or {})}
+        )
+        super().__init__(*args, **kwargs)
+
+    def build(self, decoder_sequence_shape, encoder_sequence_shape=None):
+        super().build(decoder_sequence_shape, encoder_sequence_shape)
+        self._convert_attention()
+
+    def _convert_attention(self):
+        make_doubly_normalized(self._self_attention_layer, **self._self_attention_options)
+        if self._cross_attention_layer is not None:
+            make_doubly_normalized(self._cross_attention_layer, **self._cross_attention_options)
+
+    def _use_model_options(self, options):
+        """Takes the options of `keras_dna.convert.to_doubly_normalized`."""
+        self._self_attention_options = _site_options(options)
+        self._cross_attention_options = {**_site_options(options), "causal_normalization": True}
+
+    def call(
+        self,
+        decoder_sequence,
+        encoder_sequence=None,
+        decoder_padding_mask=None,
+        decoder_attention_mask=None,
+        encoder_padding_mask=None,
+        encoder_attention_mask=None,
+        self_attention_cache=None,
+        self_attention_cache_update_index=None,
+        cross_attention_cache=None,
+        cross_attention_cache_update_index=None,
+        use_causal_mask=True,
+        training=None,
+    ):
+        arguments = dict(locals())
+        del arguments["self"], arguments["__class__"]
+        with normalizing_causally(self._self_attention_layer, use_causal_mask):
+            return super().call(**arguments)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "self_attention_options": dict(self._self_attention_options),
+            "cross_attention_options": dict(self._cross_attention_options),
+        }
+

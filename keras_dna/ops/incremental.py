@@ -1,0 +1,56 @@
+"""Causal double normalization over queries that arrive in blocks (decoding).
+
+Under causal normalization, key `j`'s normalizer for query `i` is a running
+log-sum-exp over the queries up to `i`. Decoding keeps it per key, the "key
+state": `lse[j]`, the log-sum-exp of key `j`'s valid scores over the queries
+already processed, and `seen[j]`, whether there was any. A block of new
+queries (a whole prompt, or one token per step) then normalizes with
+`c[i, j] = logaddexp(lse[j], logsumexp over valid block queries i' <= i of
+s[i', j])` (the null query's `beta` joining as one more term), which equals
+what one call over the whole sequence gives; the state after the block
+includes the block's queries. A softmax cache costs the same: the state is
+one number per key, and each step adds one score to it.
+"""
+
+from keras import ops
+
+from keras_dna.ops.attention import normalize_weights
+from keras_dna.ops.normalization import key_logsumexp
+from keras_dna.ops.numerics import logaddexp
+from keras_dna.ops.numerics import masked_value
+
+
+def causal_block_weights(
+    scores, valid, key_lse, key_seen, committed=None, *, normalization="double",
+    mixing_logits=None, null_logits=None,
+):
+    """Weights of a block of queries, and the key state after it.
+
+    Args:
+        scores: `(batch, num_heads, T, S)` scaled scores of the block's `T`
+            queries against all `S` keys (float32 or float64).
+        valid: `None` or a boolean tensor broadcastable to `scores`.
+        key_lse: `(batch, num_heads, 1, S)`: each key's log-sum-exp over the
+            queries before the block (any value where `key_seen` is False).
+        key_seen: Boolean, shaped as `key_lse`.
+        committed: `None`, or a boolean tensor broadcastable to `(batch, 1,
+            T, 1)`: the block queries that join the state (a prompt that will
+            be processed again token by token must not count twice). All
+            queries get their weights either way.
+        normalization: `"double"` or `"hybrid"`.
+        mixing_logits, null_logits: `None` or shaped `(num_heads, 1, 1)`.
+
+    Returns:
+        `(weights, key_lse, key_seen)`.
+    """
+    earlier = ops.where(key_seen, key_lse, masked_value(key_lse))
+    prior = earlier if null_logits is None else logaddexp(earlier, null_logits)
+    weights = normalize_weights(scores, valid, normalization, True, mixing_logits, prior)
+    joining = ops.ones_like(scores, dtype="bool") if valid is None else valid
+    if committed is not None:
+        joining = ops.logical_and(joining, committed)
+    joining = ops.broadcast_to(joining, ops.shape(scores))
+    block_lse = key_logsumexp(ops.where(joining, scores, masked_value(scores)))
+    block_seen = ops.any(joining, axis=-2, keepdims=True)
+    key_lse = ops.where(block_seen, logaddexp(earlier, block_lse), key_lse)
+    return weights, key_lse, ops.logical_or(key_seen, block_seen)
