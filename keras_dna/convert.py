@@ -95,6 +95,10 @@ def _copy(model):
                 keras.saving.serialize_keras_object(model), custom_objects=classes
             )
         copy.set_weights(model.get_weights())
+        if getattr(model, "preprocessor", None) is not None:
+            # keras-hub's preprocessors keep their vocabularies out of the
+            # config (as assets); they hold no weights, so the copy shares it.
+            copy.preprocessor = model.preprocessor
     except (TypeError, ValueError, NotImplementedError) as error:
         raise TypeError(
             f"Argument `model` ({type(model).__name__}) could not be copied from "

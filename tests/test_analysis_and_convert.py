@@ -251,14 +251,27 @@ def test_convert_rejects_what_it_cannot_convert():
         keras_dna.convert.to_doubly_normalized(model, causal_normalization="decoder")
 
     class Subclassed(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.attention = keras.layers.MultiHeadAttention(2, 4)
+        def __init__(self, heads=2, **kwargs):
+            super().__init__(**kwargs)
+            self.attention = keras.layers.MultiHeadAttention(heads, 4)
 
         def call(self, x):
             return self.attention(x, x)
 
+    x = np.random.default_rng(0).normal(size=(1, 3, 4)).astype("float32")
     subclassed = Subclassed()
-    subclassed(np.zeros((1, 3, 4), "float32"))
-    with pytest.raises(TypeError, match="cloned"):
-        keras_dna.convert.to_doubly_normalized(subclassed)
+    subclassed(x)
+    # Rebuilt from its config (its constructor's defaults), it converts.
+    converted = keras_dna.convert.to_doubly_normalized(subclassed, normalization="single")
+    assert isinstance(converted, Subclassed)
+    assert isinstance(converted.attention, keras_dna.DoublyNormalizedAttention)
+    np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(subclassed(x)), atol=1e-6)
+
+    class NeedsArgument(Subclassed):
+        def __init__(self, width, **kwargs):
+            super().__init__(**kwargs)
+
+    needs = NeedsArgument(3)
+    needs(x)
+    with pytest.raises(TypeError, match="could not be copied"):
+        keras_dna.convert.to_doubly_normalized(needs)
