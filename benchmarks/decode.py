@@ -1,0 +1,114 @@
+"""Per-token cost of a cached decoding step: the DNA cache against keras-hub's.
+
+One self-attention step (one new token against a cache of length S, causal
+mask) of `keras_dna.hub.CachedDoublyNormalizedAttention` (causal double
+normalization: the key state is read, one score added per key, written back)
+and of `keras_hub.layers.CachedMultiHeadAttention`, each compiled with XLA as
+keras-hub's `generate` compiles it on TensorFlow. Same process, the two
+layers' calls interleaved, median over repeats; reported as the ratio
+DNA / MHA per cache length.
+
+    python benchmarks/decode.py --lengths 128 512 1024 2048 4096
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--output", default="benchmarks/decode")
+    return p.parse_args(argv)
+
+
+def _step_function(layer, slots, args, length):
+    import numpy as np
+    import tensorflow as tf
+
+    width = args.heads * args.head_dim
+    rng = np.random.default_rng(0)
+    cache = rng.normal(size=(args.batch, slots, length, args.heads, args.head_dim))
+    if slots == 3:
+        cache[:, 2, ..., 1] = 1.0  # every key seen by earlier queries
+        cache[:, 2, ..., 2:] = 0.0
+    cache = tf.constant(cache, "float32")
+    token = tf.constant(rng.normal(size=(args.batch, 1, width)), "float32")
+    layer(token, token)  # build
+    index = length - 1
+    mask = tf.constant(np.arange(length)[None, None, :] <= index)
+
+    @tf.function(jit_compile=True)
+    def step(token, cache):
+        return layer(token, token, attention_mask=mask, cache=cache, cache_update_index=index)
+
+    return lambda: step(token, cache)
+
+
+def measure(args, length):
+    import keras_hub
+
+    from keras_dna.hub import CachedDoublyNormalizedAttention
+
+    steps = {
+        "mha": _step_function(
+            keras_hub.layers.CachedMultiHeadAttention(args.heads, args.head_dim), 2, args, length
+        ),
+        "dna": _step_function(
+            CachedDoublyNormalizedAttention(args.heads, args.head_dim, causal_normalization=True),
+            3, args, length,
+        ),
+    }
+    times = {name: [] for name in steps}
+    for name, step in steps.items():
+        for _ in range(5):
+            step()[0].numpy()  # compile and warm up
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()[0].numpy()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "cache_length": length,
+        "mha_ms": 1e3 * median["mha"],
+        "dna_ms": 1e3 * median["dna"],
+        "ratio": median["dna"] / median["mha"],
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = []
+    for length in args.lengths:
+        rows.append(measure(args, length))
+        print(json.dumps(rows[-1]), flush=True)
+    output = pathlib.Path(args.output)
+    output.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    lines = [
+        f"Cached decoding step, batch {args.batch}, {args.heads} heads of {args.head_dim}, "
+        f"XLA, float32, median of {args.repeats}",
+        "",
+        "| cache length | MHA (ms) | DNA (ms) | DNA / MHA |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['cache_length']} | {r['mha_ms']:.3f} | {r['dna_ms']:.3f} | {r['ratio']:.2f}x |"
+        for r in rows
+    ]
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
