@@ -48,11 +48,7 @@ def normalizing_causally(layer, causal=True):
         _CAUSAL_IN_CALL.reset(token)
 
 
-def _check_constructor_arguments(
-    flash_attention, normalization, jit_compile, chunk_size, dropout, causal_normalization,
-    null_query,
-):
-    """Raises on the arguments `MultiHeadAttention` does not check for us."""
+def _check_flash_attention(flash_attention):
     if flash_attention:
         raise ValueError(
             "DoublyNormalizedAttention has no flash attention kernel: "
@@ -60,6 +56,12 @@ def _check_constructor_arguments(
             f"flash_attention=None or False. Received: "
             f"flash_attention={flash_attention!r}"
         )
+
+
+def _check_options(
+    normalization, jit_compile, chunk_size, dropout, causal_normalization, null_query
+):
+    """Raises on the arguments `MultiHeadAttention` does not have."""
     check_normalization(normalization)
     if jit_compile not in ("auto", True, False):
         raise ValueError(
@@ -258,10 +260,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         null_query_initializer=None,
         **kwargs,
     ):
-        _check_constructor_arguments(
-            flash_attention, normalization, jit_compile, chunk_size, dropout,
-            causal_normalization, null_query,
-        )
+        _check_flash_attention(flash_attention)
         super().__init__(
             num_heads=num_heads,
             key_dim=key_dim,
@@ -298,9 +297,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
     ):
         """Sets what this layer adds to `MultiHeadAttention` (also on a
         `MultiHeadAttention` whose class `keras_dna.convert` swaps)."""
-        _check_constructor_arguments(
-            None, normalization, jit_compile, chunk_size, self._dropout,
-            causal_normalization, null_query,
+        _check_options(
+            normalization, jit_compile, chunk_size, self._dropout, causal_normalization,
+            null_query,
         )
         self._flash_attention = False
         self._normalization = normalization

@@ -16,6 +16,7 @@ saves to `.keras` and loads as DNA. With `normalization="single"` it
 computes exactly what the original did.
 """
 
+import functools
 import inspect
 
 import keras
@@ -79,8 +80,7 @@ def to_doubly_normalized(
             f"attention layers of the model: {sorted(set(causal) - set(converted))}"
         )
     if converted and not _is_plain_container(copy):
-        _swap_class(copy, converted_class(type(copy)))
-        copy._attention_options = options
+        _become_converted(copy, options)
     return copy
 
 
@@ -121,6 +121,7 @@ def checked_attention_options(name, options):
     return options
 
 
+@functools.cache
 def _hub_classes():
     """keras-hub's cached attention and Transformer layers with their DNA
     counterparts, or `{}` without keras-hub."""
@@ -191,8 +192,9 @@ def make_doubly_normalized(layer, **options):
         raise TypeError(
             f"Argument `layer` must be an attention layer. Received: {type(layer).__name__}"
         )
-    options = {**_options_of(layer), **options}
-    if _options_of(layer) == options and type(layer) is cls:
+    current = _options_of(layer)
+    options = {**current, **options}
+    if current == options and type(layer) is cls:
         return layer
     kept = {
         name: getattr(layer, name).numpy()
@@ -289,22 +291,32 @@ def _convert_tree(root, options):
         converted.append(layer.name)
         for ancestor in ancestors[1:]:
             if not _is_plain_container(ancestor) and not isinstance(ancestor, holders):
-                _swap_class(ancestor, converted_class(type(ancestor)))
-                ancestor._attention_options = dict(options)
+                _become_converted(ancestor, options)
 
     for child in _children(root):
         visit(child, [root])
     return converted
 
 
+def _become_converted(layer, options):
+    """Makes `layer` a `DoublyNormalized<Class>` that converts with `options`."""
+    _swap_class(layer, converted_class(type(layer)))
+    layer._attention_options = dict(options)
+
+
 def _layer_options(layer, options):
     causal = options.get("causal_normalization", ())
-    result = {"normalization": options["normalization"]}
-    if causal is True or layer.name in causal:
-        result["causal_normalization"] = True
+    return site_options(options, causal=causal is True or layer.name in causal)
+
+
+def site_options(options, causal=False):
+    """One attention layer's options from those of `to_doubly_normalized`."""
+    site = {"normalization": options["normalization"]}
     if options.get("null_query") is not None:
-        result["null_query"] = options["null_query"]
-    return result
+        site["null_query"] = options["null_query"]
+    if causal:
+        site["causal_normalization"] = True
+    return site
 
 
 def _checked_tree_options(options):

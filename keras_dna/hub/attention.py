@@ -186,34 +186,33 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
         return einsum(self._combine_equation, dropped, values), weights, state
 
     def _causal_block(self, scores, valid, cache, update_index):
-        working = "float64" if scores.dtype == "float64" else "float32"
-        key_lse, key_seen = _unpack_state(cache, working)
+        key_lse, key_seen = _unpack_state(cache)
         committed = None
         end = _PREFILL_END.get()
         if end is not None and update_index is not None:
             positions = update_index + ops.arange(ops.shape(scores)[-2])
             committed = ops.reshape(positions < end, (1, 1, -1, 1))
+        # The backend variables: a compiled TensorFlow function cannot take
+        # the Keras wrappers.
         mixing, null = (
-            None if weight is None else ops.reshape(ops.cast(weight.value, working), (-1, 1, 1))
+            None if weight is None else weight.value
             for weight in (self._mixing_logits, self._null_query_logits)
         )
         weights, key_lse, key_seen = compiled(causal_block_weights, self._jit_compile)(
-            ops.cast(scores, working), valid, key_lse, key_seen, committed,
-            normalization=self._normalization, mixing_logits=mixing, null_logits=null,
+            scores, valid, key_lse, key_seen, committed, normalization=self._normalization,
+            mixing_logits=mixing, null_query_logits=null,
         )
-        return ops.cast(weights, scores.dtype), _pack_state(key_lse, key_seen, cache)
+        return weights, _pack_state(key_lse, key_seen, cache)
 
 
-def _unpack_state(cache, dtype):
+def _unpack_state(cache):
     """`(key_lse, key_seen)` shaped `(B, N, 1, S)` from the cache's slot 2."""
     if cache.shape[1] == _STATE:
         shape = ops.shape(cache)
-        empty = ops.zeros((shape[0], shape[3], 1, shape[2]), dtype)
+        empty = ops.zeros((shape[0], shape[3], 1, shape[2]), cache.dtype)
         return empty, ops.cast(empty, "bool")
     state = ops.transpose(cache[:, _STATE], (0, 2, 1, 3))
-    key_lse = ops.expand_dims(ops.cast(state[..., 0], dtype), -2)
-    key_seen = ops.expand_dims(state[..., 1] > 0.5, -2)
-    return key_lse, key_seen
+    return ops.expand_dims(state[..., 0], -2), ops.expand_dims(state[..., 1] > 0.5, -2)
 
 
 def _pack_state(key_lse, key_seen, cache):

@@ -11,17 +11,7 @@ import keras_hub
 from keras_dna.attention import normalizing_causally
 from keras_dna.convert import checked_attention_options
 from keras_dna.convert import make_doubly_normalized
-
-
-def _site_options(options):
-    """One attention layer's options from a whole model's (see
-    `keras_dna.convert.to_doubly_normalized`)."""
-    site = {"normalization": options["normalization"]}
-    if options.get("null_query") is not None:
-        site["null_query"] = options["null_query"]
-    if options.get("causal_normalization") is True:
-        site["causal_normalization"] = True
-    return site
+from keras_dna.convert import site_options
 
 
 @keras.saving.register_keras_serializable(package="keras_dna")
@@ -51,7 +41,7 @@ class TransformerEncoder(keras_hub.layers.TransformerEncoder):
 
     def _use_model_options(self, options):
         """Takes the options of `keras_dna.convert.to_doubly_normalized`."""
-        self._attention_options = _site_options(options)
+        self._attention_options = site_options(options, options["causal_normalization"] is True)
 
     def get_config(self):
         return {**super().get_config(), "attention_options": dict(self._attention_options)}
@@ -99,8 +89,8 @@ class TransformerDecoder(keras_hub.layers.TransformerDecoder):
 
     def _use_model_options(self, options):
         """Takes the options of `keras_dna.convert.to_doubly_normalized`."""
-        self._self_attention_options = _site_options(options)
-        self._cross_attention_options = {**_site_options(options), "causal_normalization": True}
+        self._self_attention_options = site_options(options, options["causal_normalization"] is True)
+        self._cross_attention_options = site_options(options, causal=True)
 
     def call(
         self,

@@ -95,10 +95,10 @@ def normalize_attention_scores(
         check_broadcastable("mask", valid.shape, scores.shape)
     heads = scores.shape[rank - 2 * num_attention_axes - 1]
     if mixing_logits is not None:
-        mixing_logits = _per_head("mixing_logits", mixing_logits, heads, scores.dtype)
+        mixing_logits = per_head("mixing_logits", mixing_logits, heads, scores.dtype)
     if null_query_logits is not None:
         check_null_query_normalization(normalization)
-        null_query_logits = _per_head("null_query_logits", null_query_logits, heads, scores.dtype)
+        null_query_logits = per_head("null_query_logits", null_query_logits, heads, scores.dtype)
     full_shape = ops.shape(scores)
     if num_attention_axes > 1:
         scores, valid = _flatten_attention_axes(scores, valid, num_attention_axes)
@@ -110,7 +110,7 @@ def normalize_attention_scores(
     return ops.cast(weights, out_dtype)
 
 
-def _per_head(name, logits, heads, dtype):
+def per_head(name, logits, heads, dtype):
     """`logits` checked to hold one value per head, shaped `(heads, 1, 1)`."""
     logits = ops.convert_to_tensor(logits)
     # Traced with relaxed shapes, the number of heads can be unknown.
@@ -272,10 +272,10 @@ def doubly_normalized_attention(
         check_normalization(normalization)
         dtype = working_dtype(query.dtype)
         if mixing_logits is not None:
-            mixing_logits = _per_head("mixing_logits", mixing_logits, query.shape[2], dtype)
+            mixing_logits = per_head("mixing_logits", mixing_logits, query.shape[2], dtype)
         if null_query_logits is not None:
             check_null_query_normalization(normalization)
-            null_query_logits = _per_head(
+            null_query_logits = per_head(
                 "null_query_logits", null_query_logits, query.shape[2], dtype
             )
         return chunked_attention(

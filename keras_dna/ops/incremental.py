@@ -15,20 +15,23 @@ one number per key, and each step adds one score to it.
 from keras import ops
 
 from keras_dna.ops.attention import normalize_weights
+from keras_dna.ops.attention import per_head
+from keras_dna.ops.checks import check_normalization
 from keras_dna.ops.normalization import key_logsumexp
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import masked_value
+from keras_dna.ops.numerics import working_dtype
 
 
 def causal_block_weights(
     scores, valid, key_lse, key_seen, committed=None, *, normalization="double",
-    mixing_logits=None, null_logits=None,
+    mixing_logits=None, null_query_logits=None,
 ):
     """Weights of a block of queries, and the key state after it.
 
     Args:
         scores: `(batch, num_heads, T, S)` scaled scores of the block's `T`
-            queries against all `S` keys (float32 or float64).
+            queries against all `S` keys.
         valid: `None` or a boolean tensor broadcastable to `scores`.
         key_lse: `(batch, num_heads, 1, S)`: each key's log-sum-exp over the
             queries before the block (any value where `key_seen` is False).
@@ -37,14 +40,30 @@ def causal_block_weights(
             T, 1)`: the block queries that join the state (a prompt that will
             be processed again token by token must not count twice). All
             queries get their weights either way.
-        normalization: `"double"` or `"hybrid"`.
-        mixing_logits, null_logits: `None` or shaped `(num_heads, 1, 1)`.
+        normalization: `"double"` or `"hybrid"` (softmax needs no state).
+        mixing_logits, null_query_logits: `None` or shaped `(num_heads,)`,
+            as in `normalize_attention_scores`.
 
     Returns:
-        `(weights, key_lse, key_seen)`.
+        `(weights, key_lse, key_seen)`: weights in the dtype of `scores`,
+        the state in the working dtype (float32, float64 for float64).
     """
-    earlier = ops.where(key_seen, key_lse, masked_value(key_lse))
-    prior = earlier if null_logits is None else logaddexp(earlier, null_logits)
+    check_normalization(normalization)
+    if normalization == "single":
+        raise ValueError(
+            "Softmax (normalization='single') has no per-key step, so no key "
+            "state: use `normalize_attention_scores`."
+        )
+    out_dtype = scores.dtype
+    working = working_dtype(out_dtype)
+    scores = ops.cast(scores, working)
+    heads = scores.shape[-3]
+    if mixing_logits is not None:
+        mixing_logits = per_head("mixing_logits", mixing_logits, heads, working)
+    earlier = ops.where(key_seen, ops.cast(key_lse, working), masked_value(scores))
+    prior = earlier
+    if null_query_logits is not None:
+        prior = logaddexp(earlier, per_head("null_query_logits", null_query_logits, heads, working))
     weights = normalize_weights(scores, valid, normalization, True, mixing_logits, prior)
     joining = ops.ones_like(scores, dtype="bool") if valid is None else valid
     if committed is not None:
@@ -52,5 +71,5 @@ def causal_block_weights(
     joining = ops.broadcast_to(joining, ops.shape(scores))
     block_lse = key_logsumexp(ops.where(joining, scores, masked_value(scores)))
     block_seen = ops.any(joining, axis=-2, keepdims=True)
-    key_lse = ops.where(block_seen, logaddexp(earlier, block_lse), key_lse)
-    return weights, key_lse, ops.logical_or(key_seen, block_seen)
+    key_lse = ops.where(block_seen, logaddexp(earlier, block_lse), earlier)
+    return ops.cast(weights, out_dtype), key_lse, ops.logical_or(key_seen, block_seen)
