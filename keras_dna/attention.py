@@ -6,6 +6,10 @@ import contextvars
 import keras
 from keras import ops
 
+# Keras's own mask accessors (not exported); `MultiHeadAttention` uses them.
+from keras.src.backend import get_keras_mask
+from keras.src.backend import set_keras_mask
+
 from keras_dna.ops import doubly_normalized_attention
 from keras_dna.ops import normalize_attention_scores
 from keras_dna.ops.backend import compiled
@@ -33,6 +37,23 @@ NULL_QUERY_INIT = 4.0
 # causal mask names (`normalizing_causally`). A context variable carries it
 # there without mutating the layer.
 _CAUSAL_IN_CALL = contextvars.ContextVar("causal_in_call", default=frozenset())
+
+
+@contextlib.contextmanager
+def _keras_masks_kept(*tensors):
+    """Restores the Keras masks of `tensors` after the block.
+
+    `MultiHeadAttention.call` deletes the masks of its query, value and key
+    tensors; a tensor that a second layer reads afterwards (an encoder output
+    that every decoder block attends to) has lost its mask there, so that
+    layer attends to padding.
+    """
+    masks = [(tensor, get_keras_mask(tensor)) for tensor in tensors if tensor is not None]
+    try:
+        yield
+    finally:
+        for tensor, mask in masks:
+            set_keras_mask(tensor, mask)
 
 
 @contextlib.contextmanager
@@ -414,7 +435,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                     expanded = self._with_heads_axis(expanded, len(attention_mask.shape))
                 expanded = ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
             attention_mask = expanded
-        with normalizing_causally(self, use_causal_mask):
+        with normalizing_causally(self, use_causal_mask), _keras_masks_kept(query, value, key):
             return super().call(
                 query,
                 value,

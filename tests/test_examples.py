@@ -6,6 +6,7 @@ import re
 import pathlib
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -166,6 +167,39 @@ def test_g2p_decoder_does_not_see_later_phonemes(attention):
         out = model([letters, changed]).numpy()
         np.testing.assert_allclose(out[:, : position + 1], base[:, : position + 1], atol=1e-5)
         assert np.abs(out[:, position + 1 :] - base[:, position + 1 :]).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "attention", ["double", "hybrid", "encoder=double,decoder=single,cross=double+null"]
+)
+def test_g2p_cached_decoding_equals_rerunning_the_decoder(attention):
+    keras.utils.set_random_seed(6)
+    letter_vocabulary, phoneme_vocabulary = list("abcdefgh"), list("PQRSTUVW") + ["<s>", "</s>"]
+    model = grapheme_to_phoneme.build_model(
+        attention, len(letter_vocabulary) + 2, len(phoneme_vocabulary) + 2, width=16, heads=2
+    )
+    rng = np.random.default_rng(6)
+    letters = rng.integers(2, 10, size=(3, grapheme_to_phoneme.MAX_LETTERS)).astype("int32")
+    letters[0, 5:] = 0  # a short word
+    prefix = rng.integers(2, 12, size=(3, grapheme_to_phoneme.MAX_PHONEMES)).astype("int32")
+    prefix[1, 4] = prefix[2, 9:] = 0  # padding ids, masked by the model
+    full = np.asarray(model([letters, prefix]))
+    decoder = grapheme_to_phoneme.CachedDecoder(model)
+    memory, caches = decoder.start(letters)
+    for position in range(grapheme_to_phoneme.MAX_PHONEMES):
+        logits, caches = decoder.step(prefix, position, memory, letters > 0, caches)
+        np.testing.assert_allclose(np.asarray(logits), full[:, position], atol=1e-5)
+    decoded = {
+        decoding: np.asarray(
+            grapheme_to_phoneme.Speller(
+                model, letter_vocabulary, phoneme_vocabulary, decoding
+            ).decode_ids(tf.constant(letters))
+        )
+        for decoding in grapheme_to_phoneme.DECODINGS
+    }
+    np.testing.assert_array_equal(decoded["cached"], decoded["rerun"])
+    with pytest.raises(ValueError, match="`decoding`"):
+        grapheme_to_phoneme.Speller(model, letter_vocabulary, phoneme_vocabulary, "beam")
 
 
 def test_g2p_trains_decodes_and_serves_words(tmp_path):

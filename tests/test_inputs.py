@@ -238,3 +238,35 @@ def test_collect_attention_refuses_per_head_masks_clearly(rng):
     x = rng.normal(size=(2, T, DIM)).astype("float32")
     with pytest.raises(ValueError, match="`per_head` was called with a per-head attention mask"):
         keras_dna.analysis.collect_attention(model, [x, rng.random((2, HEADS, T, T)) < 0.5])
+
+
+def test_a_masked_tensor_keeps_its_mask_for_the_next_layer(rng):
+    """`MultiHeadAttention` deletes the Keras masks of its inputs, so a second
+    layer attending to the same tensor (every decoder block to the encoder
+    output) attends to its padding; DNA keeps them."""
+    tokens = rng.integers(1, 10, size=(2, 6)).astype("int32")
+    tokens[0, 3:] = 0
+    x = rng.normal(size=(2, 4, 8)).astype("float32")
+    outputs = {}
+    for cls, kwargs in (
+        (keras_dna.DoublyNormalizedAttention, {"normalization": "single"}),
+        (keras.layers.MultiHeadAttention, {}),
+    ):
+        keras.utils.set_random_seed(7)
+        ids, queries = keras.Input((6,), dtype="int32"), keras.Input((4, 8))
+        memory = keras.layers.Embedding(10, 8, mask_zero=True, name="embedding")(ids)
+        first, second = cls(2, 4, name="first", **kwargs), cls(2, 4, name="second", **kwargs)
+        model = keras.Model([ids, queries], second(first(queries, memory), memory))
+        outputs[cls.__name__] = np.asarray(model([tokens, x]))
+        # The masks given explicitly, to eager tensors (which carry none).
+        embedded = np.asarray(model.get_layer("embedding")(tokens))
+        hidden = np.asarray(first(x, embedded, value_mask=tokens > 0))
+        outputs[cls.__name__ + " masked"] = np.asarray(second(hidden, embedded, value_mask=tokens > 0))
+    np.testing.assert_allclose(
+        outputs["DoublyNormalizedAttention"], outputs["DoublyNormalizedAttention masked"], atol=1e-5
+    )
+    # MultiHeadAttention's second layer attends to the padding of row 0.
+    mha, mha_masked = outputs["MultiHeadAttention"], outputs["MultiHeadAttention masked"]
+    assert np.abs(mha[0] - mha_masked[0]).max() > 1e-3
+    np.testing.assert_allclose(mha[1], mha_masked[1], atol=1e-5)
+    np.testing.assert_allclose(outputs["DoublyNormalizedAttention masked"], mha_masked, atol=1e-5)
