@@ -15,6 +15,10 @@ from keras_dna.hub.attention import prefill_until
 from tests import oracle
 
 B, T, DIM, HEADS, HEAD_DIM = 2, 7, 8, 2, 4
+
+
+def _numpy(x, dtype=None):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype)
 CAUSAL = np.tril(np.ones((T, T), bool))
 OPTIONS = [
     {"normalization": "double"},
@@ -47,7 +51,7 @@ def _decode(layer, x, blocks, cache=None, value=None):
             )
         else:
             out, cache = layer(x[:, start:stop], value, cache=cache)
-        outputs.append(np.asarray(out))
+        outputs.append(_numpy(out))
     return np.concatenate(outputs, axis=1), cache
 
 
@@ -61,7 +65,7 @@ def _expected(layer, query, value, causal):
 def test_prefill_then_steps_equal_the_whole_sequence(rng, options):
     layer, x = _cached_layer(options, rng)
     expected = _expected(layer, x, x, causal=True)
-    whole = np.asarray(layer(x, x, use_causal_mask=True))
+    whole = _numpy(layer(x, x, use_causal_mask=True))
     np.testing.assert_allclose(whole, expected, atol=1e-5)
     empty = np.zeros((B, 2, T, HEADS, HEAD_DIM), "float32")
     blocks = [(0, 4)] + [(t, t + 1) for t in range(4, T)]
@@ -78,7 +82,7 @@ def test_a_prefill_that_is_decoded_again_counts_once(rng, options):
     """keras-hub's `generate` prefills the whole padded sequence, then
     decodes again from the shortest prompt's last token."""
     layer, x = _cached_layer(options, rng)
-    whole = np.asarray(layer(x, x, use_causal_mask=True))
+    whole = _numpy(layer(x, x, use_causal_mask=True))
     empty = np.zeros((B, 2, T, HEADS, HEAD_DIM), "float32")
     with prefill_until(3):
         prefill, cache = _decode(layer, x, [(0, T)], cache=empty)
@@ -97,12 +101,12 @@ def test_cross_attention_steps_equal_causal_normalization(rng, options):
     encoder = rng.normal(size=(B, 5, DIM)).astype("float32")
     expected = _expected(layer, x, encoder, causal=False)
     # The static cache: keys and values of the encoder, computed once.
-    keys = np.asarray(layer.key_dense(encoder))
-    values = np.asarray(layer.value_dense(encoder))
+    keys = _numpy(layer.key_dense(encoder))
+    values = _numpy(layer.value_dense(encoder))
     cache = np.stack([keys, values], axis=1)
     decoded, cache = _decode(layer, x, [(0, 2)] + [(t, t + 1) for t in range(2, T)], cache, encoder)
     np.testing.assert_allclose(decoded, expected, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(cache[:, :2]), np.stack([keys, values], 1))
+    np.testing.assert_array_equal(_numpy(cache[:, :2]), np.stack([keys, values], 1))
 
 
 def test_the_cache_state_is_documented_layout(rng):
@@ -110,13 +114,13 @@ def test_the_cache_state_is_documented_layout(rng):
     empty = np.zeros((B, 2, T, HEADS, HEAD_DIM), "float32")
     _, cache = layer(x[:, :3], x[:, :3], attention_mask=CAUSAL[None, :3], cache=empty,
                      cache_update_index=0)
-    state = np.asarray(cache[:, 2])
+    state = _numpy(cache[:, 2])
     # Keys 0..2 were seen by queries 0..2 (causally); the rest by none.
     np.testing.assert_array_equal(state[:, :3, :, 1], 1.0)
     np.testing.assert_array_equal(state[:, 3:, :, 1], 0.0)
     np.testing.assert_array_equal(state[..., 2:], 0.0)
-    q = np.asarray(layer.query_dense(x[:, :3]), np.float64)
-    k = np.asarray(layer.key_dense(x[:, :3]), np.float64)
+    q = _numpy(layer.query_dense(x[:, :3]), np.float64)
+    k = _numpy(layer.key_dense(x[:, :3]), np.float64)
     scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(HEAD_DIM)
     scores = np.where(CAUSAL[:3, :3], scores, -np.inf)
     lse = np.log(np.exp(scores).sum(axis=2))  # over queries: (B, N, S)
@@ -153,18 +157,18 @@ def test_encoder_single_is_keras_hub_and_double_differs(rng):
     padding = np.ones((B, T), bool)
     padding[1, 5:] = False
     theirs = keras_hub.layers.TransformerEncoder(16, HEADS)
-    expected = np.asarray(theirs(x, padding_mask=padding))
+    expected = _numpy(theirs(x, padding_mask=padding))
     for normalization, same in (("single", True), ("double", False)):
         mine = TransformerEncoder(16, HEADS, attention_options={"normalization": normalization})
         mine(x)
         mine.set_weights(theirs.get_weights())
-        got = np.asarray(mine(x, padding_mask=padding))
+        got = _numpy(mine(x, padding_mask=padding))
         assert isinstance(mine._self_attention_layer, keras_dna.DoublyNormalizedAttention)
         assert np.allclose(got, expected, atol=1e-5) == same
         clone = TransformerEncoder.from_config(mine.get_config())
         clone(x)
         clone.set_weights(mine.get_weights())
-        np.testing.assert_allclose(np.asarray(clone(x, padding_mask=padding)), got, atol=1e-6)
+        np.testing.assert_allclose(_numpy(clone(x, padding_mask=padding)), got, atol=1e-6)
 
 
 def test_decoder_normalizes_causally_where_it_builds_the_causal_mask(rng):
@@ -174,13 +178,13 @@ def test_decoder_normalizes_causally_where_it_builds_the_causal_mask(rng):
     decoder(x, encoder)
     assert decoder._cross_attention_layer.causal_normalization
     assert not decoder._self_attention_layer.causal_normalization
-    out = np.asarray(decoder(x, encoder))
+    out = _numpy(decoder(x, encoder))
     changed = x.copy()
     changed[:, 4:] = rng.normal(size=changed[:, 4:].shape)
     # With the causal mask keras-hub builds, no output sees a later token.
-    np.testing.assert_allclose(np.asarray(decoder(changed, encoder))[:, :4], out[:, :4], atol=1e-5)
+    np.testing.assert_allclose(_numpy(decoder(changed, encoder))[:, :4], out[:, :4], atol=1e-5)
     # Without it the layer is bidirectional, and normalizes so.
-    both_ways = np.asarray(decoder(x, encoder, use_causal_mask=False))
+    both_ways = _numpy(decoder(x, encoder, use_causal_mask=False))
     assert np.abs(both_ways - out).max() > 1e-3
     theirs = keras_hub.layers.TransformerDecoder(16, HEADS)
     theirs(x, encoder)
@@ -191,14 +195,14 @@ def test_decoder_normalizes_causally_where_it_builds_the_causal_mask(rng):
     single(x, encoder)
     single.set_weights(theirs.get_weights())
     np.testing.assert_allclose(
-        np.asarray(single(x, encoder)), np.asarray(theirs(x, encoder)), atol=1e-5
+        _numpy(single(x, encoder)), _numpy(theirs(x, encoder)), atol=1e-5
     )
 
 
 def test_decoder_decodes_with_the_cache(rng):
     x = rng.normal(size=(B, T, DIM)).astype("float32")
     decoder = TransformerDecoder(16, HEADS, self_attention_options={"null_query": True})
-    whole = np.asarray(decoder(x))
+    whole = _numpy(decoder(x))
     cache = np.zeros((B, 2, T, HEADS, DIM // HEADS), "float32")
     outputs = []
     for start, stop in [(0, 3)] + [(t, t + 1) for t in range(3, T)]:
@@ -206,7 +210,7 @@ def test_decoder_decodes_with_the_cache(rng):
             x[:, start:stop], self_attention_cache=cache,
             self_attention_cache_update_index=start,
         )
-        outputs.append(np.asarray(out))
+        outputs.append(_numpy(out))
     np.testing.assert_allclose(np.concatenate(outputs, 1), whole, atol=1e-5)
 
 
@@ -243,7 +247,7 @@ def _nested_model():
 def test_convert_reaches_nested_models_and_custom_layers(rng, tmp_path):
     model = _nested_model()
     x = rng.normal(size=(B, T, DIM)).astype("float32") * 3
-    expected = np.asarray(model(x))
+    expected = _numpy(model(x))
     for normalization in ("single", "double"):
         converted = convert.to_doubly_normalized(model, normalization=normalization)
         block = converted.get_layer("block")
@@ -252,13 +256,13 @@ def test_convert_reaches_nested_models_and_custom_layers(rng, tmp_path):
         assert all(layer.normalization == normalization for layer in layers)
         assert isinstance(block, _Block) and type(block).__name__ == "DoublyNormalized_Block"
         assert block.attention.query_dense.kernel is not model.get_layer("block").attention.query_dense.kernel
-        got = np.asarray(converted(x))
+        got = _numpy(converted(x))
         assert np.allclose(got, expected, atol=1e-5) == (normalization == "single")
         path = str(tmp_path / f"{normalization}.keras")
         converted.save(path)
         loaded = keras.saving.load_model(path)
         assert loaded.get_layer("block").attention.normalization == normalization
-        np.testing.assert_allclose(np.asarray(loaded(x)), got, atol=1e-6)
+        np.testing.assert_allclose(_numpy(loaded(x)), got, atol=1e-6)
     # The original is untouched.
     assert type(model.get_layer("block").attention) is keras.layers.MultiHeadAttention
 
@@ -299,7 +303,7 @@ def gpt2():
     )
     model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
     prompts = {
-        key: np.asarray(value)
+        key: _numpy(value)
         for key, value in preprocessor.generate_preprocess([" the cat", " a dog ran on"]).items()
     }
     return model, prompts
@@ -309,7 +313,7 @@ def _greedy_without_cache(model, prompts):
     """Greedy decoding that runs the whole sequence again for every token."""
     ids, mask = prompts["token_ids"].copy(), prompts["padding_mask"].copy()
     for t in range(mask.sum(-1).min(), ids.shape[1]):
-        logits = np.asarray(model({"token_ids": ids, "padding_mask": mask}))
+        logits = _numpy(model({"token_ids": ids, "padding_mask": mask}))
         ids[:, t] = np.where(mask[:, t], ids[:, t], logits[:, t - 1].argmax(-1))
         mask[:, t] = True
     return ids
@@ -331,14 +335,14 @@ def test_converted_gpt2_keeps_its_class_and_weights(gpt2, gpt2_dna, tmp_path):
         np.testing.assert_array_equal(old, new)
     single = convert.to_doubly_normalized(model, normalization="single")
     np.testing.assert_allclose(
-        np.asarray(single.backbone(prompts)), np.asarray(model.backbone(prompts)), atol=1e-5
+        _numpy(single.backbone(prompts)), _numpy(model.backbone(prompts)), atol=1e-5
     )
-    assert np.abs(np.asarray(gpt2_dna.backbone(prompts)) - np.asarray(model.backbone(prompts))).max() > 1e-3
+    assert np.abs(_numpy(gpt2_dna.backbone(prompts)) - _numpy(model.backbone(prompts))).max() > 1e-3
     path = str(tmp_path / "gpt2.keras")
     gpt2_dna.save(path)
     loaded = keras.saving.load_model(path)
     assert type(loaded) is type(gpt2_dna)
-    np.testing.assert_allclose(np.asarray(loaded(prompts)), np.asarray(gpt2_dna(prompts)), atol=1e-6)
+    np.testing.assert_allclose(_numpy(loaded(prompts)), _numpy(gpt2_dna(prompts)), atol=1e-6)
 
 
 def test_converted_gpt2_generates_through_the_cache(gpt2, gpt2_dna):
@@ -346,15 +350,15 @@ def test_converted_gpt2_generates_through_the_cache(gpt2, gpt2_dna):
     gpt2_dna.preprocessor, preprocessor = None, gpt2_dna.preprocessor
     try:
         gpt2_dna.compile(sampler="greedy")
-        greedy = np.asarray(gpt2_dna.generate(prompts, stop_token_ids=None)["token_ids"])
+        greedy = _numpy(gpt2_dna.generate(prompts, stop_token_ids=None)["token_ids"])
         np.testing.assert_array_equal(greedy, _greedy_without_cache(gpt2_dna, prompts))
         for sampler in (keras_hub.samplers.TopKSampler(k=3, seed=0), keras_hub.samplers.BeamSampler(num_beams=2)):
             gpt2_dna.compile(sampler=sampler)
             out = gpt2_dna.generate(prompts, stop_token_ids=None)
-            ids = np.asarray(out["token_ids"])
+            ids = _numpy(out["token_ids"])
             assert ids.shape == prompts["token_ids"].shape
             np.testing.assert_array_equal(ids[prompts["padding_mask"]], prompts["token_ids"][prompts["padding_mask"]])
-            assert np.asarray(out["padding_mask"]).all()
+            assert _numpy(out["padding_mask"]).all()
     finally:
         gpt2_dna.preprocessor = preprocessor
     gpt2_dna.compile(sampler="greedy")
@@ -377,7 +381,7 @@ def test_converted_bert_classifier(rng):
         for dense in (layer._self_attention_layer.query_dense, layer._self_attention_layer.key_dense):
             dense.kernel.assign(dense.kernel * 100.0)
     data = preprocessor(["the cat sat on the mat", "a dog ran"])
-    expected = np.asarray(model(data))
+    expected = _numpy(model(data))
     single = convert.to_doubly_normalized(model, normalization="single")
     double = convert.to_doubly_normalized(model)
     assert isinstance(double, keras_hub.models.BertTextClassifier)
@@ -385,9 +389,9 @@ def test_converted_bert_classifier(rng):
         isinstance(layer._self_attention_layer, keras_dna.DoublyNormalizedAttention)
         for layer in double.backbone.transformer_layers
     )
-    np.testing.assert_allclose(np.asarray(single(data)), expected, atol=1e-6)
+    np.testing.assert_allclose(_numpy(single(data)), expected, atol=1e-6)
     sequence = {
-        name: np.asarray(classifier.backbone(data)["sequence_output"])
+        name: _numpy(classifier.backbone(data)["sequence_output"])
         for name, classifier in (("mha", model), ("single", single), ("double", double))
     }
     np.testing.assert_allclose(sequence["single"], sequence["mha"], atol=1e-5)
