@@ -267,8 +267,9 @@ def parse_args(argv=None):
 
 def spell(speller, words, batch_size=1024):
     """Phoneme lists for `words`, and the decoding time per word in ms
-    (after one warm-up call, which traces the graph)."""
-    speller.serve(tf.constant(words[:2]))
+    (after a warm-up call on the first batch, which traces the graph and
+    compiles it for that batch size)."""
+    speller.serve(tf.constant(words[:batch_size]))
     start = time.perf_counter()
     predicted = []
     for first in range(0, len(words), batch_size):
