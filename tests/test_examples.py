@@ -202,7 +202,7 @@ def test_g2p_cached_decoding_equals_rerunning_the_decoder(attention):
 
 def test_g2p_trains_decodes_and_serves_words(tmp_path):
     metrics = grapheme_to_phoneme.main(
-        ["--epochs", "1", "--limit", "400", "--batch-size", "64", "--output-dir", str(tmp_path)]
+        ["--epochs", "1", "--limit", "200", "--batch-size", "64", "--output-dir", str(tmp_path)]
     )
     _check_metrics(tmp_path, "double")
     assert 0.0 <= metrics["test_phoneme_error_rate"]
@@ -218,7 +218,7 @@ def test_compare_writes_table_paired_differences_and_curves(tmp_path):
     import compare
 
     compare.main([
-        "--examples", "digits", "--seeds", "0", "1", "--set", "digits", "--epochs 2 --limit 200",
+        "--examples", "digits", "--seeds", "0", "1", "--set", "digits", "--epochs 2 --limit 100",
         "--configs", "softmax=single", "dna=double", "dna-encoders=encoder=double,decoder=single",
         "--output-dir", str(tmp_path),
     ])
