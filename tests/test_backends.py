@@ -103,14 +103,18 @@ def test_rows_sum_to_one_and_no_key_is_explained_away(rng, causal):
     assert np.all(column_sums[keys_seen] >= (1.0 / widest.repeat(7, -1))[keys_seen] - 1e-12)
 
 
-def test_causal_extreme_spread_takes_the_exact_path(rng):
-    scores = rng.normal(size=(1, HEADS, 40, 6))
-    scores = scores + 5.0 * np.arange(40)[:, None]  # rises by 195 along the queries
+@pytest.mark.parametrize("causal", [False, True])
+def test_extreme_spread_takes_the_exact_path(rng, causal):
+    # Causal: scores rising by 195 along the queries underflow the prefix
+    # sums. Not causal: falling by as much, the later queries' sums of
+    # exp(s - c) underflow.
+    slope = 5.0 if causal else -5.0
+    scores = rng.normal(size=(1, HEADS, 40, 6)) + slope * np.arange(40)[:, None]
     for dtype, tolerance in (("float64", 1e-10), ("float32", 1e-4)):
         got = keras_dna.ops.normalize_attention_scores(
-            scores.astype(dtype), causal_normalization=True
+            scores.astype(dtype), causal_normalization=causal
         )
-        expected = oracle.attention_weights(scores.astype(dtype), causal=True)
+        expected = oracle.attention_weights(scores.astype(dtype), causal=causal)
         np.testing.assert_allclose(_numpy(got), expected, atol=tolerance, rtol=0)
 
 

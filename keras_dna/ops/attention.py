@@ -24,7 +24,6 @@ from keras_dna.ops.checks import check_rank4
 from keras_dna.ops.checks import checked_query_and_key
 from keras_dna.ops.normalization import double_normalization
 from keras_dna.ops.normalization import row_softmax
-from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import working_dtype
 from keras_dna.ops.symbolic import symbolic_inputs_allowed
 
@@ -159,7 +158,7 @@ def normalize_weights(scores, valid, normalization, causal, mixing_logits, null_
     if causal:
         double = causal_double_normalization(scores, valid, null_logits)
     else:
-        double = double_normalization(mask_scores(scores, valid), valid, null_logits)
+        double = double_normalization(scores, valid, null_logits)
     if normalization == "double":
         return double
     softmax_share = 0.5 if mixing_logits is None else ops.sigmoid(mixing_logits)

@@ -31,6 +31,7 @@ from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import max_along
 from keras_dna.ops.numerics import smallest_normal
+from keras_dna.ops.numerics import smallest_valid
 from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import underflow_log_threshold
 
@@ -200,13 +201,6 @@ def prefix_logsumexp_transpose(scores, key_lse, upstream):
     return ops.cond(ops.all(bounded), fast, exact)
 
 
-def _smallest_valid(sums, where_valid):
-    if where_valid is not None:
-        sums = ops.where(where_valid, sums, float("inf"))
-    # Over no entries at all, nothing is untrusted.
-    return ops.min(sums, initial=float("inf"))
-
-
 def _causal_key_logsumexp(scores, valid, null):
     """`c[i, j]` in log space, the null query joining it (`null` a tuple of 0 or 1)."""
     key_lse = prefix_logsumexp(scores, valid)
@@ -265,18 +259,22 @@ def causal_double_normalization(scores, valid, null_logits=None):
         if null:
             null_terms = ops.exp(null[0] - shift)
             key_sums = key_sums + null_terms
-        trusted = _smallest_valid(key_sums, valid) >= threshold
+        trusted = smallest_valid(key_sums, valid) >= threshold
         # Below the threshold, the terms are masked (zero) or the exact branch
         # is taken, so the floor changes no value used.
         key_sums = at_least(key_sums, threshold)
         key_weights = terms / key_sums
         query_sums = ops.sum(key_weights, axis=-1, keepdims=True)
         trusted = ops.logical_and(
-            trusted, _smallest_valid(query_sums, row_valid) >= threshold
+            trusted, smallest_valid(query_sums, row_valid) >= threshold
         )
+        # Computed outside the branch: a branch that computes a
+        # score-sized result runs as one unfused, single-threaded task in
+        # XLA on CPU, while passing a tensor through costs nothing.
+        fast_weights = key_weights / at_least(query_sums, threshold)
         weights = ops.cond(
             trusted,
-            lambda: key_weights / at_least(query_sums, threshold),
+            lambda: fast_weights,
             lambda: _exact_causal_weights(mask_scores(scores, valid), valid, null),
         )
 

@@ -66,6 +66,16 @@ def at_least(x, floor):
     return maximum(x, ops.convert_to_tensor(floor, dtype=x.dtype))
 
 
+def smallest_valid(sums, where_valid):
+    """The smallest of `sums` where `where_valid` (broadcastable) is True.
+
+    Infinite over no entries at all, so an empty input is trusted.
+    """
+    if where_valid is not None:
+        sums = ops.where(where_valid, sums, float("inf"))
+    return ops.min(sums, initial=float("inf"))
+
+
 def mask_scores(scores, valid):
     """`scores` with `masked_value` wherever `valid` is False."""
     return scores if valid is None else ops.where(valid, scores, masked_value(scores))
