@@ -118,6 +118,27 @@ def test_extreme_spread_takes_the_exact_path(rng, causal):
         np.testing.assert_allclose(_numpy(got), expected, atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_masked_scores_far_above_the_valid_ones_change_nothing(rng, causal):
+    # The fast paths shift each key by its maximum over all queries, masked
+    # ones included; masked scores 200 above the valid ones underflow every
+    # valid term of their keys, which must send the call to the exact path.
+    scores = rng.normal(size=(2, HEADS, 12, 7))
+    valid = rng.uniform(size=(2, 1, 12, 7)) < 0.7
+    far = np.where(valid, scores, scores + 200.0)
+    for null in (None, np.full(HEADS, -1.0)):
+        expected = oracle.attention_weights(
+            scores, valid, causal=causal, null_query_logits=null
+        )
+        for dtype, tolerance in (("float64", 1e-10), ("float32", 1e-5)):
+            got = _numpy(keras_dna.ops.normalize_attention_scores(
+                far.astype(dtype), valid, causal_normalization=causal,
+                null_query_logits=None if null is None else null.astype(dtype),
+            ))
+            assert np.isfinite(got).all()
+            np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0)
+
+
 @pytest.mark.parametrize("normalization, causal, masked, null", [
     ("double", False, True, False), ("double", True, True, False),
     ("double", False, True, True), ("double", True, False, True), ("hybrid", True, True, True),

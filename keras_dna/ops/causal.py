@@ -23,6 +23,7 @@ from keras import ops
 from keras_dna.ops.backend import cumsum
 from keras_dna.ops.backend import cumulative_logsumexp
 from keras_dna.ops.backend import maximum
+from keras_dna.ops.normalization import positive_where_valid
 from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.normalization import softmax_part_of_gradient
 from keras_dna.ops.numerics import at_least
@@ -31,7 +32,7 @@ from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import max_along
 from keras_dna.ops.numerics import smallest_normal
-from keras_dna.ops.numerics import smallest_valid
+from keras_dna.ops.numerics import fast_path_trusted
 from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import underflow_log_threshold
 
@@ -228,8 +229,10 @@ def causal_double_normalization(scores, valid, null_logits=None):
     With `E = exp(s - max over queries)` per key and `P` its prefix sum over
     the queries, the first step is `B = E / P` and the second `A = B / R`
     with `R` the sums of `B` over the keys: one exponential per score.
-    Should a valid `R` or `P` underflow (scores rising by more than about
-    40), the call computes `softmax(s - c)` in log space with the exact
+    Should a valid `R` times a valid `P` underflow (`fast_path_trusted`:
+    scores rising by more than about 40, or masked scores far above the
+    valid ones, since the maximum is taken over all queries), the call
+    computes `softmax(s - c)` in log space with the exact
     prefix log-sum-exp instead (a loop, so XLA keeps the branch). The null
     query (`null_logits`, one per head, broadcastable against the heads
     axis) adds `exp(null_logits - max)` to every `P`; the maximum then
@@ -248,26 +251,22 @@ def causal_double_normalization(scores, valid, null_logits=None):
     # instead of writing a masked copy for the branches.
     @ops.custom_gradient
     def normalize(scores, *null):
-        # Shared by E and P, the shift cancels in B.
-        shift = max_along(mask_scores(scores, valid), -2)
+        # Shared by E and P, the shift cancels in B. Over all queries, as
+        # in `double_normalization`, masked ones too.
+        shift = max_along(scores, -2)
         if null:
             shift = maximum(shift, null[0])
-        terms = ops.exp(scores - shift)
-        if valid is not None:
-            terms = ops.where(valid, terms, 0.0)
+        # Masked in the exponent (exp(masked_value - shift) = 0), so that XLA
+        # writes one tensor of terms, not the exponentials and a masked copy.
+        terms = ops.exp(mask_scores(scores, valid) - shift)
         key_sums = prefix_sum(terms, axis=-2)
         if null:
             null_terms = ops.exp(null[0] - shift)
             key_sums = key_sums + null_terms
-        trusted = smallest_valid(key_sums, valid) >= threshold
-        # Below the threshold, the terms are masked (zero) or the exact branch
-        # is taken, so the floor changes no value used.
-        key_sums = at_least(key_sums, threshold)
+        key_sums = positive_where_valid(key_sums, valid)
         key_weights = terms / key_sums
         query_sums = ops.sum(key_weights, axis=-1, keepdims=True)
-        trusted = ops.logical_and(
-            trusted, smallest_valid(query_sums, row_valid) >= threshold
-        )
+        trusted = fast_path_trusted(key_sums, valid, query_sums, row_valid)
         # Computed outside the branch: a branch that computes a
         # score-sized result runs as one unfused, single-threaded task in
         # XLA on CPU, while passing a tensor through costs nothing.

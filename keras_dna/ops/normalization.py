@@ -20,10 +20,12 @@ from keras import ops
 
 from keras_dna.ops.backend import maximum
 from keras_dna.ops.numerics import at_least
+from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import max_along
-from keras_dna.ops.numerics import smallest_valid
+from keras_dna.ops.numerics import smallest_normal
+from keras_dna.ops.numerics import fast_path_trusted
 from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import underflow_log_threshold
 
@@ -73,11 +75,12 @@ def double_normalization(scores, valid, null_logits=None):
     normalizer: `c = logaddexp(c, null_logits)`.
 
     One exponential per score: with `E = exp(s - max over queries)` per key
-    (the maximum including `null_logits`) and `K` its sum over the queries
-    (at least 1, so exact), the first step is `B = E / K`, and the second
-    `A = B / R` with `R` each query's sum of `B`. A query whose `R`
-    underflows (scores below every key's maximum by more than about 40)
-    switches the call to a row-shifted softmax of `s - c`.
+    (the maximum taken over masked queries too, and `null_logits`) and `K`
+    its sum over the valid queries, the first step is `B = E / K`, and the
+    second `A = B / R` with `R` each query's sum of `B`. Should a valid `K`
+    times a valid `R` underflow (`fast_path_trusted`: scores below a key's
+    maximum by more than about 40), the call takes a row-shifted softmax of
+    `s - c` in log space instead.
 
     The gradient is `D - B * (sum over queries of D)`, with `D` the softmax
     part and `B = A * R` from the saved weights: no exponential. The null
@@ -85,32 +88,40 @@ def double_normalization(scores, valid, null_logits=None):
     `-sum of (sum over queries of D) * exp(null_logits - c)`.
     """
     threshold = math.exp(underflow_log_threshold(scores))
-    row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
+    row_valid = key_valid = None
+    if valid is not None:
+        row_valid = ops.any(valid, axis=-1, keepdims=True)
+        key_valid = ops.any(valid, axis=-2, keepdims=True)
 
     @ops.custom_gradient
     def normalize(scores, *null):
-        shift = max_along(mask_scores(scores, valid), -2)
+        # Over all queries, masked ones too: reading the scores as they are
+        # saves writing a masked copy. Masked scores far above the valid
+        # ones underflow the valid terms, which sends the call to the
+        # exact branch.
+        shift = max_along(scores, -2)
         if null:
             shift = maximum(shift, null[0])
-        terms = ops.exp(scores - shift)
-        if valid is not None:
-            terms = ops.where(valid, terms, 0.0)
+        # Masked in the exponent (exp(masked_value - shift) = 0), so that XLA
+        # writes one tensor of terms, not the exponentials and a masked copy.
+        terms = ops.exp(mask_scores(scores, valid) - shift)
         key_sums = ops.sum(terms, axis=-2, keepdims=True)
         if null:
             null_terms = ops.exp(null[0] - shift)
             key_sums = key_sums + null_terms
-        # At least 1 for a key with a valid score or a null query; a key
-        # with neither has only zero terms.
-        key_sums = at_least(key_sums, 1.0)
-        key_weights = terms / key_sums
+        key_sums = positive_where_valid(key_sums, key_valid)
         query_sums = ops.matmul(terms, ops.swapaxes(1.0 / key_sums, -1, -2))
+        trusted = fast_path_trusted(key_sums, key_valid, query_sums, row_valid)
         # Computed outside the branch: a branch computing a score-sized
         # result runs unfused and single-threaded in XLA on CPU (measured
         # 1.4x slower), while passing a tensor through costs nothing.
-        fast_weights = key_weights / at_least(query_sums, threshold)
+        fast_weights = terms / (key_sums * at_least(query_sums, threshold))
         key_lse = shift + ops.log(key_sums)
+        if valid is not None:
+            # Masked scores far above the valid ones flush the valid terms.
+            key_lse = ops.cond(trusted, lambda: key_lse, lambda: _key_lse(scores, valid, null))
         weights, query_sums = ops.cond(
-            smallest_valid(query_sums, row_valid) >= threshold,
+            trusted,
             lambda: (fast_weights, query_sums),
             lambda: row_softmax(mask_scores(scores, valid) - key_lse, valid),
         )
@@ -136,6 +147,24 @@ def double_normalization(scores, valid, null_logits=None):
     if null_logits is None:
         return normalize(scores)
     return normalize(scores, null_logits)
+
+
+def positive_where_valid(sums, where_valid):
+    """`sums` floored at the smallest normal number where `where_valid`,
+    1 elsewhere.
+
+    Keeps the fast paths' divisions finite: invalid entries have zero
+    terms, so any positive value will do; a valid sum near the floor fails
+    `fast_path_trusted`, and its result is not used.
+    """
+    sums = at_least(sums, smallest_normal(sums))
+    return sums if where_valid is None else ops.where(where_valid, sums, 1.0)
+
+
+def _key_lse(scores, valid, null):
+    """Each key's log-sum-exp over the valid queries and the null query."""
+    key_lse = key_logsumexp(mask_scores(scores, valid))
+    return logaddexp(key_lse, null[0]) if null else key_lse
 
 
 def null_logits_gradient(key_sums, null_logits, key_lse):

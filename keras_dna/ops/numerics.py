@@ -6,6 +6,8 @@ dtype policy. Masked pairs hold a finite stand-in score (so that no
 of exponentials only above a floor far from where `exp` flushes to zero.
 """
 
+import math
+
 import keras
 from keras import ops
 
@@ -74,6 +76,20 @@ def smallest_valid(sums, where_valid):
     if where_valid is not None:
         sums = ops.where(where_valid, sums, float("inf"))
     return ops.min(sums, initial=float("inf"))
+
+
+def fast_path_trusted(key_sums, key_valid, query_sums, query_valid):
+    """Whether weights `E / (K * R)` from flushed exponentials are exact.
+
+    `E = exp(s - shift)` flushes to zero below `exp(flush)`; a valid term
+    lost that way has a true weight below `exp(flush) / (K * R)`, with `K`
+    its key's sum and `R` its query's. So the fast path is trusted when the
+    smallest valid `K` times the smallest valid `R` is at least
+    `exp(underflow_log_threshold)`; the lost weights are then below
+    `exp(flush - threshold)`, beyond float resolution.
+    """
+    smallest = smallest_valid(key_sums, key_valid) * smallest_valid(query_sums, query_valid)
+    return smallest >= math.exp(underflow_log_threshold(key_sums))
 
 
 def mask_scores(scores, valid):
