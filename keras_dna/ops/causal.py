@@ -202,6 +202,40 @@ def prefix_logsumexp_transpose(scores, key_lse, upstream):
     return ops.cond(ops.all(bounded), fast, exact)
 
 
+def _first_valid_terms(terms, valid):
+    """Each key's term at its first valid query, `(..., 1, key_length)`, and
+    whether the key has a valid query (`None`: all have).
+
+    Prefix sums only grow along the queries, so a key's smallest valid
+    prefix sum is the one at its first valid query, which holds that term
+    alone (masked terms are zero): the trust check reads one row per key,
+    not the whole matrix of prefix sums.
+    """
+    length = _static_length(terms, -2)
+    if valid is None or length == 0:
+        return terms[..., :1, :], None
+    valid_length = ops.shape(valid)[-2]
+    rows = ops.expand_dims(ops.arange(valid_length), -1)
+    first = ops.min(
+        ops.where(valid, rows, valid_length), axis=-2, keepdims=True, initial=valid_length
+    )
+    key_seen = first < valid_length
+    index = ops.broadcast_to(
+        ops.minimum(first, valid_length - 1),
+        tuple(ops.shape(terms)[:-2]) + (1, ops.shape(terms)[-1]),
+    )
+
+    def gather():
+        return ops.take_along_axis(terms, index, axis=-2)
+
+    if length is None:
+        # An unknown length may be 0 at run time, with no row to gather.
+        return ops.cond(
+            ops.shape(terms)[-2] > 0, gather, lambda: ops.zeros_like(index, terms.dtype)
+        ), key_seen
+    return gather(), key_seen
+
+
 def _causal_key_logsumexp(scores, valid, null):
     """`c[i, j]` in log space, the null query joining it (`null` a tuple of 0 or 1)."""
     key_lse = prefix_logsumexp(scores, valid)
@@ -266,7 +300,10 @@ def causal_double_normalization(scores, valid, null_logits=None):
         key_sums = positive_where_valid(key_sums, valid)
         key_weights = terms / key_sums
         query_sums = ops.sum(key_weights, axis=-1, keepdims=True)
-        trusted = fast_path_trusted(key_sums, valid, query_sums, row_valid)
+        smallest_key_sums, key_seen = _first_valid_terms(terms, valid)
+        if null:
+            smallest_key_sums = smallest_key_sums + null_terms
+        trusted = fast_path_trusted(smallest_key_sums, key_seen, query_sums, row_valid)
         # Computed outside the branch: a branch that computes a
         # score-sized result runs as one unfused, single-threaded task in
         # XLA on CPU, while passing a tensor through costs nothing.

@@ -18,6 +18,7 @@ import math
 
 from keras import ops
 
+from keras_dna.ops.backend import einsum
 from keras_dna.ops.backend import maximum
 from keras_dna.ops.numerics import at_least
 from keras_dna.ops.numerics import logaddexp
@@ -110,7 +111,7 @@ def double_normalization(scores, valid, null_logits=None):
             null_terms = ops.exp(null[0] - shift)
             key_sums = key_sums + null_terms
         key_sums = positive_where_valid(key_sums, key_valid)
-        query_sums = ops.matmul(terms, ops.swapaxes(1.0 / key_sums, -1, -2))
+        query_sums = einsum("...ts,...us->...tu", terms, 1.0 / key_sums)
         trusted = fast_path_trusted(key_sums, key_valid, query_sums, row_valid)
         # Computed outside the branch: a branch computing a score-sized
         # result runs unfused and single-threaded in XLA on CPU (measured
@@ -134,8 +135,8 @@ def double_normalization(scores, valid, null_logits=None):
             # part is never written out.
             weighted = weights * upstream
             rows = ops.sum(weighted, axis=-1, keepdims=True)
-            column_sums = ops.sum(weighted, axis=-2, keepdims=True) - ops.matmul(
-                ops.swapaxes(rows, -1, -2), weights
+            column_sums = ops.sum(weighted, axis=-2, keepdims=True) - einsum(
+                "...tu,...ts->...us", rows, weights
             )
             scores_grad = weights * (upstream - rows - query_sums * column_sums)
             if not null:
