@@ -40,11 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--outer", choices=["xla", "graph"], default="xla",
                    help="compile each whole step with XLA, or run it as a plain graph")
+    p.add_argument("--chunk-size", default=None,
+                   help="also time DNA with this chunk_size (an integer or 'auto')")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--output", default="benchmarks/results", help="writes OUTPUT.json and OUTPUT.md")
     # Internal: run one cell in this process.
     p.add_argument("--cell", nargs=3, metavar=("LENGTH", "ATTENTION", "CAUSAL"), help=argparse.SUPPRESS)
-    p.add_argument("--memory-of", choices=["mha", "dna", "dna_uncompiled"], help=argparse.SUPPRESS)
+    p.add_argument("--memory-of", choices=["mha", "dna", "dna_uncompiled", "dna_chunked"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -73,6 +75,14 @@ def _layers_and_inputs(args, length, attention, causal):
         )
         layers[name](query, value)
         layers[name].set_weights(mha.get_weights())
+    if args.chunk_size is not None:
+        chunk_size = args.chunk_size if args.chunk_size == "auto" else int(args.chunk_size)
+        layers["dna_chunked"] = keras_dna.DoublyNormalizedAttention(
+            args.heads, head_dim, dtype=args.dtype, chunk_size=chunk_size,
+            causal_normalization=(causal and attention == "cross"),
+        )
+        layers["dna_chunked"](query, value)
+        layers["dna_chunked"].set_weights(mha.get_weights())
     if args.outer == "xla":
         del layers["dna_uncompiled"]  # inside XLA the setting makes no difference
     # Cross-attention in a decoder is not causally masked, only normalized.
@@ -125,8 +135,9 @@ def time_cell(args, length, attention, causal):
         medians = {name: float(np.median(t)) for name, t in times.items()}
         result[step] = {f"{name}_s": seconds for name, seconds in medians.items()}
         result[step]["ratio"] = medians["dna"] / medians["mha"]
-        if "dna_uncompiled" in medians:
-            result[step]["uncompiled_ratio"] = medians["dna_uncompiled"] / medians["mha"]
+        for name in ("dna_uncompiled", "dna_chunked"):
+            if name in medians:
+                result[step][name.replace("dna_", "") + "_ratio"] = medians[name] / medians["mha"]
     return result
 
 
@@ -141,6 +152,8 @@ def _subprocess(args, extra):
     command = [sys.executable, __file__, *extra,
                "--tokens", str(args.tokens), "--width", str(args.width), "--heads", str(args.heads),
                "--dtype", args.dtype, "--repeats", str(args.repeats), "--outer", args.outer]
+    if args.chunk_size is not None:
+        command += ["--chunk-size", args.chunk_size]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": _short_error(result.stderr)}
@@ -166,27 +179,47 @@ def _gib(value):
     return f"{value:.2f}" if isinstance(value, float) else "failed"
 
 
+def _columns(rows):
+    """(heading, value of a row) for the columns these rows have."""
+    def has(key):
+        return any(key in r.get("forward_backward", {}) for r in rows)
+
+    def ratio(step, key):
+        return lambda r: _ratio(r[step].get(key))
+
+    columns = [
+        ("forward DNA/MHA", ratio("forward", "ratio")),
+        ("fwd+bwd DNA/MHA", ratio("forward_backward", "ratio")),
+    ]
+    if has("uncompiled_ratio"):
+        columns.append(("fwd+bwd DNA/MHA, normalization not compiled",
+                        ratio("forward_backward", "uncompiled_ratio")))
+    if has("chunked_ratio"):
+        columns += [("forward chunked/MHA", ratio("forward", "chunked_ratio")),
+                    ("fwd+bwd chunked/MHA", ratio("forward_backward", "chunked_ratio"))]
+    columns.append(("fwd+bwd MHA ms", lambda r: f"{r['forward_backward']['mha_s'] * 1e3:.0f}"))
+    layers = ["mha", "dna"] + (["dna_chunked"] if has("chunked_ratio") else [])
+    for layer in layers:
+        columns.append((f"peak GiB {layer.upper().replace('_CHUNKED', ' chunked')}",
+                        lambda r, layer=layer: _gib(r.get("peak_gib", {}).get(layer))))
+    return columns
+
+
 def markdown(rows):
+    columns = _columns([r for r in rows if "error" not in r])
     lines = [
-        "| T | batch | attention | causal | forward DNA/MHA | fwd+bwd DNA/MHA | fwd+bwd DNA/MHA, "
-        "normalization not compiled | fwd+bwd MHA ms | peak GiB MHA | peak GiB DNA |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| T | batch | attention | causal | " + " | ".join(h for h, _ in columns) + " |",
+        "|---|---|---|---|" + "---|" * len(columns),
     ]
     for r in rows:
-        memory = r.get("peak_gib", {})
         if "error" in r:
-            lines.append(
-                f"| {r['length']} | | {r['attention']} | {r['causal']} | {r['error']} | | | | "
-                f"{_gib(memory.get('mha'))} | {_gib(memory.get('dna'))} |"
-            )
-            continue
-        lines.append(
-            f"| {r['length']} | {r['batch']} | {r['attention']} | {r['causal']} | "
-            f"{r['forward']['ratio']:.2f} | {r['forward_backward']['ratio']:.2f} | "
-            f"{_ratio(r['forward_backward'].get('uncompiled_ratio'))} | "
-            f"{r['forward_backward']['mha_s'] * 1e3:.0f} | "
-            f"{_gib(memory.get('mha'))} | {_gib(memory.get('dna'))} |"
-        )
+            # The timing failed; memory, measured apart, may not have.
+            cells = [value(r) if heading.startswith("peak") else "" for heading, value in columns]
+            cells[0] = r["error"]
+        else:
+            cells = [value(r) for _, value in columns]
+        lines.append(f"| {r['length']} | {r.get('batch', '')} | {r['attention']} | {r['causal']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -207,8 +240,9 @@ def main(argv=None):
         # Memory runs each layer alone, so it may succeed where the timing
         # process, holding both layers' compiled steps, ran out of memory.
         if not args.skip_memory:
+            layers = ("mha", "dna") + (("dna_chunked",) if args.chunk_size else ())
             row["peak_gib"] = {
-                which: _subprocess(args, cell + ["--memory-of", which]) for which in ("mha", "dna")
+                which: _subprocess(args, cell + ["--memory-of", which]) for which in layers
             }
         rows.append(row)
         print(markdown([row]).splitlines()[-1], flush=True)
