@@ -19,11 +19,12 @@ import argparse
 import itertools
 import json
 import os
-import pathlib
 import resource
 import subprocess
 import sys
 import time
+
+from _results import write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -246,16 +247,9 @@ def main(argv=None):
             }
         rows.append(row)
         print(markdown([row]).splitlines()[-1], flush=True)
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("cell", "memory_of", "output")}
-    output.with_suffix(".json").write_text(json.dumps({"settings": settings, "cells": rows}, indent=1))
-    table = markdown(rows)
-    output.with_suffix(".md").write_text(
-        "Command: `python benchmarks/attention_benchmark.py "
-        + " ".join(sys.argv[1:] if argv is None else argv) + "`\n\n" + table + "\n"
-    )
-    print(table)
+    write_results(args.output, "attention_benchmark.py", argv,
+                  {"settings": settings, "cells": rows}, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ writes it), and reports the floor:
 """
 
 import argparse
-import json
 import os
-import pathlib
-import sys
 import time
+
+from _results import write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -114,17 +113,8 @@ def main(argv=None):
     for length in args.lengths:
         rows.append(measure(args, length))
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(
-        json.dumps({"settings": vars(args), "rows": rows}, indent=1)
-    )
-    table = markdown(rows)
-    output.with_suffix(".md").write_text(
-        "Command: `python benchmarks/floor.py "
-        + " ".join(sys.argv[1:] if argv is None else argv) + "`\n\n" + table + "\n"
-    )
-    print(table)
+    write_results(args.output, "floor.py", argv, {"settings": vars(args), "rows": rows},
+                  markdown(rows))
 
 
 if __name__ == "__main__":
