@@ -23,16 +23,16 @@ from keras import ops
 from keras_dna.ops.backend import cumsum
 from keras_dna.ops.backend import cumulative_logsumexp
 from keras_dna.ops.backend import maximum
-from keras_dna.ops.normalization import positive_where_valid
 from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.normalization import softmax_part_of_gradient
 from keras_dna.ops.numerics import at_least
+from keras_dna.ops.numerics import fast_path_trusted
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import max_along
+from keras_dna.ops.numerics import positive_where_valid
 from keras_dna.ops.numerics import smallest_normal
-from keras_dna.ops.numerics import fast_path_trusted
 from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import underflow_log_threshold
 
@@ -267,7 +267,7 @@ def causal_double_normalization(scores, valid, null_logits=None):
     scores rising by more than about 40, or masked scores far above the
     valid ones, since the maximum is taken over all queries), the call
     computes `softmax(s - c)` in log space with the exact
-    prefix log-sum-exp instead (a loop, so XLA keeps the branch). The null
+    prefix log-sum-exp instead. The null
     query (`null_logits`, one per head, broadcastable against the heads
     axis) adds `exp(null_logits - max)` to every `P`; the maximum then
     includes `null_logits`, so that term cannot overflow.

@@ -21,12 +21,12 @@ from keras import ops
 from keras_dna.ops.backend import einsum
 from keras_dna.ops.backend import maximum
 from keras_dna.ops.numerics import at_least
+from keras_dna.ops.numerics import fast_path_trusted
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import max_along
-from keras_dna.ops.numerics import smallest_normal
-from keras_dna.ops.numerics import fast_path_trusted
+from keras_dna.ops.numerics import positive_where_valid
 from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import underflow_log_threshold
 
@@ -148,18 +148,6 @@ def double_normalization(scores, valid, null_logits=None):
     if null_logits is None:
         return normalize(scores)
     return normalize(scores, null_logits)
-
-
-def positive_where_valid(sums, where_valid):
-    """`sums` floored at the smallest normal number where `where_valid`,
-    1 elsewhere.
-
-    Keeps the fast paths' divisions finite: invalid entries have zero
-    terms, so any positive value will do; a valid sum near the floor fails
-    `fast_path_trusted`, and its result is not used.
-    """
-    sums = at_least(sums, smallest_normal(sums))
-    return sums if where_valid is None else ops.where(where_valid, sums, 1.0)
 
 
 def _key_lse(scores, valid, null):

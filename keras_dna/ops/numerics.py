@@ -68,7 +68,7 @@ def at_least(x, floor):
     return maximum(x, ops.convert_to_tensor(floor, dtype=x.dtype))
 
 
-def smallest_valid(sums, where_valid):
+def _smallest_valid(sums, where_valid):
     """The smallest of `sums` where `where_valid` (broadcastable) is True.
 
     Infinite over no entries at all, so an empty input is trusted.
@@ -88,8 +88,20 @@ def fast_path_trusted(key_sums, key_valid, query_sums, query_valid):
     `exp(underflow_log_threshold)`; the lost weights are then below
     `exp(flush - threshold)`, beyond float resolution.
     """
-    smallest = smallest_valid(key_sums, key_valid) * smallest_valid(query_sums, query_valid)
+    smallest = _smallest_valid(key_sums, key_valid) * _smallest_valid(query_sums, query_valid)
     return smallest >= math.exp(underflow_log_threshold(key_sums))
+
+
+def positive_where_valid(sums, where_valid):
+    """`sums` floored at the smallest normal number where `where_valid`,
+    1 elsewhere.
+
+    Keeps the fast paths' divisions finite: invalid entries have zero
+    terms, so any positive value will do; a valid sum near the floor fails
+    `fast_path_trusted`, and its result is not used.
+    """
+    sums = at_least(sums, smallest_normal(sums))
+    return sums if where_valid is None else ops.where(where_valid, sums, 1.0)
 
 
 def mask_scores(scores, valid):
