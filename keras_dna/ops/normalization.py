@@ -120,6 +120,8 @@ def double_normalization(scores, valid, null_logits=None):
         key_lse = shift + ops.log(key_sums)
         if valid is not None:
             # Masked scores far above the valid ones flush the valid terms.
+            # A branch of its own: inside the weights' branch, XLA hoisted
+            # the whole exact branch out of the conditional (measured).
             key_lse = ops.cond(trusted, lambda: key_lse, lambda: _key_lse(scores, valid, null))
         weights, query_sums = ops.cond(
             trusted,
