@@ -200,11 +200,11 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             earlier queries only. Always on when called with
             `use_causal_mask=True`.
         jit_compile: Whether the normalization runs as an XLA-compiled
-            function on the TensorFlow backend, also when the model around it
-            is not compiled (Keras does not compile `fit` on CPUs or under
-            most distribution strategies). `"auto"` (default) compiles on the
-            TensorFlow backend; inside an XLA-compiled model it makes no
-            difference.
+            function on the TensorFlow and JAX backends, also when the model
+            around it is not compiled (Keras does not compile `fit` on CPUs
+            or under most distribution strategies). `"auto"` (default)
+            compiles on those backends; inside an XLA-compiled model it
+            makes no difference. PyTorch runs it uncompiled.
         chunk_size: Optional positive integer: compute the attention over
             blocks of this many queries, so that memory grows linearly with
             the sequence length instead of holding the whole score matrix

@@ -6,8 +6,8 @@ backend; what differs lives here, so that a backend has one place to go:
 - `einsum`: `tf.einsum` on TensorFlow, where Keras' own einsum is slower for
   attention-shaped equations;
 - `compiled`: an XLA-compiled version of a function, shared by every layer
-  that calls it (TensorFlow), so that uncompiled models still run the
-  normalization compiled;
+  that calls it (TensorFlow and JAX), so that uncompiled models still run
+  the normalization compiled;
 - `cumulative_logsumexp`: each backend's own prefix log-sum-exp, for axes
   whose length is only known when the function runs;
 - `result_dtype`, `maximum` and `cumsum`: dtype promotion, an elementwise
@@ -84,12 +84,15 @@ def compiled(function, jit_compile):
     """`function`, XLA-compiled where `jit_compile` asks and the backend can.
 
     `jit_compile` is `True`, `False` or `"auto"`; both `True` and `"auto"`
-    compile on TensorFlow, and no other backend compiles here (JAX and
-    PyTorch compile whole models instead).
+    compile on TensorFlow and JAX. PyTorch runs `function` as it is.
     """
-    if jit_compile is False or keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if jit_compile is False or backend not in ("tensorflow", "jax"):
         return function
+    return _jax_compiled(function) if backend == "jax" else _tensorflow_compiled(function)
 
+
+def _tensorflow_compiled(function):
     def call(*args, **kwargs):
         # Traced once per shape (XLA compiles once per shape anyway). With
         # relaxed shapes (`reduce_retracing`), a trace shared by hybrid layers
@@ -104,6 +107,30 @@ def compiled(function, jit_compile):
 
             _compiled_functions[key] = tf.function(function, jit_compile=True)
         return _compiled_functions[key](*args, **kwargs)
+
+    return call
+
+
+def _jax_compiled(function):
+    import jax
+
+    def call(*args, **kwargs):
+        # Eager calls on arrays are compiled: op by op, each call would trace
+        # the conditionals anew (an eager causal layer was about 70x slower
+        # than softmax). Traced calls are not: inside `jax.jit` it would make
+        # no difference, and under differentiation `jax.custom_gradient`
+        # inside `jax.jit` fails to lower when the gradient closes over a
+        # traced mask. Options that are not arrays are static.
+        if any(isinstance(x, jax.core.Tracer) for x in keras.tree.flatten((args, kwargs))):
+            return function(*args, **kwargs)
+        static = {k: v for k, v in kwargs.items() if not hasattr(v, "shape")}
+        key = (function, tuple(sorted(static.items())))
+        if key not in _compiled_functions:
+            import functools
+
+            _compiled_functions[key] = jax.jit(functools.partial(function, **static))
+        arrays = {k: v for k, v in kwargs.items() if k not in static}
+        return _compiled_functions[key](*args, **arrays)
 
     return call
 
