@@ -70,8 +70,9 @@ def _layers_and_inputs(args, length, attention, causal):
     mha(query, value)
     layers = {"mha": mha}
     for name, jit_compile in (("dna", "auto"), ("dna_uncompiled", False)):
+        # The whole score matrix: --chunk-size adds the layer with blocks.
         layers[name] = keras_dna.DoublyNormalizedAttention(
-            args.heads, head_dim, dtype=args.dtype, jit_compile=jit_compile,
+            args.heads, head_dim, dtype=args.dtype, jit_compile=jit_compile, chunk_size=None,
             causal_normalization=(causal and attention == "cross"),
         )
         layers[name](query, value)

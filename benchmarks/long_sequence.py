@@ -2,12 +2,13 @@
 
 Self-attention of a whole layer (width heads * head_dim), batch 1, XLA on,
 float32: MultiHeadAttention, DoublyNormalizedAttention, and
-DoublyNormalizedAttention with `chunk_size`. Each setting runs in its own
+DoublyNormalizedAttention with `chunk_size` (by default `"auto"`, which the
+layer takes unless told otherwise). Each setting runs in its own
 process, which reports its peak resident memory; a process that dies (for
 instance killed for lack of memory, or stopped by --memory-limit-gib) is
 reported as failed.
 
-    python benchmarks/long_sequence.py --lengths 4096 16384 --chunk-size 512
+    python benchmarks/long_sequence.py --lengths 4096 8192 16384
 """
 
 import argparse
@@ -22,12 +23,17 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _chunk_size(text):
+    return text if text == "auto" else int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--chunk-size", type=_chunk_size, default="auto",
+                   help="the chunked layer's chunk_size: a positive integer or auto")
     p.add_argument("--layers", nargs="+", choices=["mha", "dna", "dna_chunked"],
                    default=["mha", "dna", "dna_chunked"])
     p.add_argument("--causal", action="store_true", help="use_causal_mask=True")

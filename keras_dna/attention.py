@@ -10,6 +10,7 @@ from keras import ops
 from keras.src.backend import get_keras_mask
 from keras.src.backend import set_keras_mask
 
+from keras_dna.ops import auto_chunk_size
 from keras_dna.ops import doubly_normalized_attention
 from keras_dna.ops import normalize_attention_scores
 from keras_dna.ops.backend import compiled
@@ -90,7 +91,7 @@ def _check_options(
             f"Received: jit_compile={jit_compile!r}"
         )
     check_chunk_size(chunk_size)
-    if chunk_size is not None and dropout:
+    if isinstance(chunk_size, int) and dropout:
         raise ValueError(
             "Dropout on the attention weights needs the whole weight "
             "matrix, which `chunk_size` never holds. Pass dropout=0 or "
@@ -205,12 +206,17 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             or under most distribution strategies). `"auto"` (default)
             compiles on those backends; inside an XLA-compiled model it
             makes no difference. PyTorch runs it uncompiled.
-        chunk_size: Optional positive integer: compute the attention over
-            blocks of this many queries, so that memory grows linearly with
-            the sequence length instead of holding the whole score matrix
-            (see `keras_dna.ops.doubly_normalized_attention`). Needs a
+        chunk_size: `"auto"` (default), `None` or a positive integer:
+            compute the attention over blocks of this many queries, so that
+            memory grows linearly with the sequence length instead of
+            holding the whole score matrix (see
+            `keras_dna.ops.doubly_normalized_attention`). An integer needs a
             single attention axis, no dropout, and cannot return the
-            attention weights.
+            attention weights. `"auto"` takes blocks of
+            `keras_dna.ops.auto_chunk_size` for long sequences (from 4096 x
+            4096 scores per head, or 4 GiB of scores) when those conditions
+            hold and the lengths are known, and the whole matrix otherwise;
+            `None` always the whole matrix.
         null_query: Whether a null query joins every key's first
             (per-key) normalization step: a trainable log-mass `beta` per
             head (the weight `null_query_logits`), a background component
@@ -276,7 +282,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         normalization="double",
         causal_normalization=False,
         jit_compile="auto",
-        chunk_size=None,
+        chunk_size="auto",
         null_query=False,
         null_query_initializer=None,
         **kwargs,
@@ -314,7 +320,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
 
     def _set_options(
         self, normalization="double", causal_normalization=False, jit_compile="auto",
-        chunk_size=None, null_query=False, null_query_initializer=None,
+        chunk_size="auto", null_query=False, null_query_initializer=None,
     ):
         """Sets what this layer adds to `MultiHeadAttention` (also on a
         `MultiHeadAttention` whose class `keras_dna.convert` swaps)."""
@@ -480,14 +486,13 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             attention_mask = self._with_heads_axis(
                 ops.cast(attention_mask, "bool"), len(query.shape) - 1 + num_axes
             )
-        # Asked for the weights (as `keras_dna.analysis` asks), a chunked layer
-        # computes them whole: `call` refuses to return them, not this.
-        if self._chunk_size is not None and not return_attention_scores:
+        chunk_size = self._chunk_size_for(query, key, return_attention_scores)
+        if chunk_size is not None:
             output = compiled(doubly_normalized_attention, self._jit_compile)(
                 query, key, value, attention_mask, normalization=self._normalization,
                 causal_normalization=causal_normalization, scale=self._inverse_sqrt_key_dim,
                 mixing_logits=mixing_logits, null_query_logits=null_query_logits,
-                chunk_size=self._chunk_size,
+                chunk_size=chunk_size,
             )
             return ops.cast(output, value.dtype), None
         # A Python float keeps the query's dtype; `ops.cast` of one would
@@ -505,6 +510,19 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             dropped = weights
         attention_output = einsum(self._combine_equation, dropped, value)
         return attention_output, weights
+
+    def _chunk_size_for(self, query, key, return_attention_scores):
+        """This call's blocks of queries, or `None` to hold the whole weights."""
+        # Asked for the weights (as `keras_dna.analysis` asks), a chunked layer
+        # computes them whole: `call` refuses to return them, not this.
+        if self._chunk_size is None or return_attention_scores:
+            return None
+        if self._chunk_size != "auto":
+            return self._chunk_size
+        # Dropout and several attention axes need the whole weight matrix.
+        if self._dropout or len(self._attention_axes) != 1:
+            return None
+        return auto_chunk_size(query.shape, key.shape)
 
     def _with_heads_axis(self, mask, rank):
         """`mask` with the heads axis (and any missing batch axes) inserted
@@ -545,7 +563,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         return ops.logical_and(attention_mask, self._with_heads_axis(derived, rank))
 
     def _check_call_options(self, return_attention_scores, use_causal_mask):
-        if self._chunk_size is not None:
+        if isinstance(self._chunk_size, int):
             if return_attention_scores:
                 raise ValueError(
                     "A layer with `chunk_size` never holds the whole attention "

@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from keras_dna import DoublyNormalizedAttention
 from keras_dna import ops as dna_ops
+from keras_dna.ops import attention as attention_ops
+from keras_dna.ops import blockwise
 from tests import oracle
 
 NORMALIZATIONS = ["double", "single", "hybrid"]
@@ -124,7 +126,7 @@ def test_chunked_with_unknown_lengths(rng):
     np.testing.assert_allclose(masked(q, k, v, mask).numpy(), expected, atol=1e-12)
 
 
-def test_chunk_size_must_be_a_positive_integer(rng):
+def test_chunk_size_must_be_auto_none_or_a_positive_integer(rng):
     q, k, v, _ = _case(rng, "no_mask", 5, 5, "float32")
     for bad in (0, -3, 2.5, "8", True):
         with pytest.raises(ValueError, match="chunk_size"):
@@ -187,3 +189,53 @@ def test_layer_chunk_size_config_and_limits(rng):
         DoublyNormalizedAttention(2, 4, chunk_size=4, attention_axes=(1, 2))(
             rng.normal(size=(1, 3, 4, 8)), rng.normal(size=(1, 3, 4, 8))
         )
+
+
+def test_auto_chunk_size_takes_blocks_for_long_sequences_only():
+    def auto(batch, query_length, key_length, heads=8):
+        return dna_ops.auto_chunk_size((batch, query_length, heads, 64), (batch, key_length, heads, 64))
+
+    assert auto(64, 128, 128) is None
+    assert auto(4, 2048, 2048) is None
+    assert auto(1, 512, 2**20) is None  # a single block of queries
+    assert auto(1, 4096, 4096) == blockwise.AUTO_CHUNK_SIZE
+    assert auto(1, 1024, 16384) == blockwise.AUTO_CHUNK_SIZE
+    # 2**31 scores in all: 8 GiB in float32.
+    assert auto(64, 2048, 2048) == blockwise.AUTO_CHUNK_SIZE
+    assert auto(None, 2048, 2048) is None
+    assert auto(None, 4096, 4096) == blockwise.AUTO_CHUNK_SIZE
+    assert auto(1, None, 4096) is None and auto(1, 4096, None) is None
+
+
+def test_auto_layer_takes_blocks_where_auto_chunk_size_says(rng, monkeypatch):
+    # Long sequences in miniature: 9 x 9 scores per head count as long.
+    monkeypatch.setattr(blockwise, "AUTO_CHUNK_SIZE", 4)
+    monkeypatch.setattr(blockwise, "AUTO_CHUNK_SCORES_PER_HEAD", 81)
+    chunk_sizes = []
+    chunked_attention = attention_ops.chunked_attention
+
+    def spy(*args, **kwargs):
+        chunk_sizes.append(kwargs["chunk_size"])
+        return chunked_attention(*args, **kwargs)
+
+    x = rng.normal(size=(2, 9, 8)).astype("float32")
+    auto = DoublyNormalizedAttention(2, 4, jit_compile=False)
+    whole = DoublyNormalizedAttention(2, 4, jit_compile=False, chunk_size=None)
+    whole(x, x)
+    auto(x, x)
+    auto.set_weights(whole.get_weights())
+    monkeypatch.setattr(attention_ops, "chunked_attention", spy)
+    assert auto.get_config()["chunk_size"] == "auto"
+    assert DoublyNormalizedAttention.from_config(whole.get_config()).get_config()["chunk_size"] is None
+    for kwargs in ({}, {"use_causal_mask": True}):
+        np.testing.assert_allclose(
+            np.asarray(auto(x, x, **kwargs)), np.asarray(whole(x, x, **kwargs)), atol=1e-5
+        )
+    assert chunk_sizes == [4, 4]
+    # Where blocks cannot serve, the whole matrix, without an error.
+    _, weights = auto(x, x, return_attention_scores=True)
+    assert weights.shape == (2, 2, 9, 9)
+    dropout = DoublyNormalizedAttention(2, 4, jit_compile=False, dropout=0.5)
+    dropout(x, x, training=True)
+    auto(x[:, :8], x[:, :8])  # 64 scores per head: short
+    assert chunk_sizes == [4, 4]

@@ -12,6 +12,7 @@ import math
 from keras import ops
 
 from keras_dna.ops.backend import einsum
+from keras_dna.ops.blockwise import auto_chunk_size
 from keras_dna.ops.blockwise import chunked_attention
 from keras_dna.ops.causal import causal_double_normalization
 from keras_dna.ops.checks import check_broadcastable
@@ -255,6 +256,8 @@ def doubly_normalized_attention(
             linearly with the sequence length; the gradient recomputes the
             scores block by block (about twice the work of the forward
             pass). Equal to the unchunked result up to float rounding.
+            `"auto"`: blocks where they are as fast or the whole matrix
+            would be large (`auto_chunk_size`).
 
     Returns:
         Shape `(batch, query_length, num_heads, value_dim)`.
@@ -266,8 +269,11 @@ def doubly_normalized_attention(
     for axis, what in ((0, "batch size"), (1, "length"), (2, "number of heads")):
         check_match(what, "key", key.shape[axis], "value", value.shape[axis])
     if chunk_size is not None:
-        check_mask_values("mask", mask)
         query, key = checked_query_and_key(query, key)
+        if chunk_size == "auto":
+            chunk_size = auto_chunk_size(query.shape, key.shape)
+    if chunk_size is not None:
+        check_mask_values("mask", mask)
         check_normalization(normalization)
         dtype = working_dtype(query.dtype)
         if mixing_logits is not None:

@@ -55,12 +55,12 @@ def check_broadcastable(name, shape, target_shape, min_rank=0):
 
 
 def check_chunk_size(chunk_size):
-    """Raises unless `chunk_size` is `None` or a positive integer."""
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
+    """Raises unless `chunk_size` is `None`, `"auto"` or a positive integer."""
+    if chunk_size is None or (isinstance(chunk_size, str) and chunk_size == "auto"):
+        return
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(
-            "Argument `chunk_size` must be None or a positive integer. "
+            "Argument `chunk_size` must be None, 'auto' or a positive integer. "
             f"Received: chunk_size={chunk_size!r}"
         )
 
