@@ -214,9 +214,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             single attention axis, no dropout, and cannot return the
             attention weights. `"auto"` takes blocks of
             `keras_dna.ops.auto_chunk_size` for long sequences (from 4096 x
-            4096 scores per head, or 4 GiB of scores) when those conditions
-            hold and the lengths are known, and the whole matrix otherwise;
-            `None` always the whole matrix.
+            4096 scores per head without causal normalization, or 4 GiB of
+            scores) when those conditions hold and the lengths are known,
+            and the whole matrix otherwise; `None` always the whole matrix.
         null_query: Whether a null query joins every key's first
             (per-key) normalization step: a trainable log-mass `beta` per
             head (the weight `null_query_logits`), a background component
@@ -486,7 +486,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             attention_mask = self._with_heads_axis(
                 ops.cast(attention_mask, "bool"), len(query.shape) - 1 + num_axes
             )
-        chunk_size = self._chunk_size_for(query, key, return_attention_scores)
+        chunk_size = self._chunk_size_for(
+            query, key, return_attention_scores, causal_normalization
+        )
         if chunk_size is not None:
             output = compiled(doubly_normalized_attention, self._jit_compile)(
                 query, key, value, attention_mask, normalization=self._normalization,
@@ -511,7 +513,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         attention_output = einsum(self._combine_equation, dropped, value)
         return attention_output, weights
 
-    def _chunk_size_for(self, query, key, return_attention_scores):
+    def _chunk_size_for(self, query, key, return_attention_scores, causal):
         """This call's blocks of queries, or `None` to hold the whole weights."""
         # Asked for the weights (as `keras_dna.analysis` asks), a chunked layer
         # computes them whole: `call` refuses to return them, not this.
@@ -522,7 +524,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         # Dropout and several attention axes need the whole weight matrix.
         if self._dropout or len(self._attention_axes) != 1:
             return None
-        return auto_chunk_size(query.shape, key.shape)
+        return auto_chunk_size(query.shape, key.shape, causal=causal)
 
     def _with_heads_axis(self, mask, rank):
         """`mask` with the heads axis (and any missing batch axes) inserted

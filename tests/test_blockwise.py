@@ -192,8 +192,10 @@ def test_layer_chunk_size_config_and_limits(rng):
 
 
 def test_auto_chunk_size_takes_blocks_for_long_sequences_only():
-    def auto(batch, query_length, key_length, heads=8):
-        return dna_ops.auto_chunk_size((batch, query_length, heads, 64), (batch, key_length, heads, 64))
+    def auto(batch, query_length, key_length, heads=8, causal=False):
+        return dna_ops.auto_chunk_size(
+            (batch, query_length, heads, 64), (batch, key_length, heads, 64), causal=causal
+        )
 
     assert auto(64, 128, 128) is None
     assert auto(4, 2048, 2048) is None
@@ -205,6 +207,9 @@ def test_auto_chunk_size_takes_blocks_for_long_sequences_only():
     assert auto(None, 2048, 2048) is None
     assert auto(None, 4096, 4096) == blockwise.AUTO_CHUNK_SIZE
     assert auto(1, None, 4096) is None and auto(1, 4096, None) is None
+    # Causal blocks are slower than the whole matrix: only to fit.
+    assert auto(1, 4096, 4096, causal=True) is None
+    assert auto(64, 2048, 2048, causal=True) == blockwise.AUTO_CHUNK_SIZE
 
 
 def test_auto_layer_takes_blocks_where_auto_chunk_size_says(rng, monkeypatch):
@@ -231,6 +236,12 @@ def test_auto_layer_takes_blocks_where_auto_chunk_size_says(rng, monkeypatch):
         np.testing.assert_allclose(
             np.asarray(auto(x, x, **kwargs)), np.asarray(whole(x, x, **kwargs)), atol=1e-5
         )
+    assert chunk_sizes == [4]  # causal: whole, as the scores are small
+    monkeypatch.setattr(blockwise, "AUTO_CHUNK_SCORES", 2 * 2 * 81)
+    np.testing.assert_allclose(
+        np.asarray(auto(x, x, use_causal_mask=True)),
+        np.asarray(whole(x, x, use_causal_mask=True)), atol=1e-5,
+    )
     assert chunk_sizes == [4, 4]
     # Where blocks cannot serve, the whole matrix, without an error.
     _, weights = auto(x, x, return_attention_scores=True)

@@ -271,7 +271,9 @@ def doubly_normalized_attention(
     if chunk_size is not None:
         query, key = checked_query_and_key(query, key)
         if chunk_size == "auto":
-            chunk_size = auto_chunk_size(query.shape, key.shape)
+            chunk_size = auto_chunk_size(
+                query.shape, key.shape, causal=bool(is_causal or causal_normalization)
+            )
     if chunk_size is not None:
         check_mask_values("mask", mask)
         check_normalization(normalization)
