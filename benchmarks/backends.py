@@ -12,8 +12,12 @@ JAX and PyTorch as users of those backends run a layer:
   `torch.autograd.grad` (Keras' PyTorch trainer does not compile by
   default).
 
-Each cell runs in its own process (`KERAS_BACKEND` set for it), times both
-layers interleaved and reports medians and the ratio DNA/MHA.
+Each cell runs in its own process (`KERAS_BACKEND` set for it), times the
+layers interleaved and reports medians and the ratio DNA/MHA. Keras'
+`MultiHeadAttention` hands its attention to `keras.ops.dot_product_attention`,
+which on PyTorch is `scaled_dot_product_attention`, a fused kernel that never
+writes the score matrix; `MHA with scores` (`return_attention_scores=True`,
+as `MultiHeadAttention` also runs with dropout) writes it, as DNA must.
 
     python benchmarks/backends.py --backends jax torch --output benchmarks/results_backends
 """
@@ -63,15 +67,16 @@ def _layers_and_inputs(args, length, attention, causal):
     mha = keras.layers.MultiHeadAttention(args.heads, head_dim)
     # Cross-attention in a decoder is not causally masked, only normalized.
     dna = keras_dna.DoublyNormalizedAttention(
-        args.heads, head_dim, causal_normalization=(causal and attention == "cross")
+        args.heads, head_dim, chunk_size=None,
+        causal_normalization=(causal and attention == "cross"),
     )
     for layer in (mha, dna):
         layer(query, value)
     dna.set_weights(mha.get_weights())
-    return {"mha": mha, "dna": dna}, query, value, batch
+    return {"mha": mha, "dna": dna, "mha_with_scores": mha}, query, value, batch
 
 
-def _jax_steps(layer, use_causal_mask, jit):
+def _jax_steps(layer, use_causal_mask, jit, with_scores):
     import jax
     import jax.numpy as jnp
 
@@ -80,9 +85,10 @@ def _jax_steps(layer, use_causal_mask, jit):
 
     def forward(weights, query, value):
         output, _ = layer.stateless_call(
-            weights, non_trainable, query, value, use_causal_mask=use_causal_mask
+            weights, non_trainable, query, value, use_causal_mask=use_causal_mask,
+            return_attention_scores=with_scores,
         )
-        return output
+        return output[0] if with_scores else output
 
     def loss(weights, query, value):
         return jnp.sum(jnp.square(forward(weights, query, value)))
@@ -96,18 +102,23 @@ def _jax_steps(layer, use_causal_mask, jit):
     }
 
 
-def _torch_steps(layer, use_causal_mask):
+def _torch_steps(layer, use_causal_mask, with_scores):
     import torch
 
     weights = [v.value for v in layer.trainable_variables]
 
+    def output(query, value):
+        result = layer(query, value, use_causal_mask=use_causal_mask,
+                       return_attention_scores=with_scores)
+        return result[0] if with_scores else result
+
     def forward(query, value):
         with torch.no_grad():
-            return layer(query, value, use_causal_mask=use_causal_mask)
+            return output(query, value)
 
     def forward_backward(query, value):
         query, value = (x.detach().requires_grad_(True) for x in (query, value))
-        loss = torch.sum(torch.square(layer(query, value, use_causal_mask=use_causal_mask)))
+        loss = torch.sum(torch.square(output(query, value)))
         return torch.autograd.grad(loss, [query, value] + weights)
 
     return {"forward": forward, "forward_backward": forward_backward}
@@ -125,10 +136,12 @@ def time_cell(args, mode, length, attention, causal):
     for step in ("forward", "forward_backward"):
         fns = {}
         for name, layer in layers.items():
+            with_scores = name == "mha_with_scores"
             if backend == "jax":
-                fns[name] = _jax_steps(layer, use_causal_mask, jit=mode == "jit")[step]
+                steps = _jax_steps(layer, use_causal_mask, mode == "jit", with_scores)
             else:
-                fns[name] = _torch_steps(layer, use_causal_mask)[step]
+                steps = _torch_steps(layer, use_causal_mask, with_scores)
+            fns[name] = steps[step]
         for fn in fns.values():
             fn(query, value)  # compile and warm up
             fn(query, value)
@@ -141,6 +154,7 @@ def time_cell(args, mode, length, attention, causal):
         medians = {name: float(np.median(t)) for name, t in times.items()}
         result[step] = {f"{name}_s": seconds for name, seconds in medians.items()}
         result[step]["ratio"] = medians["dna"] / medians["mha"]
+        result[step]["ratio_with_scores"] = medians["dna"] / medians["mha_with_scores"]
     return result
 
 
@@ -159,16 +173,18 @@ def _cell_in_subprocess(args, backend, mode, length, attention, causal):
 def markdown(rows):
     lines = [
         "| backend | mode | T | batch | attention | causal | forward DNA/MHA | fwd+bwd DNA/MHA "
+        "| forward DNA/MHA with scores | fwd+bwd DNA/MHA with scores "
         "| forward MHA ms | fwd+bwd MHA ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = f"| {r['backend']} | {r['mode']} | {r['length']} | {r.get('batch', '')} | " \
                f"{r['attention']} | {r['causal']} | "
         if "error" in r:
-            lines.append(head + f"{r['error']} | | | |")
+            lines.append(head + f"{r['error']} | | | | | |")
             continue
-        cells = [f"{r[s]['ratio']:.2f}" for s in ("forward", "forward_backward")]
+        cells = [f"{r[s][k]:.2f}" for k in ("ratio", "ratio_with_scores")
+                 for s in ("forward", "forward_backward")]
         cells += [f"{r[s]['mha_s'] * 1e3:.0f}" for s in ("forward", "forward_backward")]
         lines.append(head + " | ".join(cells) + " |")
     return "\n".join(lines)
