@@ -191,31 +191,30 @@ def test_layer_chunk_size_config_and_limits(rng):
         )
 
 
-def test_auto_chunk_size_takes_blocks_for_long_sequences_only():
-    def auto(batch, query_length, key_length, heads=8, causal=False):
+def test_auto_chunk_size_takes_blocks_where_the_scores_are_large():
+    def auto(batch, query_length, key_length, heads=8):
         return dna_ops.auto_chunk_size(
-            (batch, query_length, heads, 64), (batch, key_length, heads, 64), causal=causal
+            (batch, query_length, heads, 64), (batch, key_length, heads, 64)
         )
 
     assert auto(64, 128, 128) is None
-    assert auto(4, 2048, 2048) is None
+    assert auto(1, 4096, 4096) is None  # 2**27 scores: 512 MiB
     assert auto(1, 512, 2**20) is None  # a single block of queries
-    assert auto(1, 4096, 4096) == blockwise.AUTO_CHUNK_SIZE
-    assert auto(1, 1024, 16384) == blockwise.AUTO_CHUNK_SIZE
-    # 2**31 scores in all: 8 GiB in float32.
+    # 2**30 scores and more: 4 GiB in float32.
+    assert auto(1, 16384, 16384) == blockwise.AUTO_CHUNK_SIZE
+    assert auto(8, 4096, 4096) == blockwise.AUTO_CHUNK_SIZE
     assert auto(64, 2048, 2048) == blockwise.AUTO_CHUNK_SIZE
-    assert auto(None, 2048, 2048) is None
-    assert auto(None, 4096, 4096) == blockwise.AUTO_CHUNK_SIZE
-    assert auto(1, None, 4096) is None and auto(1, 4096, None) is None
-    # Causal blocks are slower than the whole matrix: only to fit.
-    assert auto(1, 4096, 4096, causal=True) is None
-    assert auto(64, 2048, 2048, causal=True) == blockwise.AUTO_CHUNK_SIZE
+    assert auto(4, 2048, 2048) is None
+    # An unknown batch counts as 1.
+    assert auto(None, 4096, 4096) is None
+    assert auto(None, 16384, 16384) == blockwise.AUTO_CHUNK_SIZE
+    assert auto(1, None, 16384) is None and auto(1, 16384, None) is None
 
 
 def test_auto_layer_takes_blocks_where_auto_chunk_size_says(rng, monkeypatch):
-    # Long sequences in miniature: 9 x 9 scores per head count as long.
+    # Long sequences in miniature: 2 x 2 heads of 9 x 9 scores count as large.
     monkeypatch.setattr(blockwise, "AUTO_CHUNK_SIZE", 4)
-    monkeypatch.setattr(blockwise, "AUTO_CHUNK_SCORES_PER_HEAD", 81)
+    monkeypatch.setattr(blockwise, "AUTO_CHUNK_SCORES", 2 * 2 * 81)
     chunk_sizes = []
     chunked_attention = attention_ops.chunked_attention
 
@@ -236,12 +235,6 @@ def test_auto_layer_takes_blocks_where_auto_chunk_size_says(rng, monkeypatch):
         np.testing.assert_allclose(
             np.asarray(auto(x, x, **kwargs)), np.asarray(whole(x, x, **kwargs)), atol=1e-5
         )
-    assert chunk_sizes == [4]  # causal: whole, as the scores are small
-    monkeypatch.setattr(blockwise, "AUTO_CHUNK_SCORES", 2 * 2 * 81)
-    np.testing.assert_allclose(
-        np.asarray(auto(x, x, use_causal_mask=True)),
-        np.asarray(whole(x, x, use_causal_mask=True)), atol=1e-5,
-    )
     assert chunk_sizes == [4, 4]
     # Where blocks cannot serve, the whole matrix, without an error.
     _, weights = auto(x, x, return_attention_scores=True)

@@ -173,7 +173,7 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
     def _attend_cached(self, query, keys, values, attention_mask, cache, update_index, training):
         """Output, weights and the new key state (`None` for softmax)."""
         query = ops.multiply(query, self._inverse_sqrt_key_dim)
-        scores = einsum(self._dot_product_equation, keys, query)
+        scores = einsum(self._query_first_equation(), query, keys)
         valid = None
         if attention_mask is not None:
             valid = self._with_heads_axis(ops.cast(attention_mask, "bool"), 4)

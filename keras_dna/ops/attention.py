@@ -256,8 +256,8 @@ def doubly_normalized_attention(
             linearly with the sequence length; the gradient recomputes the
             scores block by block (about twice the work of the forward
             pass). Equal to the unchunked result up to float rounding.
-            `"auto"`: blocks where they are as fast or the whole matrix
-            would be large (`auto_chunk_size`).
+            `"auto"`: blocks where the whole matrix would be large
+            (`auto_chunk_size`).
 
     Returns:
         Shape `(batch, query_length, num_heads, value_dim)`.
@@ -271,9 +271,7 @@ def doubly_normalized_attention(
     if chunk_size is not None:
         query, key = checked_query_and_key(query, key)
         if chunk_size == "auto":
-            chunk_size = auto_chunk_size(
-                query.shape, key.shape, causal=bool(is_causal or causal_normalization)
-            )
+            chunk_size = auto_chunk_size(query.shape, key.shape)
     if chunk_size is not None:
         check_mask_values("mask", mask)
         check_normalization(normalization)

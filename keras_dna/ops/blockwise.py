@@ -35,35 +35,28 @@ from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import working_dtype
 
-# What `chunk_size="auto"` picks (`auto_chunk_size`), from
-# `benchmarks/attention_benchmark.py --chunk-size` on a CPU (README, "Long
-# sequences"): blocks of 512 queries once one head's score matrix holds
-# 4096 x 4096 entries (not causal: there blocks were faster than the whole
-# matrix; causal blocks were slower), or once all heads' scores would take
-# 4 GiB in float32.
+# What `chunk_size="auto"` picks (`auto_chunk_size`): blocks of 512 queries
+# once all heads' scores would take 4 GiB in float32. Below that the whole
+# matrix was as fast or faster under XLA on a CPU (README, "Long
+# sequences": at batch 1, T=4096, blocks read the scores twice forward).
 AUTO_CHUNK_SIZE = 512
-AUTO_CHUNK_SCORES_PER_HEAD = 4096 * 4096
 AUTO_CHUNK_SCORES = 2**30
 
 
-def auto_chunk_size(query_shape, key_shape, causal=False):
+def auto_chunk_size(query_shape, key_shape):
     """The `chunk_size` that `"auto"` picks, or `None` for the whole matrix.
 
     `query_shape` is `(batch, query_length, num_heads, ...)` and `key_shape`
-    `(batch, key_length, ...)`; unknown lengths give `None`. With `causal`
-    (a causal mask or causal normalization), blocks only where the scores
-    would take 4 GiB.
+    `(batch, key_length, ...)`. Blocks where the scores of all heads would
+    hold at least `AUTO_CHUNK_SCORES` entries (an unknown batch counts as
+    1); unknown lengths, or queries that fit in one block, give `None`.
     """
     batch, query_length, num_heads = query_shape[:3]
     key_length = key_shape[1]
     if query_length is None or key_length is None or query_length <= AUTO_CHUNK_SIZE:
         return None
-    per_head = query_length * key_length
-    if not causal and per_head >= AUTO_CHUNK_SCORES_PER_HEAD:
-        return AUTO_CHUNK_SIZE
-    if batch is not None and num_heads is not None and batch * num_heads * per_head >= AUTO_CHUNK_SCORES:
-        return AUTO_CHUNK_SIZE
-    return None
+    scores = (batch or 1) * (num_heads or 1) * query_length * key_length
+    return AUTO_CHUNK_SIZE if scores >= AUTO_CHUNK_SCORES else None
 
 
 def chunked_attention(
