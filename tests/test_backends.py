@@ -194,6 +194,36 @@ def test_chunked_equals_whole_forward_and_backward(rng, is_causal, null):
         np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_auto_chunk_size_takes_blocks_where_the_scores_are_large(rng, monkeypatch, is_causal):
+    from keras_dna.ops import attention as attention_ops
+    from keras_dna.ops import blockwise
+
+    # Large scores in miniature: two batches of HEADS heads of 9 x 9.
+    monkeypatch.setattr(blockwise, "AUTO_CHUNK_SIZE", 4)
+    monkeypatch.setattr(blockwise, "AUTO_CHUNK_SCORES", 2 * HEADS * 9 * 9)
+    chunk_sizes = []
+    chunked_attention = attention_ops.chunked_attention
+
+    def spy(*args, **kwargs):
+        chunk_sizes.append(kwargs["chunk_size"])
+        return chunked_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention_ops, "chunked_attention", spy)
+    query, key, value = (rng.normal(size=(2, 9, HEADS, 4)) for _ in range(3))
+
+    def attend(length, chunk_size):
+        return _numpy(keras_dna.ops.doubly_normalized_attention(
+            query[:, :length], key[:, :length], value[:, :length], is_causal=is_causal,
+            chunk_size=chunk_size,
+        ))
+
+    np.testing.assert_allclose(attend(9, "auto"), attend(9, None), atol=1e-12)
+    assert chunk_sizes == [4]
+    np.testing.assert_allclose(attend(8, "auto"), attend(8, None), atol=1e-12)
+    assert chunk_sizes == [4]  # 8 x 8 scores per head: the whole matrix
+
+
 @pytest.mark.parametrize("options", [
     {}, {"normalization": "hybrid", "null_query": True}, {"chunk_size": 3},
 ])

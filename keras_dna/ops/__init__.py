@@ -27,9 +27,9 @@ can also be used on their own, in the style of
 """
 
 from keras_dna.ops.attention import doubly_normalized_attention
-from keras_dna.ops.blockwise import auto_chunk_size
 from keras_dna.ops.attention import doubly_normalized_attention_weights
 from keras_dna.ops.attention import normalize_attention_scores
+from keras_dna.ops.blockwise import auto_chunk_size
 from keras_dna.ops.checks import NORMALIZATIONS
 from keras_dna.ops.incremental import causal_block_weights
 

@@ -15,6 +15,8 @@ backend; what differs lives here, so that a backend has one place to go:
   float32 outside TensorFlow).
 """
 
+import functools
+
 import keras
 from keras import ops
 
@@ -126,8 +128,6 @@ def _jax_compiled(function):
         static = {k: v for k, v in kwargs.items() if not hasattr(v, "shape")}
         key = (function, tuple(sorted(static.items())))
         if key not in _compiled_functions:
-            import functools
-
             _compiled_functions[key] = jax.jit(functools.partial(function, **static))
         arrays = {k: v for k, v in kwargs.items() if k not in static}
         return _compiled_functions[key](*args, **arrays)
