@@ -11,6 +11,7 @@ from keras.src.backend import get_keras_mask
 from keras.src.backend import set_keras_mask
 
 from keras_dna.ops import auto_chunk_size
+from keras_dna.ops import causal_mask
 from keras_dna.ops import doubly_normalized_attention
 from keras_dna.ops import normalize_attention_scores
 from keras_dna.ops.backend import compiled
@@ -467,11 +468,11 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         # `MultiHeadAttention.call` folds `use_causal_mask` into the mask for
         # a subclass; honour the argument too, should it arrive on its own.
         if use_causal_mask:
-            causal_mask = self._compute_causal_mask(query, value)
+            causal = self._compute_causal_mask(query, value)
             attention_mask = (
-                causal_mask
+                causal
                 if attention_mask is None
-                else ops.logical_and(ops.cast(attention_mask, "bool"), causal_mask)
+                else ops.logical_and(ops.cast(attention_mask, "bool"), causal)
             )
         causal_normalization = use_causal_mask or self._normalizes_causally()
         # The backend variable: a compiled TensorFlow function cannot take
@@ -572,6 +573,12 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             return attention_mask
         rank = len(attention_mask.shape)
         return ops.logical_and(attention_mask, self._with_heads_axis(derived, rank))
+
+    def _compute_causal_mask(self, query, value=None):
+        # MultiHeadAttention's mask, `(1, T, S)`, built without the cumulative
+        # sums that XLA constant-folds slowly (see `causal_mask`).
+        key_length = ops.shape(query if value is None else value)[1]
+        return ops.expand_dims(causal_mask(ops.shape(query)[1], key_length), 0)
 
     def _check_call_options(self, return_attention_scores, use_causal_mask):
         if isinstance(self._chunk_size, int):

@@ -251,6 +251,18 @@ def test_per_head_masks_and_empty_sequences(rng):
         assert tuple(layer(empty, empty, use_causal_mask=True).shape) == shape
 
 
+
+@pytest.mark.parametrize("query_length, key_length", [(5, 5), (3, 7), (7, 3), (0, 4)])
+def test_causal_mask_is_multi_head_attentions(query_length, key_length):
+    query = np.zeros((2, query_length, 8), "float32")
+    value = np.zeros((2, key_length, 8), "float32")
+    ours = DoublyNormalizedAttention(HEADS, 4)._compute_causal_mask(query, value)
+    theirs = keras.layers.MultiHeadAttention(HEADS, 4)._compute_causal_mask(query, value)
+    assert ours.shape == theirs.shape == (1, query_length, key_length)
+    np.testing.assert_array_equal(_numpy(ours), _numpy(theirs))
+    expected = np.tril(np.ones((query_length, key_length), bool))
+    np.testing.assert_array_equal(_numpy(keras_dna.ops.causal_mask(query_length, key_length)), expected)
+
 def _tiny_model(options):
     tokens = keras.Input((6,), dtype="int32")
     x = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)

@@ -26,6 +26,7 @@ can also be used on their own, in the style of
 - `symbolic`: `keras.Input`s for the public functions.
 """
 
+from keras_dna.ops.attention import causal_mask
 from keras_dna.ops.attention import doubly_normalized_attention
 from keras_dna.ops.attention import doubly_normalized_attention_weights
 from keras_dna.ops.attention import normalize_attention_scores
@@ -37,6 +38,7 @@ __all__ = [
     "NORMALIZATIONS",
     "auto_chunk_size",
     "causal_block_weights",
+    "causal_mask",
     "doubly_normalized_attention",
     "doubly_normalized_attention_weights",
     "normalize_attention_scores",
