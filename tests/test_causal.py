@@ -54,18 +54,25 @@ def _loss_and_numeric_gradient(scores, valid, probe, eps=1e-6):
     return tape.gradient(value, s_t).numpy(), numeric
 
 
-def test_gradient_of_exact_causal_path(rng):
+@pytest.mark.parametrize("num_keys, rising", [(3, "all"), (9, "all"), (9, "one")])
+def test_gradient_of_exact_causal_path(rng, num_keys, rising):
     # Scores rising by 800 along the queries: past what the fast path spans
-    # in float64 (600), so forward and backward take the exact scan.
-    scores = rng.normal(size=(1, 1, 5, 3)) * 2
-    scores[..., 0, :] -= 400.0
-    scores[..., 2, :] += 400.0
-    valid = np.ones((1, 1, 5, 3), bool)
+    # in float64 (600), so forward and backward take the exact scan, which
+    # runs over blocks of keys (9 keys: the last block overlaps the one
+    # before). With one key rising, its block alone is exact.
+    scores = rng.normal(size=(1, 1, 5, num_keys)) * 2
+    keys = slice(None) if rising == "all" else slice(4, 5)
+    scores[..., 0, keys] -= 400.0
+    scores[..., 2, keys] += 400.0
+    valid = np.ones((1, 1, 5, num_keys), bool)
     valid[..., 3, 1] = False
     probe = rng.normal(size=scores.shape)
     analytic, numeric = _loss_and_numeric_gradient(scores, valid, probe)
     np.testing.assert_allclose(analytic, numeric, atol=1e-8)
     assert np.abs(numeric).max() > 1e-3
+    weights = dna_ops.normalize_attention_scores(scores, valid, causal_normalization=True)
+    expected = oracle.attention_weights(scores, valid, "double", True)
+    np.testing.assert_allclose(np.asarray(weights), expected, atol=1e-12, rtol=0)
 
 
 def test_gradient_with_unknown_lengths(rng):

@@ -42,6 +42,9 @@ from keras_dna.ops.numerics import underflow_log_threshold
 # over the block totals.
 _PREFIX_BLOCK = 16
 
+# Blocks of keys the exact branches loop over (`_over_key_blocks`).
+_KEY_BLOCKS = 8
+
 
 def _static_length(x, axis):
     length = x.shape[axis]
@@ -236,6 +239,43 @@ def _first_valid_terms(terms, valid):
     return gather(), key_seen
 
 
+def _key_slice(x, start, size):
+    """Keys `start` to `start + size` of `x` (all of them if `x` has one)."""
+    if x is None or x.shape[-1] == 1:
+        return x
+    return ops.slice(x, (0,) * (len(x.shape) - 1) + (start,), tuple(ops.shape(x)[:-1]) + (size,))
+
+
+def _over_key_blocks(keywise, num_results, scores, *others):
+    """`keywise(scores, *others)`, one block of keys at a time.
+
+    For functions of `num_results` results, each shaped as `scores` and in
+    its dtype, whose key `j` depends only on key `j` of the arguments
+    (prefixes along the queries). The exact branches run this way because
+    XLA reserves memory for a conditional's branch whether it runs or not:
+    over all keys at once, the never-taken exact gradient held six
+    score-sized temporaries at the step's peak; a loop over `_KEY_BLOCKS`
+    blocks holds a fraction of that. The last block overlaps the one
+    before rather than pad (the shared keys are recomputed alike).
+    """
+    key_length = _static_length(scores, -1)
+    if key_length is None or key_length < 2:
+        return keywise(scores, *others)
+    block = -(-key_length // _KEY_BLOCKS)
+    num_blocks = -(-key_length // block)
+
+    def body(index, results):
+        start = ops.minimum(index * block, key_length - block)
+        parts = keywise(*(_key_slice(x, start, block) for x in (scores,) + others))
+        return tuple(
+            ops.slice_update(result, (0,) * (len(result.shape) - 1) + (start,), part)
+            for result, part in zip(results, parts)
+        )
+
+    results = (ops.zeros_like(scores),) * num_results
+    return ops.fori_loop(0, num_blocks, body, results)
+
+
 def _causal_key_logsumexp(scores, valid, null):
     """`c[i, j]` in log space, the null query joining it (`null` a tuple of 0 or 1)."""
     key_lse = prefix_logsumexp(scores, valid)
@@ -244,17 +284,28 @@ def _causal_key_logsumexp(scores, valid, null):
 
 def _exact_causal_weights(scores, valid, null):
     """Causal double normalization in log space, for masked `scores`."""
-    return row_softmax(scores - _causal_key_logsumexp(scores, valid, null), valid)[0]
+
+    def keywise(scores, valid, *null):
+        return (_causal_key_logsumexp(scores, valid, null),)
+
+    (key_lse,) = _over_key_blocks(keywise, 1, scores, valid, *null)
+    return row_softmax(scores - key_lse, valid)[0]
 
 
 def _exact_causal_gradient(scores, valid, null, softmax_part):
-    """Gradients of the scores (and null logits), in log space."""
-    masked = mask_scores(scores, valid)
-    key_lse = _causal_key_logsumexp(masked, valid, null)
-    scores_grad = softmax_part - prefix_logsumexp_transpose(masked, key_lse, softmax_part)
+    """Gradients of masked `scores` (and null logits), in log space."""
+
+    def keywise(scores, valid, softmax_part, *null):
+        key_lse = _causal_key_logsumexp(scores, valid, null)
+        scores_grad = softmax_part - prefix_logsumexp_transpose(scores, key_lse, softmax_part)
+        if not null:
+            return (scores_grad,)
+        return scores_grad, -softmax_part * ops.exp(null[0] - key_lse)
+
+    grads = _over_key_blocks(keywise, 1 + len(null), scores, valid, softmax_part, *null)
     if not null:
-        return scores_grad
-    return scores_grad, sum_like(-softmax_part * ops.exp(null[0] - key_lse), null[0])
+        return grads[0]
+    return grads[0], sum_like(grads[1], null[0])
 
 
 def causal_double_normalization(scores, valid, null_logits=None):
@@ -308,11 +359,15 @@ def causal_double_normalization(scores, valid, null_logits=None):
         # score-sized result runs as one unfused, single-threaded task in
         # XLA on CPU, while passing a tensor through costs nothing.
         fast_weights = key_weights / at_least(query_sums, threshold)
-        weights = ops.cond(
-            trusted,
-            lambda: fast_weights,
-            lambda: _exact_causal_weights(mask_scores(scores, valid), valid, null),
-        )
+
+        def exact():
+            masked = mask_scores(scores, valid)
+            return _exact_causal_weights(masked, valid, null), masked
+
+        # What the gradient reads besides the weights: the key sums, or
+        # the masked scores where the exact path ran. One score-sized
+        # tensor kept for the backward pass, not both.
+        weights, saved = ops.cond(trusted, lambda: (fast_weights, key_sums), exact)
 
         def grad(*args, upstream=None):
             if upstream is None:
@@ -320,17 +375,16 @@ def causal_double_normalization(scores, valid, null_logits=None):
             softmax_part = softmax_part_of_gradient(weights, upstream)
             # Computed outside the branch, where XLA fuses it with its
             # neighbours (measured faster); the branch replaces it if needed.
-            fast_grad = softmax_part - weights * query_sums * key_sums * prefix_sum(
-                softmax_part / key_sums, axis=-2, reverse=True
+            # (Untrusted, `saved` holds scores: this is then discarded.)
+            fast_grad = softmax_part - weights * query_sums * saved * prefix_sum(
+                softmax_part / saved, axis=-2, reverse=True
             )
             if null:
-                fast_grad = (
-                    fast_grad, sum_like(-softmax_part * null_terms / key_sums, null[0])
-                )
+                fast_grad = (fast_grad, sum_like(-softmax_part * null_terms / saved, null[0]))
             return ops.cond(
                 trusted,
                 lambda: fast_grad,
-                lambda: _exact_causal_gradient(scores, valid, null, softmax_part),
+                lambda: _exact_causal_gradient(saved, valid, null, softmax_part),
             )
 
         return weights, grad
