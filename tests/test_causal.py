@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from keras_dna import ops as dna_ops
+from keras_dna.ops.causal import exact_prefix_logsumexp
 from keras_dna.ops.causal import prefix_sum
 from tests import oracle
 from tests.common import normalize
@@ -24,6 +25,25 @@ def test_prefix_sum_equals_cumulative_sum(rng, length, reverse):
         input_signature=[tf.TensorSpec((2, None, 3), tf.float64)],
     )
     np.testing.assert_allclose(unknown(tf.constant(x)).numpy(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("length", [1, 16, 17, 300])
+def test_exact_prefix_logsumexp_equals_numpys_at_any_spread(rng, length, reverse):
+    # Spreads of thousands, where exponentials of the raw scores overflow,
+    # and masked entries; one block, a padded second block, many blocks;
+    # with the length known and unknown in a trace.
+    x = rng.normal(size=(2, length, 3)) * 2000.0
+    x[0, length // 2, 1] = -1e300
+    flip = (lambda a: np.flip(a, 1)) if reverse else (lambda a: a)
+    expected = flip(np.logaddexp.accumulate(flip(x), axis=1))
+    got = exact_prefix_logsumexp(x, reverse=reverse)
+    np.testing.assert_allclose(got, expected, rtol=1e-14, atol=0)
+    unknown = tf.function(
+        lambda t: exact_prefix_logsumexp(t, reverse=reverse),
+        input_signature=[tf.TensorSpec((2, None, 3), tf.float64)],
+    )
+    np.testing.assert_allclose(unknown(tf.constant(x)).numpy(), expected, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("length", [17, 37, 300])
