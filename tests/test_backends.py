@@ -173,6 +173,38 @@ def test_float64_gradients_match_finite_differences(rng, normalization, causal, 
             np.testing.assert_allclose(grad[index], (up - down) / (2 * step), atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_eager_gradients_of_the_compiled_layer_equal_the_uncompiled_ones(rng, chunk_size):
+    # Called eagerly, the layer compiles its normalization (on JAX also
+    # under `jax.grad`, where the backward pass is compiled apart); the
+    # gradients in every weight and input must be those of the same layer
+    # run op by op.
+    query, value = rng.normal(size=(2, 7, 6)), rng.normal(size=(2, 5, 6))
+    mask = rng.uniform(size=(2, 7, 5)) < 0.8
+    projection = rng.normal(size=(2, 7, 6))
+    grads, weights = {}, None
+    for jit_compile in (True, False):
+        layer = DoublyNormalizedAttention(
+            HEADS, 3, normalization="hybrid", causal_normalization=True, null_query=True,
+            jit_compile=jit_compile, chunk_size=chunk_size, dtype="float64",
+        )
+        layer(query, value)
+        if weights is None:  # nonzero mixing and null logits, the same for both layers
+            weights = [w + 0.5 * rng.normal(size=w.shape) for w in layer.get_weights()]
+        layer.set_weights(weights)
+
+        def loss(query, value, *weights):
+            output, _ = layer.stateless_call(list(weights), [], query, value, attention_mask=mask)
+            return ops.sum(output * ops.convert_to_tensor(projection))
+
+        grads[jit_compile] = value_and_gradients(loss, query, value, *weights)
+    assert len(grads[True][1]) == 2 + len(layer.trainable_variables)
+    np.testing.assert_allclose(grads[True][0], grads[False][0], rtol=1e-12)
+    for got, expected in zip(grads[True][1], grads[False][1]):
+        assert np.abs(expected).max() > 0
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("null", [False, True])
 def test_chunked_equals_whole_forward_and_backward(rng, is_causal, null):

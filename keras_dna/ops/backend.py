@@ -119,20 +119,68 @@ def _jax_compiled(function):
     def call(*args, **kwargs):
         # Eager calls on arrays are compiled: op by op, each call would trace
         # the conditionals anew (an eager causal layer was about 70x slower
-        # than softmax). Traced calls are not: inside `jax.jit` it would make
-        # no difference, and under differentiation `jax.custom_gradient`
-        # inside `jax.jit` fails to lower when the gradient closes over a
-        # traced mask. Options that are not arrays are static.
-        if any(isinstance(x, jax.core.Tracer) for x in keras.tree.flatten((args, kwargs))):
-            return function(*args, **kwargs)
+        # than softmax). Inside `jax.jit` (or `vmap`) it would make no
+        # difference: traced calls run as they are. Options that are not
+        # arrays are static.
         static = {k: v for k, v in kwargs.items() if not hasattr(v, "shape")}
-        key = (function, tuple(sorted(static.items())))
+        arrays = (args, {k: v for k, v in kwargs.items() if k not in static})
+        eager = _eager_arrays(keras.tree.flatten(arrays))
+        if eager is None:
+            return function(*args, **kwargs)
+        key = (function, tuple(sorted(static.items())), eager == "differentiated")
         if key not in _compiled_functions:
-            _compiled_functions[key] = jax.jit(functools.partial(function, **static))
-        arrays = {k: v for k, v in kwargs.items() if k not in static}
-        return _compiled_functions[key](*args, **arrays)
+            bound = functools.partial(_call_with, functools.partial(function, **static))
+            if eager == "differentiated":
+                _compiled_functions[key] = _jax_differentiable_jit(bound)
+            else:
+                _compiled_functions[key] = jax.jit(bound)
+        return _compiled_functions[key](arrays)
 
     return call
+
+
+def _call_with(function, arrays):
+    args, kwargs = arrays
+    return function(*args, **kwargs)
+
+
+def _eager_arrays(values):
+    """`"plain"` for concrete arrays, `"differentiated"` when some are
+    traced by eager differentiation (`jax.grad` outside `jax.jit`) and
+    nothing else, `None` for any other trace."""
+    import jax
+
+    differentiated = False
+    for x in values:
+        # Differentiation's tracers (JVP, linearize) carry the value they
+        # differentiate at as `primal`; `jit`'s and `vmap`'s do not.
+        while isinstance(x, jax.core.Tracer) and hasattr(x, "primal"):
+            differentiated, x = True, x.primal
+        if isinstance(x, jax.core.Tracer):
+            return None
+    return "differentiated" if differentiated else "plain"
+
+
+def _jax_differentiable_jit(function):
+    """`jax.jit(function)` for eager differentiation, its gradient compiled
+    too: the backward pass differentiates `function` again inside
+    `jax.jit` (the forward runs twice). Compiling `function` as it is
+    would not do: `jax.custom_gradient` inside `jax.jit` under an outer
+    `jax.grad` fails when the gradient closes over a traced mask."""
+    import jax
+
+    forward = jax.jit(function)
+
+    @jax.jit
+    def backward(arrays, upstream):
+        return jax.vjp(function, arrays)[1](upstream)
+
+    @jax.custom_vjp
+    def differentiable(arrays):
+        return forward(arrays)
+
+    differentiable.defvjp(lambda arrays: (forward(arrays), arrays), backward)
+    return differentiable
 
 
 def cumulative_logsumexp(x, axis, reverse=False):
