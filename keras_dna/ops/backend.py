@@ -103,11 +103,14 @@ def _tensorflow_compiled(function):
         # SavedModel's signature) get a function of their own: TensorFlow
         # would reuse their general trace for later static calls, which then
         # lose the code paths that need static lengths (LiteRT conversion).
+        # No AutoGraph: the code branches with `keras.ops`, and converting
+        # it took most of a causal layer's trace (2.3 s of 2.3 s at T=16,
+        # `benchmarks/compile_time.py`).
         key = (function, _static_shapes((args, kwargs)))
         if key not in _compiled_functions:
             import tensorflow as tf
 
-            _compiled_functions[key] = tf.function(function, jit_compile=True)
+            _compiled_functions[key] = tf.function(function, jit_compile=True, autograph=False)
         return _compiled_functions[key](*args, **kwargs)
 
     return call
