@@ -19,19 +19,15 @@ import sys
 import time
 
 from _results import write_results
+from _steps import forward_backward_step
+from _steps import step_parser
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 LAYERS = ("mha", "dna")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[16, 128, 512])
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per batch (batch = tokens / length)")
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"])
-    p.add_argument("--output", default="benchmarks/compile_time", help="writes OUTPUT.json and OUTPUT.md")
+    p = step_parser(__doc__.splitlines()[0], lengths=[16, 128, 512], tokens=2048, output="benchmarks/compile_time")
     # Internal: measure one layer in this process.
     p.add_argument("--measure", nargs=3, metavar=("LAYER", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -43,27 +39,7 @@ def _graph_nodes(concrete):
 
 
 def measure_in_process(args, layer_name, length, causal):
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    import keras_dna
-
-    batch = max(1, args.tokens // length)
-    x = tf.constant(np.random.default_rng(0).normal(size=(batch, length, args.width)), "float32")
-    head_dim = args.width // args.heads
-    if layer_name == "mha":
-        layer = keras.layers.MultiHeadAttention(args.heads, head_dim)
-    else:
-        layer = keras_dna.DoublyNormalizedAttention(args.heads, head_dim, chunk_size=None)
-    layer(x[:, :2], x[:, :2])
-
-    @tf.function(jit_compile=True)
-    def forward_backward(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.square(layer(x, x, use_causal_mask=causal)))
-        return tape.gradient(loss, [x] + layer.trainable_weights)
+    forward_backward, x, batch = forward_backward_step(args, layer_name, length, causal)
 
     start = time.perf_counter()
     concrete = forward_backward.get_concrete_function(x)

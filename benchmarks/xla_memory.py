@@ -19,46 +19,22 @@ import sys
 import tempfile
 
 from _results import write_results
+from _steps import forward_backward_step
+from _steps import step_parser
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 LAYERS = ("mha", "dna")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
-    p.add_argument("--tokens", type=int, default=8192, help="tokens per batch (batch = tokens / length)")
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"])
-    p.add_argument("--output", default="benchmarks/xla_memory", help="writes OUTPUT.json and OUTPUT.md")
+    p = step_parser(__doc__.splitlines()[0], lengths=[512, 2048], tokens=8192, output="benchmarks/xla_memory")
     # Internal: compile one layer's step in this process.
     p.add_argument("--compile", nargs=3, metavar=("LAYER", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def compile_step(args, layer_name, length, causal):
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    import keras_dna
-
-    batch = max(1, args.tokens // length)
-    x = tf.constant(np.random.default_rng(0).normal(size=(batch, length, args.width)), "float32")
-    head_dim = args.width // args.heads
-    if layer_name == "mha":
-        layer = keras.layers.MultiHeadAttention(args.heads, head_dim)
-    else:
-        layer = keras_dna.DoublyNormalizedAttention(args.heads, head_dim, chunk_size=None)
-    layer(x[:, :2], x[:, :2])
-
-    @tf.function(jit_compile=True)
-    def forward_backward(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.square(layer(x, x, use_causal_mask=causal)))
-        return tape.gradient(loss, [x] + layer.trainable_weights)
+    forward_backward, x, batch = forward_backward_step(args, layer_name, length, causal)
 
     forward_backward.experimental_get_compiler_ir(x)(stage="optimized_hlo")
     return batch
