@@ -51,6 +51,20 @@ def _static_length(x, axis):
     return length if isinstance(length, int) else None
 
 
+def _pad_to_blocks(x, axis, value):
+    """`x` padded with `value` at the end of `axis` to whole blocks of
+    `_PREFIX_BLOCK`, and the number of blocks. Entries neutral for the
+    prefix (0 for sums, the masked value for log-sum-exps) at the end change
+    neither prefixes nor suffixes of the rest."""
+    length = x.shape[axis]
+    padding = (-length) % _PREFIX_BLOCK
+    if padding:
+        pad_width = [(0, 0)] * len(x.shape)
+        pad_width[axis] = (0, padding)
+        x = ops.pad(x, pad_width, constant_values=value)
+    return x, (length + padding) // _PREFIX_BLOCK
+
+
 def _blocked_prefix_sum(x, axis, reverse):
     """Inclusive prefix (with `reverse`, suffix) sum of a static `axis`
     (negative) longer than `_PREFIX_BLOCK`.
@@ -62,13 +76,7 @@ def _blocked_prefix_sum(x, axis, reverse):
     length = x.shape[axis]
     rank = len(x.shape)
     axis = axis % rank
-    # Zeros at the end change neither prefixes nor suffixes of the rest.
-    padding = (-length) % _PREFIX_BLOCK
-    if padding:
-        pad_width = [(0, 0)] * rank
-        pad_width[axis] = (0, padding)
-        x = ops.pad(x, pad_width)
-    num_blocks = (length + padding) // _PREFIX_BLOCK
+    x, num_blocks = _pad_to_blocks(x, axis, 0.0)
     shape = ops.shape(x)
     blocks = ops.reshape(
         x, tuple(shape[:axis]) + (num_blocks, _PREFIX_BLOCK) + tuple(shape[axis + 1 :])
@@ -92,7 +100,7 @@ def _blocked_prefix_sum(x, axis, reverse):
     others = ops.concatenate(parts, axis=axis)
     out = ops.stack(within, axis=axis + 1) + ops.expand_dims(others, axis + 1)
     out = ops.reshape(out, shape)
-    return out[before + (slice(0, length),)] if padding else out
+    return out[before + (slice(0, length),)]
 
 
 def prefix_sum(x, axis, reverse=False):
@@ -146,9 +154,10 @@ def exact_prefix_logsumexp(scores, reverse=False):
     In log space, a block of `_PREFIX_BLOCK` queries at a time (a loop
     carrying the running log-sum-exp): the graph stays small (the first
     call of the compiled causal forward+backward at T=512 took 12 s, 25 s
-    with the whole axis unrolled) and the temporaries a block's size. Unknown lengths take
-    the backend's cumulative log-sum-exp. Only taken when the fast path would lose
-    precision, and never differentiated (the gradient is analytic).
+    with the whole axis unrolled) and the temporaries a block's size.
+    Unknown lengths take the backend's cumulative log-sum-exp. Only taken
+    when the fast path would lose precision, and never differentiated (the
+    gradient is analytic).
     """
     length = _static_length(scores, -2)
     if length is None:
@@ -156,13 +165,7 @@ def exact_prefix_logsumexp(scores, reverse=False):
     if length <= _PREFIX_BLOCK:
         return _triangular_logsumexp(scores, reverse) if length else scores
     rank = len(scores.shape)
-    # Masked entries at the end change neither prefixes nor suffixes of the rest.
-    padding = (-length) % _PREFIX_BLOCK
-    padded = scores
-    if padding:
-        pad_width = [(0, 0)] * (rank - 2) + [(0, padding), (0, 0)]
-        padded = ops.pad(scores, pad_width, constant_values=masked_value(scores))
-    num_blocks = (length + padding) // _PREFIX_BLOCK
+    padded, num_blocks = _pad_to_blocks(scores, rank - 2, masked_value(scores))
     block_shape = tuple(ops.shape(padded)[:-2]) + (_PREFIX_BLOCK, ops.shape(padded)[-1])
 
     def body(step, carry):
@@ -176,7 +179,7 @@ def exact_prefix_logsumexp(scores, reverse=False):
 
     running = ops.full_like(padded[..., :1, :], masked_value(scores))
     out, _ = ops.fori_loop(0, num_blocks, body, (ops.zeros_like(padded), running))
-    return out[..., :length, :] if padding else out
+    return out[..., :length, :]
 
 
 def _positive_part_log(x):
