@@ -345,6 +345,32 @@ def test_compiled_normalization_equals_plain(rng, normalization):
         np.testing.assert_allclose(np.asarray(g_c), np.asarray(g_p), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_inside_an_xla_compiled_step_the_normalization_is_not_compiled_again(rng, chunk_size):
+    # A compiled call nested in the step made XLA take the step's inputs and
+    # weights as compile-time constants: with chunk_size, every training step
+    # of fit(jit_compile=True) compiled anew.
+    query, value = _inputs(rng)
+    layer = _layer("hybrid", chunk_size=chunk_size)
+    layer(query, value)
+
+    @tf.function(jit_compile=True)
+    def gradients(q, v):
+        with tf.GradientTape() as tape:
+            tape.watch(q)
+            loss = tf.reduce_sum(layer(q, v, use_causal_mask=True) ** 2)
+        return tape.gradient(loss, [q] + layer.trainable_weights)
+
+    graph = gradients.get_concrete_function(tf.constant(query), tf.constant(value)).graph
+    nested = [
+        op.name for op in graph.get_operations()
+        if op.type.endswith("PartitionedCall") and op.node_def.attr["_XlaMustCompile"].b
+    ]
+    assert nested == []
+    for g in gradients(tf.constant(query), tf.constant(value)):
+        assert np.isfinite(g.numpy()).all()
+
+
 def test_jit_compile_argument():
     assert DoublyNormalizedAttention(2, 4).get_config()["jit_compile"] == "auto"
     assert DoublyNormalizedAttention.from_config(
