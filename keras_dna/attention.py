@@ -1,7 +1,6 @@
 """The `DoublyNormalizedAttention` layer."""
 
 import contextlib
-import contextvars
 
 import keras
 from keras import ops
@@ -32,43 +31,42 @@ from keras_dna.ops.checks import same_static_shape
 NULL_QUERY_INIT = 4.0
 
 
-# The layers that normalize causally in the call in progress (in this
-# thread) without `causal_normalization=True`: those called with
-# `use_causal_mask=True` (which `MultiHeadAttention.call` folds into the mask
-# it hands to `_compute_attention`), and those a caller that builds its own
-# causal mask names (`normalizing_causally`). A context variable carries it
-# there without mutating the layer.
-_CAUSAL_IN_CALL = contextvars.ContextVar("causal_in_call", default=frozenset())
-
-
-@contextlib.contextmanager
-def _keras_masks_kept(*tensors):
-    """Restores the Keras masks of `tensors` after the block.
+def _keras_masks(*tensors):
+    """The Keras masks of `tensors`, for `_restore_keras_masks`.
 
     `MultiHeadAttention.call` deletes the masks of its query, value and key
     tensors; a tensor that a second layer reads afterwards (an encoder output
-    that every decoder block attends to) has lost its mask there, so that
-    layer attends to padding.
+    that every decoder block attends to) would lose its mask there, so that
+    layer would attend to padding.
     """
-    masks = [(tensor, get_keras_mask(tensor)) for tensor in tensors if tensor is not None]
-    try:
-        yield
-    finally:
-        for tensor, mask in masks:
-            set_keras_mask(tensor, mask)
+    return [(tensor, get_keras_mask(tensor)) for tensor in tensors if tensor is not None]
+
+
+def _restore_keras_masks(masks):
+    for tensor, mask in masks:
+        set_keras_mask(tensor, mask)
 
 
 @contextlib.contextmanager
 def normalizing_causally(layer, causal=True):
-    """Within the block, `layer` normalizes causally (if `causal`)."""
+    """Within the block, `layer` normalizes causally (if `causal`).
+
+    For a layer called with `use_causal_mask=True`, which
+    `MultiHeadAttention.call` folds into the mask it hands to
+    `_compute_attention`, and for a caller that builds its own causal mask.
+    The flag lives on the layer for the call, as `MultiHeadAttention` keeps
+    its `return_attention_scores`: `torch.compile` traces an attribute,
+    while a context variable made it run the whole call uncompiled.
+    """
     if not causal:
         yield
         return
-    token = _CAUSAL_IN_CALL.set(_CAUSAL_IN_CALL.get() | {id(layer)})
+    previous = layer._causal_in_call
+    layer._causal_in_call = True
     try:
         yield
     finally:
-        _CAUSAL_IN_CALL.reset(token)
+        layer._causal_in_call = previous
 
 
 def _check_flash_attention(flash_attention):
@@ -331,6 +329,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._flash_attention = False
         self._normalization = normalization
         self._causal_normalization = causal_normalization
+        self._causal_in_call = False
         self._jit_compile = jit_compile
         self._chunk_size = chunk_size
         self._null_query = null_query
@@ -384,7 +383,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
 
     def _normalizes_causally(self):
         """Whether the first step is causal in the call in progress."""
-        return self._causal_normalization or id(self) in _CAUSAL_IN_CALL.get()
+        return self._causal_normalization or self._causal_in_call
 
     def _add_logits(self):
         """Adds the per-head logits of `"hybrid"` and of the null query."""
@@ -441,7 +440,12 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                     expanded = self._with_heads_axis(expanded, len(attention_mask.shape))
                 expanded = ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
             attention_mask = expanded
-        with normalizing_causally(self, use_causal_mask), _keras_masks_kept(query, value, key):
+        # `try` rather than context managers: `torch.compile` failed on
+        # two of them around this call.
+        masks = _keras_masks(query, value, key)
+        causal_before = self._causal_in_call
+        self._causal_in_call = causal_before or use_causal_mask
+        try:
             return super().call(
                 query,
                 value,
@@ -453,6 +457,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 training=training,
                 use_causal_mask=use_causal_mask,
             )
+        finally:
+            self._causal_in_call = causal_before
+            _restore_keras_masks(masks)
 
     def _compute_attention(
         self,
