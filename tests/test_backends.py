@@ -295,10 +295,13 @@ def test_causal_mask_is_multi_head_attentions(query_length, key_length):
     expected = np.tril(np.ones((query_length, key_length), bool))
     np.testing.assert_array_equal(_numpy(keras_dna.ops.causal_mask(query_length, key_length)), expected)
 
-def _tiny_model(options):
+def _tiny_model(*options):
+    """A causal token model with one attention layer per dict of `options`."""
     tokens = keras.Input((6,), dtype="int32")
     x = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)
-    x = DoublyNormalizedAttention(HEADS, 4, name="attention", **options)(x, x, use_causal_mask=True)
+    for index, layer_options in enumerate(options):
+        attention = DoublyNormalizedAttention(HEADS, 4, name=f"attention{index}", **layer_options)
+        x = attention(x, x, use_causal_mask=True)
     return keras.Model(tokens, keras.layers.Dense(20)(x))
 
 
@@ -309,23 +312,31 @@ def _tokens(seed):
     return tokens
 
 
-@pytest.mark.parametrize("options", [{}, {"null_query": True}, {"chunk_size": 4}])
-def test_fit_compiled_trains_and_the_model_round_trips(tmp_path, options):
-    keras.utils.set_random_seed(0)
-    model = _tiny_model(options)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-2), jit_compile=True,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    tokens = _tokens(0)
-    history = model.fit(tokens, np.roll(tokens, 1, axis=1), epochs=4, batch_size=8, verbose=0)
-    losses = history.history["loss"]
-    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
-    path = tmp_path / "model.keras"
-    model.save(path)
-    restored = keras.saving.load_model(path)
-    assert isinstance(restored.get_layer("attention"), DoublyNormalizedAttention)
-    np.testing.assert_allclose(_numpy(restored(tokens)), _numpy(model(tokens)), atol=1e-6)
+class TestFitCompiled:
+    """`fit(jit_compile=True)` with every path of the layer in one model.
+
+    A class, so that `pytest --dist loadscope` gives it a worker of its own:
+    under PyTorch its compiled step (inductor) takes longer to compile than
+    the rest of the module takes to run.
+    """
+
+    def test_trains_and_the_model_round_trips(self, tmp_path):
+        keras.utils.set_random_seed(0)
+        model = _tiny_model({}, {"null_query": True}, {"chunk_size": 4})
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-2), jit_compile=True,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        tokens = _tokens(0)
+        history = model.fit(tokens, np.roll(tokens, 1, axis=1), epochs=4, batch_size=8, verbose=0)
+        losses = history.history["loss"]
+        assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+        path = tmp_path / "model.keras"
+        model.save(path)
+        restored = keras.saving.load_model(path)
+        for index in range(3):
+            assert isinstance(restored.get_layer(f"attention{index}"), DoublyNormalizedAttention)
+        np.testing.assert_allclose(_numpy(restored(tokens)), _numpy(model(tokens)), atol=1e-6)
 
 
 SAVE_UNDER_ANOTHER_BACKEND = """
