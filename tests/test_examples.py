@@ -214,37 +214,70 @@ def test_g2p_trains_decodes_and_serves_words(tmp_path):
         assert all(re.fullmatch("[A-Z]+", phoneme) for phoneme in word.decode().split())
 
 
-def test_compare_writes_table_paired_differences_and_curves(tmp_path):
+def _finished_run(directory, attention, accuracy, column_sums=None):
+    """A run as `compare` leaves it: metrics.json (and, for the first seed,
+    column_sums.npz)."""
+    directory.mkdir(parents=True)
+    record = {
+        "attention": attention,
+        "test_accuracy": accuracy,
+        "explaining_away": {
+            "min_column_sum": 0.25, "share_below_bound": 0.0, "share_below_threshold": 0.5,
+        },
+        "history": {
+            "loss": [2.0, 1.5], "accuracy": [0.2, 0.4], "val_loss": [2.1, 1.7],
+            "val_accuracy": [0.1, 0.3],
+        },
+    }
+    (directory / "metrics.json").write_text(json.dumps(record))
+    if column_sums is not None:
+        np.savez(directory / "column_sums.npz", block0=np.asarray(column_sums))
+
+
+def test_compare_trains_what_is_missing_and_writes_table_differences_and_curves(tmp_path):
     import compare
 
+    # Three of the four runs are on disk already: compare resumes them and
+    # trains the fourth (a digits run in a fresh process).
+    runs_dir = tmp_path / "digits"
+    _finished_run(runs_dir / "softmax" / "seed0", "single", 0.5, column_sums=[0.5, 1.5])
+    _finished_run(runs_dir / "softmax" / "seed1", "single", 0.625)
+    _finished_run(runs_dir / "dna" / "seed1", "double", 0.75)
     compare.main([
         "--examples", "digits", "--seeds", "0", "1", "--set", "digits", "--epochs 2 --limit 100",
         "--configs", "softmax=single", "dna=double", "dna-encoders=encoder=double,decoder=single",
         "--output-dir", str(tmp_path),
     ])
+    assert [log.relative_to(runs_dir).as_posix() for log in runs_dir.rglob("*.log")] == [
+        "dna/seed0.log"
+    ]
+    trained = json.loads((runs_dir / "dna" / "seed0" / "metrics.json").read_text())
+    assert trained["attention"] == "double" and trained["seed"] == 0
+    assert len(trained["history"]["val_accuracy"]) == 2
+    assert trained["explaining_away"]["share_below_bound"] == 0.0
     table = (tmp_path / "comparison.md").read_text()
     assert "--set digits" in table
     assert "| Δ accuracy vs softmax (95% CI) |" in table
-    assert re.search(r"\| softmax \| single \|.*\| baseline \|", table)
-    runs = {
-        name: [json.loads((tmp_path / "digits" / name / f"seed{seed}" / "metrics.json").read_text())
-               for seed in (0, 1)]
-        for name in ("softmax", "dna")
-    }
-    differences = [
-        d["test_accuracy"] - s["test_accuracy"] for d, s in zip(runs["dna"], runs["softmax"])
-    ]
+    assert "| softmax | single | 0.5625 ± 0.0625 | 0.2500 ± 0.0000 | 0.00% | 50.00% | baseline |" in table
+    differences = [trained["test_accuracy"] - 0.5, 0.75 - 0.625]
     half = 12.706 * np.std(differences, ddof=1) / np.sqrt(2)  # t quantile, 1 degree of freedom
     mean = np.mean(differences)
     cell = f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
     assert re.search(r"\| dna \| double \|.*\| " + re.escape(cell) + r"( \*)? \|", table)
     # On digits (encoder only) dna-encoders is dna: noted, not trained again.
     assert "dna-encoders: the same as dna on digits" in table
-    assert not (tmp_path / "digits" / "dna-encoders").exists()
+    assert not (runs_dir / "dna-encoders").exists()
     for png in ("comparison.png", "curves_digits.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
-    assert all(len(r["history"]["val_accuracy"]) == 2 for r in runs["dna"])
-    assert runs["dna"][0]["explaining_away"]["share_below_bound"] == 0.0
+
+
+def test_compare_refuses_a_run_trained_with_other_attention(tmp_path):
+    import compare
+
+    _finished_run(tmp_path / "digits" / "dna" / "seed0", "single", 0.5, column_sums=[1.0])
+    with pytest.raises(SystemExit, match="trained with --attention single, not double"):
+        compare.main(["--examples", "digits", "--seeds", "0", "--configs", "dna=double",
+                      "--output-dir", str(tmp_path)])
 
 
 def test_paired_t_interval_matches_a_hand_computation():
