@@ -32,6 +32,7 @@ from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import max_along
 from keras_dna.ops.numerics import positive_where_valid
+from keras_dna.ops.numerics import reduce_or_fill
 from keras_dna.ops.numerics import smallest_normal
 from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import underflow_log_threshold
@@ -132,7 +133,7 @@ def _triangular_logsumexp(x, reverse):
         included = rows[None, :] <= rows[:, None]
     # (..., row, row summed over, keys)
     spread = ops.where(included[:, :, None], ops.expand_dims(x, -3), masked_value(x))
-    high = ops.max(spread, axis=-2)
+    high = reduce_or_fill(ops.amax, spread, axis=-2)
     return high + ops.log(ops.sum(ops.exp(spread - ops.expand_dims(high, -2)), axis=-2))
 
 
@@ -254,8 +255,8 @@ def _first_valid_terms(terms, valid):
         return terms[..., :1, :], None
     valid_length = ops.shape(valid)[-2]
     rows = ops.expand_dims(ops.arange(valid_length), -1)
-    first = ops.min(
-        ops.where(valid, rows, valid_length), axis=-2, keepdims=True, initial=valid_length
+    first = reduce_or_fill(
+        ops.amin, ops.where(valid, rows, valid_length), axis=-2, keepdims=True, empty=valid_length
     )
     key_seen = first < valid_length
     index = ops.broadcast_to(

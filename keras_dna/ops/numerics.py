@@ -44,15 +44,30 @@ def underflow_log_threshold(x):
     return -300.0 if _is_float64(x) else -40.0
 
 
+def reduce_or_fill(reduction, x, axis=None, keepdims=False, empty=0):
+    """`reduction(x, axis, keepdims)` (`ops.amax` or `ops.amin`), `empty`
+    wherever it reduces over no entry.
+
+    Keras raises on an empty tensor (TensorFlow when eager, JAX, PyTorch),
+    and an empty query, key or batch must give an empty result, as softmax
+    attention does. (`ops.max` with `initial` does this too, but its
+    PyTorch version breaks `torch.compile`'s graph at every call.)
+    TensorFlow graphs reduce axes empty only at run time to -inf (maximum)
+    or the dtype's largest value (minimum).
+    """
+    if 0 in tuple(x.shape):
+        return ops.full_like(ops.sum(x, axis=axis, keepdims=keepdims), empty)
+    return reduction(x, axis=axis, keepdims=keepdims)
+
+
 def max_along(x, axis):
     """The maximum along `axis` (kept), `masked_value` over an empty axis.
 
-    `ops.max` raises on an empty tensor in eager mode; an empty query or
-    key sequence must give an empty result instead, as softmax attention
-    does. Every score is at least `masked_value`, so the floor changes
-    nothing else.
+    Every score is at least `masked_value`, so the floor changes nothing
+    but a TensorFlow graph's -inf over an axis empty at run time.
     """
-    return ops.max(x, axis=axis, keepdims=True, initial=masked_value(x))
+    floor = masked_value(x)
+    return at_least(reduce_or_fill(ops.amax, x, axis, keepdims=True, empty=floor), floor)
 
 
 def smallest_normal(x):
@@ -75,7 +90,7 @@ def _smallest_valid(sums, where_valid):
     """
     if where_valid is not None:
         sums = ops.where(where_valid, sums, float("inf"))
-    return ops.min(sums, initial=float("inf"))
+    return reduce_or_fill(ops.amin, sums, empty=float("inf"))
 
 
 def fast_path_trusted(key_sums, key_valid, query_sums, query_valid):

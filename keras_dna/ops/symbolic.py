@@ -39,8 +39,21 @@ def symbolic_inputs_allowed(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if any(keras.utils.is_keras_tensor(x) for x in keras.tree.flatten((args, kwargs))):
+        if _holds_keras_tensor((args, kwargs)):
             return _SymbolicFunction(fn.__name__)(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _holds_keras_tensor(value):
+    """Whether a nest of tuples, lists and dicts holds a `keras.KerasTensor`.
+
+    (`keras.tree.flatten` under PyTorch breaks `torch.compile`'s graph at
+    every call of a function.)
+    """
+    if isinstance(value, (tuple, list)):
+        return any(_holds_keras_tensor(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_keras_tensor(item) for item in value.values())
+    return keras.utils.is_keras_tensor(value)
