@@ -270,6 +270,26 @@ def test_layer_matches_the_oracle_with_masks(rng, options):
     np.testing.assert_allclose(_numpy(output)[rows], expected[rows], atol=2e-5, rtol=0)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile is PyTorch's")
+def test_torch_compile_breaks_the_graph_only_at_the_normalizations_choices(rng):
+    # Keras' `ops.cond` is a Python `if` on PyTorch: the fast or exact path is
+    # chosen between graphs. Nothing else in a call may break the graph (a
+    # context variable made torch.compile run the whole call uncompiled).
+    # Dynamo takes about 20 s to trace one call.
+    import torch
+
+    layer = DoublyNormalizedAttention(HEADS, 4, normalization="hybrid", null_query=True)
+    x = ops.convert_to_tensor(rng.normal(size=(2, 7, 8)).astype("float32"))
+    mask = ops.convert_to_tensor(rng.random((2, 7, 7)) < 0.8)
+    layer(x, x)
+    explanation = torch._dynamo.explain(
+        lambda q, m: layer(q, q, attention_mask=m, use_causal_mask=True)
+    )(x, mask)
+    where = {(r.user_stack[-1].filename, r.user_stack[-1].name) for r in explanation.break_reasons}
+    assert {name for _, name in where} == {"cond"}, explanation.break_reasons
+    assert all(path.endswith("keras/src/backend/torch/core.py") for path, _ in where)
+
+
 def test_per_head_masks_and_empty_sequences(rng):
     layer = DoublyNormalizedAttention(HEADS, 4, causal_normalization=True)
     query = rng.normal(size=(3, 5, 8)).astype("float32")
