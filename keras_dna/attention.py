@@ -440,25 +440,22 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                     expanded = self._with_heads_axis(expanded, len(attention_mask.shape))
                 expanded = ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
             attention_mask = expanded
-        # `try` rather than context managers: `torch.compile` failed on
-        # two of them around this call.
+        # One context manager: `torch.compile` failed on two around this call.
         masks = _keras_masks(query, value, key)
-        causal_before = self._causal_in_call
-        self._causal_in_call = causal_before or use_causal_mask
         try:
-            return super().call(
-                query,
-                value,
-                key=key,
-                value_mask=value_mask,
-                key_mask=key_mask,
-                attention_mask=attention_mask,
-                return_attention_scores=return_attention_scores,
-                training=training,
-                use_causal_mask=use_causal_mask,
-            )
+            with normalizing_causally(self, use_causal_mask):
+                return super().call(
+                    query,
+                    value,
+                    key=key,
+                    value_mask=value_mask,
+                    key_mask=key_mask,
+                    attention_mask=attention_mask,
+                    return_attention_scores=return_attention_scores,
+                    training=training,
+                    use_causal_mask=use_causal_mask,
+                )
         finally:
-            self._causal_in_call = causal_before
             _restore_keras_masks(masks)
 
     def _compute_attention(

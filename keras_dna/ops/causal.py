@@ -133,8 +133,8 @@ def _triangular_logsumexp(x, reverse):
         included = rows[None, :] <= rows[:, None]
     # (..., row, row summed over, keys)
     spread = ops.where(included[:, :, None], ops.expand_dims(x, -3), masked_value(x))
-    high = reduce_or_fill(ops.amax, spread, axis=-2)
-    return high + ops.log(ops.sum(ops.exp(spread - ops.expand_dims(high, -2)), axis=-2))
+    high = max_along(spread, -2)
+    return ops.squeeze(high, -2) + ops.log(ops.sum(ops.exp(spread - high), axis=-2))
 
 
 def _running_logsumexp(block, running, reverse):

@@ -44,7 +44,7 @@ def underflow_log_threshold(x):
     return -300.0 if _is_float64(x) else -40.0
 
 
-def reduce_or_fill(reduction, x, axis=None, keepdims=False, empty=0):
+def reduce_or_fill(reduction, x, axis=None, keepdims=False, *, empty):
     """`reduction(x, axis, keepdims)` (`ops.amax` or `ops.amin`), `empty`
     wherever it reduces over no entry.
 
