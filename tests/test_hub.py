@@ -71,7 +71,8 @@ def test_prefill_then_steps_equal_the_whole_sequence(rng, options):
     blocks = [(0, 4)] + [(t, t + 1) for t in range(4, T)]
     decoded, cache = _decode(layer, x, blocks, cache=empty)
     np.testing.assert_allclose(decoded, whole, atol=1e-5)
-    assert cache.shape[1] == (2 if options["normalization"] == "single" else 3)
+    state_columns = 0 if options["normalization"] == "single" else 1
+    assert cache.shape == (B, 2, T, HEADS, HEAD_DIM + state_columns)
     # Token by token from the first position, and two uneven prefills.
     for blocks in ([(t, t + 1) for t in range(T)], [(0, 2), (2, 5), (5, 7)]):
         np.testing.assert_allclose(_decode(layer, x, blocks, cache=empty)[0], whole, atol=1e-5)
@@ -106,7 +107,7 @@ def test_cross_attention_steps_equal_causal_normalization(rng, options):
     cache = np.stack([keys, values], axis=1)
     decoded, cache = _decode(layer, x, [(0, 2)] + [(t, t + 1) for t in range(2, T)], cache, encoder)
     np.testing.assert_allclose(decoded, expected, atol=1e-5)
-    np.testing.assert_array_equal(_numpy(cache[:, :2]), np.stack([keys, values], 1))
+    np.testing.assert_array_equal(_numpy(cache)[..., :HEAD_DIM], np.stack([keys, values], 1))
 
 
 def test_the_cache_state_is_documented_layout(rng):
@@ -114,17 +115,22 @@ def test_the_cache_state_is_documented_layout(rng):
     empty = np.zeros((B, 2, T, HEADS, HEAD_DIM), "float32")
     _, cache = layer(x[:, :3], x[:, :3], attention_mask=CAUSAL[None, :3], cache=empty,
                      cache_update_index=0)
-    state = _numpy(cache[:, 2])
-    # Keys 0..2 were seen by queries 0..2 (causally); the rest by none.
-    np.testing.assert_array_equal(state[:, :3, :, 1], 1.0)
-    np.testing.assert_array_equal(state[:, 3:, :, 1], 0.0)
-    np.testing.assert_array_equal(state[..., 2:], 0.0)
+    cache = _numpy(cache)
     q = _numpy(layer.query_dense(x[:, :3]), np.float64)
     k = _numpy(layer.key_dense(x[:, :3]), np.float64)
+    v = _numpy(layer.value_dense(x[:, :3]), np.float64)
+    # Keys and values as keras-hub's, in the first head_dim columns.
+    np.testing.assert_allclose(cache[:, 0, :3, :, :HEAD_DIM], k, atol=1e-6)
+    np.testing.assert_allclose(cache[:, 1, :3, :, :HEAD_DIM], v, atol=1e-6)
+    np.testing.assert_array_equal(cache[:, :, 3:, :, :HEAD_DIM], 0.0)
+    # Keys 0..2 were seen by queries 0..2 (causally); the rest by none.
+    seen = cache[:, 1, ..., HEAD_DIM]
+    np.testing.assert_array_equal(seen[:, :3], 1.0)
+    np.testing.assert_array_equal(seen[:, 3:], 0.0)
     scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(HEAD_DIM)
     scores = np.where(CAUSAL[:3, :3], scores, -np.inf)
     lse = np.log(np.exp(scores).sum(axis=2))  # over queries: (B, N, S)
-    np.testing.assert_allclose(state[:, :3, :, 0], lse.transpose(0, 2, 1), atol=1e-5)
+    np.testing.assert_allclose(cache[:, 0, :3, :, HEAD_DIM], lse.transpose(0, 2, 1), atol=1e-5)
 
 
 def test_cache_errors_name_what_is_wrong(rng):
@@ -141,8 +147,11 @@ def test_cache_errors_name_what_is_wrong(rng):
     with pytest.raises(ValueError, match="causal normalization"):
         plain(x, x, cache=cache, cache_update_index=0)
     single = CachedDoublyNormalizedAttention(HEADS, HEAD_DIM, normalization="single")
-    with pytest.raises(ValueError, match="B, 2, S"):
-        single(x, x, cache=np.zeros((B, 3, T, HEADS, HEAD_DIM), "float32"), cache_update_index=0)
+    for shape in ((B, 3, T, HEADS, HEAD_DIM), (B, 2, T, HEADS, HEAD_DIM + 1)):
+        with pytest.raises(ValueError, match=f"B, 2, S, {HEADS}, {HEAD_DIM}\\)"):
+            single(x, x, cache=np.zeros(shape, "float32"), cache_update_index=0)
+    with pytest.raises(ValueError, match=f"{HEAD_DIM} or {HEAD_DIM + 1}"):
+        layer(x, x, cache=np.zeros((B, 2, T, HEADS, HEAD_DIM + 2), "float32"), cache_update_index=0)
 
 
 def _hub_pair(cls, ours, rng, **kwargs):

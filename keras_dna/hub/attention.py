@@ -18,9 +18,9 @@ from keras_dna.ops.backend import einsum
 # the key state twice.
 _PREFILL_END = contextvars.ContextVar("prefill_end", default=None)
 
-# The cache's slots: keys, values and, with causal double normalization, the
-# key state.
-_KEY, _VALUE, _STATE = 0, 1, 2
+# The cache's slots: keys and values, each with the key state in one more
+# column under causal double normalization.
+_KEY, _VALUE = 0, 1
 
 
 @contextlib.contextmanager
@@ -49,18 +49,20 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
     at once and then one token per step gets the weights of one call over
     the whole sequence.
 
-    Cache layout: `(B, slots, S, num_heads, head_dim)` (`key_dim` must equal
-    `value_dim`). Slot 0 holds the projected keys and slot 1 the values, as
-    keras-hub's. With `normalization="single"` there are no other slots: the
-    cache is keras-hub's. Otherwise slot 2 holds the key state:
-    `[..., 0]` each key's log-sum-exp of its scores over the queries so far
-    (per head) and `[..., 1]` 1 where there was any, 0 where none (the rest
-    is zeros; `head_dim` must be at least 2). A two-slot cache, such as the
-    zeros keras-hub's causal LMs start from, counts as one without queries:
-    the first call returns the three-slot cache. With
-    `cache_update_index=None` (the static cache of cross-attention) the keys
-    and values stay and the key state still grows, so the returned cache
-    must be passed to the next step.
+    Cache layout: `(B, 2, S, num_heads, width)` (`key_dim` must equal
+    `value_dim`). Slot 0 holds the projected keys and slot 1 the values in
+    their first `head_dim` columns, as keras-hub's. With
+    `normalization="single"` that is all (`width == head_dim`): the cache
+    is keras-hub's. Otherwise the cache is one column wider
+    (`width == head_dim + 1`) and that column holds the key state: in slot
+    0, each key's log-sum-exp of its scores over the queries so far (per
+    head); in slot 1, 1 where there was any and 0 where none. A cache of
+    keras-hub's width, such as the zeros keras-hub's causal LMs start from,
+    counts as one without queries: the first call returns the wider cache.
+    The state so costs `1 / head_dim` of the cache's memory. With
+    `cache_update_index=None` (the static cache of cross-attention) the
+    keys and values stay and the key state still grows, so the returned
+    cache must be passed to the next step.
 
     Call arguments:
         query: Query tensor of shape `(B, T, dim)`.
@@ -115,7 +117,7 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
         gate = self._gate_dense(query) if self._use_gate else None
         query = self._query_dense(query)
         key = value if key is None else key
-        keys, values = cache[:, _KEY], cache[:, _VALUE]
+        keys, values = cache[:, _KEY, ..., : self._key_dim], cache[:, _VALUE, ..., : self._key_dim]
         if cache_update_index is not None:
             start = [0, cache_update_index, 0, 0]
             keys = ops.slice_update(keys, start, ops.cast(self._key_dense(key), keys.dtype))
@@ -126,7 +128,11 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             query, keys, values, attention_mask, cache, cache_update_index, training
         )
         if state is not None:
-            cache = ops.stack([keys, values, state], axis=1)
+            key_lse, key_seen = state
+            cache = ops.stack(
+                [ops.concatenate([keys, key_lse], -1), ops.concatenate([values, key_seen], -1)],
+                axis=1,
+            )
         elif cache_update_index is not None:
             cache = ops.stack([keys, values], axis=1)
         if gate is not None:
@@ -137,17 +143,15 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
         return output, cache
 
     def _check_cache(self, cache):
-        slots = (2,) if self._normalization == "single" else (2, 3)
+        widths = (self._key_dim,)
+        if self._normalization != "single":
+            widths += (self._key_dim + 1,)
         shape = tuple(cache.shape)
-        if (
-            len(shape) != 5
-            or shape[1] not in slots
-            or shape[3:] != (self._num_heads, self._key_dim)
-        ):
+        if len(shape) != 5 or shape[1] != 2 or shape[3] != self._num_heads or shape[4] not in widths:
             raise ValueError(
-                "Argument `cache` must have shape (batch, slots, length, "
-                f"num_heads, head_dim) = (B, {' or '.join(map(str, slots))}, S, "
-                f"{self._num_heads}, {self._key_dim}) (see the class docstring). "
+                "Argument `cache` must have shape (batch, 2, length, num_heads, "
+                f"width) = (B, 2, S, {self._num_heads}, "
+                f"{' or '.join(map(str, widths))}) (see the class docstring). "
                 f"Received: cache.shape={shape}"
             )
         if self._value_dim != self._key_dim:
@@ -156,22 +160,17 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
                 f"must equal `key_dim`. Received: key_dim={self._key_dim}, "
                 f"value_dim={self._value_dim}"
             )
-        if self._normalization != "single":
-            if not self._normalizes_causally():
-                raise ValueError(
-                    "Decoding with a cache needs causal normalization: "
-                    f"normalization={self._normalization!r} otherwise sums each "
-                    "key's scores over all queries, later ones included. Build "
-                    "the layer with causal_normalization=True."
-                )
-            if self._key_dim < 2:
-                raise ValueError(
-                    "The key state of a doubly-normalized cache needs "
-                    f"head_dim >= 2. Received: key_dim={self._key_dim}"
-                )
+        if self._normalization != "single" and not self._normalizes_causally():
+            raise ValueError(
+                "Decoding with a cache needs causal normalization: "
+                f"normalization={self._normalization!r} otherwise sums each "
+                "key's scores over all queries, later ones included. Build "
+                "the layer with causal_normalization=True."
+            )
 
     def _attend_cached(self, query, keys, values, attention_mask, cache, update_index, training):
-        """Output, weights and the new key state (`None` for softmax)."""
+        """Output, weights and the new key state (`None` for softmax) as the
+        cache's columns."""
         query = ops.multiply(query, self._inverse_sqrt_key_dim)
         scores = einsum(self._query_first_equation(), query, keys)
         valid = None
@@ -186,7 +185,7 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
         return einsum(self._combine_equation, dropped, values), weights, state
 
     def _causal_block(self, scores, valid, cache, update_index):
-        key_lse, key_seen = _unpack_state(cache)
+        key_lse, key_seen = _unpack_state(cache, self._key_dim)
         committed = None
         end = _PREFILL_END.get()
         if end is not None and update_index is not None:
@@ -202,23 +201,23 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             scores, valid, key_lse, key_seen, committed, normalization=self._normalization,
             mixing_logits=mixing, null_query_logits=null,
         )
-        return weights, _pack_state(key_lse, key_seen, cache)
+        return weights, (_state_column(key_lse, cache.dtype), _state_column(key_seen, cache.dtype))
 
 
-def _unpack_state(cache):
-    """`(key_lse, key_seen)` shaped `(B, N, 1, S)` from the cache's slot 2."""
-    if cache.shape[1] == _STATE:
+def _unpack_state(cache, head_dim):
+    """`(key_lse, key_seen)` shaped `(B, N, 1, S)` from the cache's last
+    column; a cache without it has no queries yet."""
+    if cache.shape[-1] == head_dim:
         shape = ops.shape(cache)
         empty = ops.zeros((shape[0], shape[3], 1, shape[2]), cache.dtype)
         return empty, ops.cast(empty, "bool")
-    state = ops.transpose(cache[:, _STATE], (0, 2, 1, 3))
-    return ops.expand_dims(state[..., 0], -2), ops.expand_dims(state[..., 1] > 0.5, -2)
+    key_lse, key_seen = (
+        ops.expand_dims(ops.transpose(cache[:, slot, ..., head_dim], (0, 2, 1)), -2)
+        for slot in (_KEY, _VALUE)
+    )
+    return key_lse, key_seen > 0.5
 
 
-def _pack_state(key_lse, key_seen, cache):
-    """Slot 2 of the cache, `(B, S, N, head_dim)`, from the key state."""
-    columns = [ops.cast(key_lse, cache.dtype), ops.cast(key_seen, cache.dtype)]
-    state = ops.stack([ops.squeeze(c, -2) for c in columns], axis=-1)  # (B, N, S, 2)
-    state = ops.transpose(state, (0, 2, 1, 3))
-    padding = ops.zeros_like(cache[:, _KEY, ..., 2:])
-    return ops.concatenate([state, padding], axis=-1)
+def _state_column(state, dtype):
+    """A `(B, N, 1, S)` key state as a cache column, `(B, S, N, 1)`."""
+    return ops.transpose(ops.cast(state, dtype), (0, 3, 1, 2))
