@@ -113,3 +113,46 @@ def test_gradient_with_unknown_lengths(rng):
         np.testing.assert_allclose(
             dynamic(tf.constant(s)).numpy(), grad(tf.constant(s)).numpy(), atol=1e-10
         )
+
+
+@pytest.mark.parametrize("spread", [3.0, 1000.0])
+@pytest.mark.parametrize(
+    "normalization, null", [("double", False), ("double", True), ("hybrid", True)]
+)
+def test_causal_block_weights_over_blocks_equal_one_causal_call(rng, normalization, null, spread):
+    # Blocks of one query (a decoding step's own path) and of several, at
+    # moderate scores and at spreads of thousands.
+    heads, length = 2, 9
+    scores = rng.normal(size=(1, heads, length, length)) * spread
+    causal = np.tril(np.ones((length, length), bool))
+    valid = causal & random_valid(rng, (1, heads, length, length), keep=0.8)
+    mixing = rng.normal(size=heads) if normalization == "hybrid" else None
+    beta = rng.normal(size=heads) if null else None
+    expected = oracle.attention_weights(scores, valid, normalization, True, mixing, beta)
+    key_lse = np.zeros((1, heads, 1, length))
+    key_seen = np.zeros(key_lse.shape, bool)
+    options = dict(normalization=normalization, mixing_logits=mixing, null_query_logits=beta)
+    for start, stop in [(0, 3), (3, 4), (4, 5), (5, 7), (7, 8), (8, 9)]:
+        block = slice(start, stop)
+        before = (key_lse, key_seen)
+        weights, key_lse, key_seen = dna_ops.causal_block_weights(
+            scores[..., block, :], valid[..., block, :], key_lse, key_seen, **options
+        )
+        np.testing.assert_allclose(weights, expected[..., block, :], atol=1e-12, rtol=0)
+        # A block that does not commit its queries leaves the state as it was.
+        _, lse_uncommitted, seen_uncommitted = dna_ops.causal_block_weights(
+            scores[..., block, :], valid[..., block, :], *before,
+            np.zeros((1, 1, stop - start, 1), bool), **options
+        )
+        np.testing.assert_array_equal(seen_uncommitted, before[1])
+        np.testing.assert_array_equal(
+            np.where(before[1], lse_uncommitted, 0), np.where(before[1], before[0], 0)
+        )
+    # The state: each key's log-sum-exp over its valid queries, the null
+    # query not among them.
+    seen = valid.any(axis=-2, keepdims=True)
+    np.testing.assert_array_equal(key_seen, seen)
+    lse = np.logaddexp.reduce(np.where(valid, scores, -np.inf), axis=-2, keepdims=True)
+    np.testing.assert_allclose(
+        np.where(seen, key_lse, 0), np.where(seen, lse, 0), rtol=1e-14, atol=1e-12
+    )

@@ -18,8 +18,8 @@ from keras_dna.ops.backend import einsum
 # the key state twice.
 _PREFILL_END = contextvars.ContextVar("prefill_end", default=None)
 
-# The cache's slots: keys and values, each with the key state in one more
-# column under causal double normalization.
+# The cache's slots: keys (with the key state in one more column under
+# causal double normalization) and values.
 _KEY, _VALUE = 0, 1
 
 
@@ -54,15 +54,15 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
     their first `head_dim` columns, as keras-hub's. With
     `normalization="single"` that is all (`width == head_dim`): the cache
     is keras-hub's. Otherwise the cache is one column wider
-    (`width == head_dim + 1`) and that column holds the key state: in slot
-    0, each key's log-sum-exp of its scores over the queries so far (per
-    head); in slot 1, 1 where there was any and 0 where none. A cache of
-    keras-hub's width, such as the zeros keras-hub's causal LMs start from,
-    counts as one without queries: the first call returns the wider cache.
-    The state so costs `1 / head_dim` of the cache's memory. With
-    `cache_update_index=None` (the static cache of cross-attention) the
-    keys and values stay and the key state still grows, so the returned
-    cache must be passed to the next step.
+    (`width == head_dim + 1`), and that column of slot 0 holds the key
+    state: each key's log-sum-exp of its scores over the queries so far
+    (per head), `-inf` for a key no query has seen yet (the column of slot
+    1 is unused, zeros). A cache of keras-hub's width, such as the zeros
+    keras-hub's causal LMs start from, counts as one without queries: the
+    first call returns the wider cache. The state so costs `1 / head_dim`
+    of the cache's memory. With `cache_update_index=None` (the static cache
+    of cross-attention) the keys and values stay and the key state still
+    grows, so the returned cache must be passed to the next step.
 
     Call arguments:
         query: Query tensor of shape `(B, T, dim)`.
@@ -128,11 +128,9 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             query, keys, values, attention_mask, cache, cache_update_index, training
         )
         if state is not None:
-            key_lse, key_seen = state
-            cache = ops.stack(
-                [ops.concatenate([keys, key_lse], -1), ops.concatenate([values, key_seen], -1)],
-                axis=1,
-            )
+            keys = ops.concatenate([keys, state], axis=-1)
+            values = ops.concatenate([values, ops.zeros_like(state)], axis=-1)
+            cache = ops.stack([keys, values], axis=1)
         elif cache_update_index is not None:
             cache = ops.stack([keys, values], axis=1)
         if gate is not None:
@@ -147,7 +145,8 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
         if self._normalization != "single":
             widths += (self._key_dim + 1,)
         shape = tuple(cache.shape)
-        if len(shape) != 5 or shape[1] != 2 or shape[3] != self._num_heads or shape[4] not in widths:
+        heads_and_widths = [(self._num_heads, width) for width in widths]
+        if len(shape) != 5 or shape[1] != 2 or shape[3:] not in heads_and_widths:
             raise ValueError(
                 "Argument `cache` must have shape (batch, 2, length, num_heads, "
                 f"width) = (B, 2, S, {self._num_heads}, "
@@ -172,7 +171,7 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
         """Output, weights and the new key state (`None` for softmax) as the
         cache's columns."""
         query = ops.multiply(query, self._inverse_sqrt_key_dim)
-        scores = einsum(self._query_first_equation(), query, keys)
+        scores = einsum(self._dot_product_equation, keys, query)
         valid = None
         if attention_mask is not None:
             valid = self._with_heads_axis(ops.cast(attention_mask, "bool"), 4)
@@ -201,23 +200,20 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             scores, valid, key_lse, key_seen, committed, normalization=self._normalization,
             mixing_logits=mixing, null_query_logits=null,
         )
-        return weights, (_state_column(key_lse, cache.dtype), _state_column(key_seen, cache.dtype))
+        return weights, _state_column(ops.where(key_seen, key_lse, float("-inf")), cache.dtype)
 
 
 def _unpack_state(cache, head_dim):
-    """`(key_lse, key_seen)` shaped `(B, N, 1, S)` from the cache's last
+    """`(key_lse, key_seen)` shaped `(B, N, 1, S)` from the cache's state
     column; a cache without it has no queries yet."""
     if cache.shape[-1] == head_dim:
         shape = ops.shape(cache)
         empty = ops.zeros((shape[0], shape[3], 1, shape[2]), cache.dtype)
         return empty, ops.cast(empty, "bool")
-    key_lse, key_seen = (
-        ops.expand_dims(ops.transpose(cache[:, slot, ..., head_dim], (0, 2, 1)), -2)
-        for slot in (_KEY, _VALUE)
-    )
-    return key_lse, key_seen > 0.5
+    key_lse = ops.expand_dims(ops.transpose(cache[:, _KEY, ..., head_dim], (0, 2, 1)), -2)
+    return key_lse, ops.greater(key_lse, float("-inf"))
 
 
-def _state_column(state, dtype):
+def _state_column(key_lse, dtype):
     """A `(B, N, 1, S)` key state as a cache column, `(B, S, N, 1)`."""
-    return ops.transpose(ops.cast(state, dtype), (0, 3, 1, 2))
+    return ops.transpose(ops.cast(key_lse, dtype), (0, 3, 1, 2))

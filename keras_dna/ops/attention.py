@@ -174,6 +174,12 @@ def normalize_weights(scores, valid, normalization, causal, mixing_logits, null_
         double = causal_double_normalization(scores, valid, null_logits)
     else:
         double = double_normalization(scores, valid, null_logits)
+    return with_softmax_share(double, scores, valid, normalization, mixing_logits)
+
+
+def with_softmax_share(double, scores, valid, normalization, mixing_logits):
+    """The weights from the doubly-normalized ones: themselves for
+    `"double"`, mixed with the softmax of `scores` per head for `"hybrid"`."""
     if normalization == "double":
         return double
     softmax_share = 0.5 if mixing_logits is None else ops.sigmoid(mixing_logits)

@@ -16,8 +16,10 @@ from keras import ops
 
 from keras_dna.ops.attention import normalize_weights
 from keras_dna.ops.attention import per_head
+from keras_dna.ops.attention import with_softmax_share
 from keras_dna.ops.checks import check_normalization
 from keras_dna.ops.normalization import key_logsumexp
+from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import working_dtype
@@ -64,12 +66,30 @@ def causal_block_weights(
     prior = earlier
     if null_query_logits is not None:
         prior = logaddexp(earlier, per_head("null_query_logits", null_query_logits, heads, working))
-    weights = normalize_weights(scores, valid, normalization, True, mixing_logits, prior)
     joining = ops.ones_like(scores, dtype="bool") if valid is None else valid
     if committed is not None:
         joining = ops.logical_and(joining, committed)
     joining = ops.broadcast_to(joining, ops.shape(scores))
+    step = _one_query_step if scores.shape[-2] == 1 else _block_step
+    weights, key_lse, block_seen = step(
+        scores, valid, joining, earlier, prior, normalization, mixing_logits
+    )
+    return ops.cast(weights, out_dtype), key_lse, ops.logical_or(key_seen, block_seen)
+
+
+def _block_step(scores, valid, joining, earlier, prior, normalization, mixing_logits):
+    """Weights, key log-sum-exps and which keys the block's queries saw."""
+    weights = normalize_weights(scores, valid, normalization, True, mixing_logits, prior)
     block_lse = key_logsumexp(ops.where(joining, scores, masked_value(scores)))
     block_seen = ops.any(joining, axis=-2, keepdims=True)
-    key_lse = ops.where(block_seen, logaddexp(earlier, block_lse), earlier)
-    return ops.cast(weights, out_dtype), key_lse, ops.logical_or(key_seen, block_seen)
+    return weights, ops.where(block_seen, logaddexp(earlier, block_lse), earlier), block_seen
+
+
+def _one_query_step(scores, valid, joining, earlier, prior, normalization, mixing_logits):
+    """`_block_step` for a block of one query, through the sigmoid."""
+    log_key_weights = ops.log_sigmoid(scores - prior)  # s - c, c = logaddexp(prior, s)
+    double = row_softmax(log_key_weights, valid)[0]
+    weights = with_softmax_share(double, scores, valid, normalization, mixing_logits)
+    # The new state is c itself unless the null query is in `prior`.
+    joined = scores - log_key_weights if prior is earlier else logaddexp(earlier, scores)
+    return weights, ops.where(joining, joined, earlier), joining
