@@ -132,6 +132,22 @@ def test_the_cache_state_is_documented_layout(rng):
     np.testing.assert_array_equal(cache[:, 1, ..., HEAD_DIM], 0.0)
 
 
+def test_cached_calls_drop_weights_only_in_training(rng):
+    layer, x = _cached_layer({"normalization": "double"}, rng, dropout=0.5)
+    plain, _ = _cached_layer({"normalization": "double"}, rng)
+    plain.set_weights(layer.get_weights())
+    empty = np.zeros((B, 2, T, HEADS, HEAD_DIM), "float32")
+    call = dict(attention_mask=CAUSAL[None], cache=empty, cache_update_index=0,
+                return_attention_scores=True)
+    expected, expected_weights, _ = plain(x, x, **call)
+    inference, weights, _ = layer(x, x, training=False, **call)
+    np.testing.assert_allclose(_numpy(inference), _numpy(expected), atol=1e-6)
+    dropped, dropped_weights, _ = layer(x, x, training=True, **call)
+    # The weights are returned before dropout; the output saw them dropped.
+    np.testing.assert_allclose(_numpy(dropped_weights), _numpy(expected_weights), atol=1e-6)
+    assert np.abs(_numpy(dropped) - _numpy(expected)).max() > 1e-3
+
+
 def test_cache_errors_name_what_is_wrong(rng):
     layer, x = _cached_layer({"normalization": "double"}, rng)
     cache = np.zeros((B, 2, T, HEADS, HEAD_DIM), "float32")

@@ -2,25 +2,20 @@
 
 import contextlib
 import contextvars
+import functools
 
 import keras
 from keras import ops
 
 from keras_dna.attention import DoublyNormalizedAttention
-from keras_dna.ops import causal_block_weights
-from keras_dna.ops import normalize_attention_scores
+from keras_dna.ops import cached_attention
 from keras_dna.ops.backend import compiled
-from keras_dna.ops.backend import einsum
 
 # Where a prefill's committed queries end: a causal LM's `generate` runs the
 # whole padded prompt through the cache once, then processes the tokens from
 # the shortest prompt's last one on again, one per step. Those must not join
 # the key state twice.
 _PREFILL_END = contextvars.ContextVar("prefill_end", default=None)
-
-# The cache's slots: keys (with the key state in one more column under
-# causal double normalization) and values.
-_KEY, _VALUE = 0, 1
 
 
 @contextlib.contextmanager
@@ -115,24 +110,22 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             )
         self._check_cache(cache)
         gate = self._gate_dense(query) if self._use_gate else None
-        query = self._query_dense(query)
+        query = ops.multiply(self._query_dense(query), self._inverse_sqrt_key_dim)
         key = value if key is None else key
-        keys, values = cache[:, _KEY, ..., : self._key_dim], cache[:, _VALUE, ..., : self._key_dim]
+        rows = (None, None)
         if cache_update_index is not None:
-            start = [0, cache_update_index, 0, 0]
-            keys = ops.slice_update(keys, start, ops.cast(self._key_dense(key), keys.dtype))
-            values = ops.slice_update(
-                values, start, ops.cast(self._value_dense(value), values.dtype)
-            )
-        output, weights, state = self._attend_cached(
-            query, keys, values, attention_mask, cache, cache_update_index, training
+            rows = (self._key_dense(key), self._value_dense(value))
+            cache_update_index = ops.convert_to_tensor(cache_update_index, "int32")
+        valid = None
+        if attention_mask is not None:
+            valid = self._with_heads_axis(ops.cast(attention_mask, "bool"), 4)
+        committed = self._committed(query, cache_update_index)
+        output, weights, cache = self._cached_attention(training)(
+            query, *rows, cache, cache_update_index, valid, committed,
+            normalization=self._normalization,
+            mixing_logits=_value_of(self._mixing_logits),
+            null_query_logits=_value_of(self._null_query_logits),
         )
-        if state is not None:
-            keys = ops.concatenate([keys, state], axis=-1)
-            values = ops.concatenate([values, ops.zeros_like(state)], axis=-1)
-            cache = ops.stack([keys, values], axis=1)
-        elif cache_update_index is not None:
-            cache = ops.stack([keys, values], axis=1)
         if gate is not None:
             output = ops.multiply(output, gate)
         output = self._output_dense(output)
@@ -167,53 +160,31 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
                 "the layer with causal_normalization=True."
             )
 
-    def _attend_cached(self, query, keys, values, attention_mask, cache, update_index, training):
-        """Output, weights and the new key state (`None` for softmax) as the
-        cache's columns."""
-        query = ops.multiply(query, self._inverse_sqrt_key_dim)
-        scores = einsum(self._dot_product_equation, keys, query)
-        valid = None
-        if attention_mask is not None:
-            valid = self._with_heads_axis(ops.cast(attention_mask, "bool"), 4)
-        state = None
-        if self._normalization == "single":
-            weights = normalize_attention_scores(scores, valid, normalization="single")
-        else:
-            weights, state = self._causal_block(scores, valid, cache, update_index)
-        dropped = self._dropout_layer(weights, training=training) if self._dropout else weights
-        return einsum(self._combine_equation, dropped, values), weights, state
+    def _cached_attention(self, training):
+        """`cached_attention`, compiled as a whole where the layer compiles.
 
-    def _causal_block(self, scores, valid, cache, update_index):
-        key_lse, key_seen = _unpack_state(cache, self._key_dim)
-        committed = None
+        Keras runs keras-hub's `generate` uncompiled on CPUs; compiled
+        whole, a step of a converted GPT-2 (4 layers, 8 heads of 64, batch
+        4) took 0.88x keras-hub's time per token at length 128, against
+        1.29x with only the normalization compiled. With dropout active it
+        runs as it is, the layer's dropout between weights and values.
+        """
+        if self._dropout and training:
+            return functools.partial(
+                cached_attention, dropout=functools.partial(self._dropout_layer, training=training)
+            )
+        return compiled(cached_attention, self._jit_compile)
+
+    def _committed(self, query, update_index):
+        """Which of the call's queries join the key state (`prefill_until`)."""
         end = _PREFILL_END.get()
-        if end is not None and update_index is not None:
-            positions = update_index + ops.arange(ops.shape(scores)[-2])
-            committed = ops.reshape(positions < end, (1, 1, -1, 1))
-        # The backend variables: a compiled TensorFlow function cannot take
-        # the Keras wrappers.
-        mixing, null = (
-            None if weight is None else weight.value
-            for weight in (self._mixing_logits, self._null_query_logits)
-        )
-        weights, key_lse, key_seen = compiled(causal_block_weights, self._jit_compile)(
-            scores, valid, key_lse, key_seen, committed, normalization=self._normalization,
-            mixing_logits=mixing, null_query_logits=null,
-        )
-        return weights, _state_column(ops.where(key_seen, key_lse, float("-inf")), cache.dtype)
+        if end is None or update_index is None or self._normalization == "single":
+            return None
+        positions = update_index + ops.arange(ops.shape(query)[1])
+        return ops.reshape(positions < end, (1, 1, -1, 1))
 
 
-def _unpack_state(cache, head_dim):
-    """`(key_lse, key_seen)` shaped `(B, N, 1, S)` from the cache's state
-    column; a cache without it has no queries yet."""
-    if cache.shape[-1] == head_dim:
-        shape = ops.shape(cache)
-        empty = ops.zeros((shape[0], shape[3], 1, shape[2]), cache.dtype)
-        return empty, ops.cast(empty, "bool")
-    key_lse = ops.expand_dims(ops.transpose(cache[:, _KEY, ..., head_dim], (0, 2, 1)), -2)
-    return key_lse, ops.greater(key_lse, float("-inf"))
-
-
-def _state_column(key_lse, dtype):
-    """A `(B, N, 1, S)` key state as a cache column, `(B, S, N, 1)`."""
-    return ops.transpose(ops.cast(key_lse, dtype), (0, 3, 1, 2))
+def _value_of(weight):
+    """The backend variable: a compiled TensorFlow function cannot take the
+    Keras wrapper."""
+    return None if weight is None else weight.value

@@ -18,8 +18,8 @@ can also be used on their own, in the style of
 - `normalization`: softmax and double normalization, with gradients;
 - `causal`: prefix log-sum-exps for causal normalization;
 - `blockwise`: the `chunk_size` path, blocks of queries;
-- `incremental`: causal normalization over queries that arrive in blocks
-  (decoding with a cache);
+- `incremental`: causal normalization over queries that arrive in blocks,
+  and attention against a key/value cache (decoding);
 - `numerics`: working dtypes, masked values, underflow floors;
 - `checks`: argument checks shared with the layer;
 - `backend`: what a Keras backend does differently (einsum, compilation);
@@ -32,11 +32,13 @@ from keras_dna.ops.attention import doubly_normalized_attention_weights
 from keras_dna.ops.attention import normalize_attention_scores
 from keras_dna.ops.blockwise import auto_chunk_size
 from keras_dna.ops.checks import NORMALIZATIONS
+from keras_dna.ops.incremental import cached_attention
 from keras_dna.ops.incremental import causal_block_weights
 
 __all__ = [
     "NORMALIZATIONS",
     "auto_chunk_size",
+    "cached_attention",
     "causal_block_weights",
     "causal_mask",
     "doubly_normalized_attention",

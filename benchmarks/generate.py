@@ -1,0 +1,125 @@
+"""Per-token cost of keras-hub's `generate`: a GPT-2 converted to DNA against itself.
+
+A randomly initialized `keras_hub.models.GPT2CausalLM` and its conversion
+(`keras_dna.convert.to_doubly_normalized`, causal double normalization,
+same weights) generate greedily under XLA, as keras-hub compiles
+`generate` on TensorFlow: the whole decoding loop in one compiled function,
+each layer's cache carried from step to step. `generate` first runs the
+whole padded sequence through the cache, then decodes from the shortest
+prompt on; timing it with `--new-tokens A B` new tokens over the same
+padded length, the difference of the two times over `B - A` tokens is the
+cost of one token, without the prefill. Same process, the two models'
+calls interleaved, median over repeats; reported as DNA / MHA per length.
+
+    python benchmarks/generate.py --lengths 256 1024
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024],
+                   help="padded sequence lengths (the cache's length)")
+    p.add_argument("--new-tokens", type=int, nargs=2, default=[16, 48])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--output", default="benchmarks/generate")
+    return p.parse_args(argv)
+
+
+def _models(args, length):
+    import keras
+    import keras_hub
+
+    from keras_dna import convert
+
+    keras.utils.set_random_seed(0)
+    width = args.heads * args.head_dim
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=1000, num_layers=args.layers, num_heads=args.heads,
+        hidden_dim=width, intermediate_dim=4 * width, max_sequence_length=length,
+    )
+    mha = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    dna = convert.to_doubly_normalized(mha)
+    for model in (mha, dna):
+        model.compile(sampler="greedy")
+    return {"mha": mha, "dna": dna}
+
+
+def _prompts(args, length, new_tokens):
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(1, 1000, size=(args.batch, length))
+    mask = np.zeros((args.batch, length), bool)
+    mask[:, : length - new_tokens] = True
+    return {"token_ids": np.where(mask, ids, 0).astype("int32"), "padding_mask": mask}
+
+
+def measure(args, length):
+    models = _models(args, length)
+    prompts = {n: _prompts(args, length, n) for n in args.new_tokens}
+    times = {(name, n): [] for name in models for n in args.new_tokens}
+    for name, model in models.items():
+        for n in args.new_tokens:
+            model.generate(prompts[n], stop_token_ids=None)  # compile
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            for n in args.new_tokens:
+                start = time.perf_counter()
+                model.generate(prompts[n], stop_token_ids=None)
+                times[name, n].append(time.perf_counter() - start)
+    fewer, more = args.new_tokens
+    median = {key: statistics.median(values) for key, values in times.items()}
+    per_token = {
+        name: (median[name, more] - median[name, fewer]) / (more - fewer) for name in models
+    }
+    return {
+        "length": length,
+        "mha_ms_per_token": 1e3 * per_token["mha"],
+        "dna_ms_per_token": 1e3 * per_token["dna"],
+        "ratio": per_token["dna"] / per_token["mha"],
+        "mha_s_whole": median["mha", more],
+        "dna_s_whole": median["dna", more],
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = []
+    for length in args.lengths:
+        rows.append(measure(args, length))
+        print(json.dumps(rows[-1]), flush=True)
+    output = pathlib.Path(args.output)
+    output.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    fewer, more = args.new_tokens
+    lines = [
+        f"keras-hub GPT-2 `generate`, greedy, XLA, float32: {args.layers} layers of "
+        f"{args.heads} heads of {args.head_dim}, batch {args.batch}; per token from "
+        f"{fewer} and {more} new tokens, median of {args.repeats}",
+        "",
+        f"| length | MHA ms/token | DNA ms/token | DNA / MHA | MHA s ({more} tokens) "
+        f"| DNA s ({more} tokens) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['length']} | {r['mha_ms_per_token']:.2f} | {r['dna_ms_per_token']:.2f} "
+        f"| {r['ratio']:.2f}x | {r['mha_s_whole']:.2f} | {r['dna_s_whole']:.2f} |"
+        for r in rows
+    ]
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
