@@ -5,7 +5,8 @@ mask) of `keras_dna.hub.CachedDoublyNormalizedAttention` (causal double
 normalization: the key state, one column of the cache, is read, one score
 added per key, written back)
 and of `keras_hub.layers.CachedMultiHeadAttention`, each compiled with XLA as
-keras-hub's `generate` compiles it on TensorFlow. Same process, the two
+keras-hub's `generate` compiles it where Keras turns XLA on (not on CPUs:
+`benchmarks/generate.py` measures that case). Same process, the two
 layers' calls interleaved, median over repeats; reported as the ratio
 DNA / MHA per cache length, with the ratio of the returned caches' sizes.
 

@@ -2,9 +2,10 @@
 
 A randomly initialized `keras_hub.models.GPT2CausalLM` and its conversion
 (`keras_dna.convert.to_doubly_normalized`, causal double normalization,
-same weights) generate greedily under XLA, as keras-hub compiles
-`generate` on TensorFlow: the whole decoding loop in one compiled function,
-each layer's cache carried from step to step. `generate` first runs the
+same weights) generate greedily as `generate` runs on TensorFlow: the
+whole decoding loop in one `tf.function`, each layer's cache carried from
+step to step, compiled with XLA only where Keras turns `jit_compile` on
+(not on a CPU-only machine, where the table says "graph"). `generate` first runs the
 whole padded sequence through the cache, then decodes from the shortest
 prompt on; timing it with `--new-tokens A B` new tokens over the same
 padded length, the difference of the two times over `B - A` tokens is the
@@ -54,7 +55,7 @@ def _models(args, length):
     dna = convert.to_doubly_normalized(mha)
     for model in (mha, dna):
         model.compile(sampler="greedy")
-    return {"mha": mha, "dna": dna}
+    return {"mha": mha, "dna": dna}, "XLA" if mha.jit_compile else "graph"
 
 
 def _prompts(args, length, new_tokens):
@@ -67,7 +68,7 @@ def _prompts(args, length, new_tokens):
 
 
 def measure(args, length):
-    models = _models(args, length)
+    models, mode = _models(args, length)
     prompts = {n: _prompts(args, length, n) for n in args.new_tokens}
     times = {(name, n): [] for name in models for n in args.new_tokens}
     for name, model in models.items():
@@ -86,6 +87,7 @@ def measure(args, length):
     }
     return {
         "length": length,
+        "mode": mode,
         "mha_ms_per_token": 1e3 * per_token["mha"],
         "dna_ms_per_token": 1e3 * per_token["dna"],
         "ratio": per_token["dna"] / per_token["mha"],
@@ -104,7 +106,7 @@ def main(argv=None):
     output.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     fewer, more = args.new_tokens
     lines = [
-        f"keras-hub GPT-2 `generate`, greedy, XLA, float32: {args.layers} layers of "
+        f"keras-hub GPT-2 `generate`, greedy, {rows[0]['mode']}, float32: {args.layers} layers of "
         f"{args.heads} heads of {args.head_dim}, batch {args.batch}; per token from "
         f"{fewer} and {more} new tokens, median of {args.repeats}",
         "",
