@@ -1,0 +1,160 @@
+"""Where an XLA-compiled attention step spends its time, fusion by fusion.
+
+Runs one layer's compiled step (`--step forward`, `forward_backward`, or
+`decode`: one cached token against a cache of length T) under TensorFlow's
+profiler with XLA's per-thunk trace events
+(`--xla_cpu_enable_xprof_traceme`), and prints the milliseconds per step
+of each kind of fusion, dot and copy, largest first, for MultiHeadAttention (or
+keras-hub's `CachedMultiHeadAttention`) and DNA, so that the two HLO
+programs can be compared where they spend time. Events on the two threads
+of this CPU's pool overlap, so the sum exceeds the step's wall time.
+
+    python benchmarks/fusion_profile.py --step forward --length 512 --causal
+    python benchmarks/fusion_profile.py --step decode --length 4096
+"""
+
+import argparse
+import collections
+import glob
+import os
+import re
+import tempfile
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# What the runtime records around the fusions, not XLA's own work.
+_RUNTIME_EVENTS = (
+    "Execute", "Eager", "TFE_", "BlockUntilReady", "ThreadPool", "Threadpool",
+    "__inference", "Memory", "ValidateInput", "end: ", "ParallelFor",
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--step", choices=["forward", "forward_backward", "decode"], default="forward")
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per batch (not decode)")
+    p.add_argument("--batch", type=int, default=4, help="decode only")
+    p.add_argument("--causal", action="store_true", help="causal mask and normalization")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--top", type=int, default=15)
+    return p.parse_args(argv)
+
+
+def _layer_steps(args, name):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_dna
+
+    if name == "mha":
+        layer = keras.layers.MultiHeadAttention(8, 64)
+    else:
+        layer = keras_dna.DoublyNormalizedAttention(8, 64, chunk_size=None)
+    batch = max(1, args.tokens // args.length)
+    x = tf.constant(np.random.default_rng(0).normal(size=(batch, args.length, 512)), "float32")
+    layer(x[:, :2], x[:, :2])
+
+    @tf.function(jit_compile=True)
+    def forward(x):
+        return layer(x, x, use_causal_mask=args.causal)
+
+    @tf.function(jit_compile=True)
+    def forward_backward(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(x, x, use_causal_mask=args.causal)))
+        return tape.gradient(loss, [x] + layer.trainable_weights)
+
+    step = forward if args.step == "forward" else forward_backward
+    return lambda: step(x)
+
+
+def _decode_step(args, name):
+    import keras_hub
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_dna.hub import CachedDoublyNormalizedAttention
+
+    if name == "mha":
+        layer, width = keras_hub.layers.CachedMultiHeadAttention(8, 64), 64
+    else:
+        layer, width = CachedDoublyNormalizedAttention(8, 64, causal_normalization=True), 65
+    rng = np.random.default_rng(0)
+    cache = rng.normal(size=(args.batch, 2, args.length, 8, width))
+    cache[:, 0, ..., 64:] = 0.0  # the key state: every key seen
+    cache = tf.constant(cache, "float32")
+    token = tf.constant(rng.normal(size=(args.batch, 1, 512)), "float32")
+    layer(token, token)
+    mask = tf.ones((1, 1, args.length), "bool")
+
+    @tf.function(jit_compile=True)
+    def step(token, cache):
+        return layer(token, token, attention_mask=mask, cache=cache,
+                     cache_update_index=args.length - 1)
+
+    return lambda: step(token, cache)
+
+
+def profile(args, name):
+    """`{event name: ms per step}` of one layer's step."""
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    step = (_decode_step if args.step == "decode" else _layer_steps)(args, name)
+    for _ in range(3):
+        tf.nest.map_structure(lambda t: t.numpy(), step())
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        for _ in range(args.repeats):
+            tf.nest.map_structure(lambda t: t.numpy(), step())
+        tf.profiler.experimental.stop()
+        (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+    total = collections.Counter()
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                total[names.get(event.metadata_id, "?")] += event.duration_ps / 1e9
+    # The step's own Python function, `forward` or `step`, is not XLA's.
+    return {
+        event: ms / args.repeats for event, ms in total.items()
+        if event not in ("forward", "forward_backward", "step")
+        and not any(part in event for part in _RUNTIME_EVENTS)
+    }
+
+
+def grouped(times):
+    """`{kind: (ms, count)}`: events of one kind (`slice_add_fusion.3`,
+    `slice_add_fusion.7`, ...) summed."""
+    groups = collections.defaultdict(lambda: [0.0, 0])
+    for event, ms in times.items():
+        group = groups[re.sub(r"\.\d+$", "", event)]
+        group[0] += ms
+        group[1] += 1
+    return {kind: tuple(value) for kind, value in groups.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    what = f"{args.step}, length {args.length}" + (", causal" if args.causal else "")
+    for name in ("mha", "dna"):
+        times = profile(args, name)
+        print(f"\n{name.upper()} ({what}): {sum(times.values()):.1f} ms per step over "
+              f"{len(times)} events")
+        for kind, (ms, count) in sorted(grouped(times).items(), key=lambda item: -item[1][0])[
+            : args.top
+        ]:
+            print(f"  {ms:9.2f} ms  {kind}" + (f" ({count} of them)" if count > 1 else ""))
+
+
+if __name__ == "__main__":
+    main()
