@@ -10,6 +10,7 @@ programs can be compared where they spend time. Events on the two threads
 of this CPU's pool overlap, so the sum exceeds the step's wall time.
 
     python benchmarks/fusion_profile.py --step forward --length 512 --causal
+    python benchmarks/fusion_profile.py --step forward_backward --length 512 --outer graph
     python benchmarks/fusion_profile.py --step decode --length 4096
 """
 
@@ -39,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=8192, help="tokens per batch (not decode)")
     p.add_argument("--batch", type=int, default=4, help="decode only")
     p.add_argument("--causal", action="store_true", help="causal mask and normalization")
+    p.add_argument("--outer", choices=["xla", "graph"], default="xla",
+                   help="compile the whole step, or run it as a TensorFlow graph (TensorFlow's "
+                   "ops then show by type, DNA's compiled normalization by fusion)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=15)
     return p.parse_args(argv)
@@ -59,11 +63,13 @@ def _layer_steps(args, name):
     x = tf.constant(np.random.default_rng(0).normal(size=(batch, args.length, 512)), "float32")
     layer(x[:, :2], x[:, :2])
 
-    @tf.function(jit_compile=True)
+    compile_step = args.outer == "xla"
+
+    @tf.function(jit_compile=compile_step)
     def forward(x):
         return layer(x, x, use_causal_mask=args.causal)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=compile_step)
     def forward_backward(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -129,6 +135,7 @@ def profile(args, name):
         event: ms / args.repeats for event, ms in total.items()
         if event not in ("forward", "forward_backward", "step")
         and not any(part in event for part in _RUNTIME_EVENTS)
+        and event.split(":")[-1] not in ("Process", "Run", "Start")
     }
 
 
@@ -137,7 +144,8 @@ def grouped(times):
     `slice_add_fusion.7`, ...) summed."""
     groups = collections.defaultdict(lambda: [0.0, 0])
     for event, ms in times.items():
-        group = groups[re.sub(r"\.\d+$", "", event)]
+        # TensorFlow's ops by type: "gradients/.../Einsum:_MklEinsum".
+        group = groups[re.sub(r"\.\d+$", "", event.split(":")[-1])]
         group[0] += ms
         group[1] += 1
     return {kind: tuple(value) for kind, value in groups.items()}
@@ -146,6 +154,8 @@ def grouped(times):
 def main(argv=None):
     args = parse_args(argv)
     what = f"{args.step}, length {args.length}" + (", causal" if args.causal else "")
+    if args.step != "decode":
+        what += f", {args.outer}"
     for name in ("mha", "dna"):
         times = profile(args, name)
         print(f"\n{name.upper()} ({what}): {sum(times.values()):.1f} ms per step over "
