@@ -15,3 +15,11 @@ def write_results(output, script, argv, data, table):
         f"Command: `python benchmarks/{script} {arguments}`\n\n{table}\n"
     )
     print(table)
+
+
+def markdown_table(title, header, rows):
+    """`title`, then a Markdown table: `header` the column names, `rows`
+    lists of cells (strings)."""
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

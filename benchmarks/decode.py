@@ -16,9 +16,11 @@ DNA / MHA per cache length, with the ratio of the returned caches' sizes.
 import argparse
 import json
 import os
-import pathlib
 import statistics
 import time
+
+from _results import markdown_table
+from _results import write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -99,22 +101,17 @@ def main(argv=None):
     for length in args.lengths:
         rows.append(measure(args, length))
         print(json.dumps(rows[-1]), flush=True)
-    output = pathlib.Path(args.output)
-    output.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    lines = [
+    table = markdown_table(
         f"Cached decoding step, batch {args.batch}, {args.heads} heads of {args.head_dim}, "
         f"XLA, float32, median of {args.repeats}",
-        "",
-        "| cache length | MHA (ms) | DNA (ms) | DNA / MHA | cache memory DNA / MHA |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['cache_length']} | {r['mha_ms']:.3f} | {r['dna_ms']:.3f} | {r['ratio']:.2f}x "
-        f"| {r['cache_bytes_ratio']:.3f}x |"
-        for r in rows
-    ]
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        ["cache length", "MHA (ms)", "DNA (ms)", "DNA / MHA", "cache memory DNA / MHA"],
+        [
+            [str(r["cache_length"]), f"{r['mha_ms']:.3f}", f"{r['dna_ms']:.3f}",
+             f"{r['ratio']:.2f}x", f"{r['cache_bytes_ratio']:.3f}x"]
+            for r in rows
+        ],
+    )
+    write_results(args.output, "decode.py", argv, {"args": vars(args), "rows": rows}, table)
 
 
 if __name__ == "__main__":

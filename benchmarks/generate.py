@@ -18,9 +18,11 @@ calls interleaved, median over repeats; reported as DNA / MHA per length.
 import argparse
 import json
 import os
-import pathlib
 import statistics
 import time
+
+from _results import markdown_table
+from _results import write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -102,25 +104,20 @@ def main(argv=None):
     for length in args.lengths:
         rows.append(measure(args, length))
         print(json.dumps(rows[-1]), flush=True)
-    output = pathlib.Path(args.output)
-    output.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     fewer, more = args.new_tokens
-    lines = [
-        f"keras-hub GPT-2 `generate`, greedy, {rows[0]['mode']}, float32: {args.layers} layers of "
-        f"{args.heads} heads of {args.head_dim}, batch {args.batch}; per token from "
+    table = markdown_table(
+        f"keras-hub GPT-2 `generate`, greedy, {rows[0]['mode']}, float32: {args.layers} layers "
+        f"of {args.heads} heads of {args.head_dim}, batch {args.batch}; per token from "
         f"{fewer} and {more} new tokens, median of {args.repeats}",
-        "",
-        f"| length | MHA ms/token | DNA ms/token | DNA / MHA | MHA s ({more} tokens) "
-        f"| DNA s ({more} tokens) |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['length']} | {r['mha_ms_per_token']:.2f} | {r['dna_ms_per_token']:.2f} "
-        f"| {r['ratio']:.2f}x | {r['mha_s_whole']:.2f} | {r['dna_s_whole']:.2f} |"
-        for r in rows
-    ]
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        ["length", "MHA ms/token", "DNA ms/token", "DNA / MHA", f"MHA s ({more} tokens)",
+         f"DNA s ({more} tokens)"],
+        [
+            [str(r["length"]), f"{r['mha_ms_per_token']:.2f}", f"{r['dna_ms_per_token']:.2f}",
+             f"{r['ratio']:.2f}x", f"{r['mha_s_whole']:.2f}", f"{r['dna_s_whole']:.2f}"]
+            for r in rows
+        ],
+    )
+    write_results(args.output, "generate.py", argv, {"args": vars(args), "rows": rows}, table)
 
 
 if __name__ == "__main__":
