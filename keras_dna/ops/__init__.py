@@ -32,13 +32,11 @@ from keras_dna.ops.attention import doubly_normalized_attention_weights
 from keras_dna.ops.attention import normalize_attention_scores
 from keras_dna.ops.blockwise import auto_chunk_size
 from keras_dna.ops.checks import NORMALIZATIONS
-from keras_dna.ops.incremental import cached_attention
 from keras_dna.ops.incremental import causal_block_weights
 
 __all__ = [
     "NORMALIZATIONS",
     "auto_chunk_size",
-    "cached_attention",
     "causal_block_weights",
     "causal_mask",
     "doubly_normalized_attention",
