@@ -22,15 +22,27 @@ def forward_backward_step(args, layer_name, length, causal):
     else:
         layer = keras_dna.DoublyNormalizedAttention(args.heads, head_dim, chunk_size=None)
     layer(x[:, :2], x[:, :2])
+    return self_attention_steps(layer, causal)["forward_backward"], x, batch
 
-    @tf.function(jit_compile=True)
+
+def self_attention_steps(layer, causal, jit_compile=True):
+    """`{"forward", "forward_backward"}`: `tf.function`s of `x`, not yet
+    traced: the layer's self-attention output, and the gradients of its
+    summed square in `x` and the layer's weights."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=jit_compile)
+    def forward(x):
+        return layer(x, x, use_causal_mask=causal)
+
+    @tf.function(jit_compile=jit_compile)
     def forward_backward(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
             loss = tf.reduce_sum(tf.square(layer(x, x, use_causal_mask=causal)))
         return tape.gradient(loss, [x] + layer.trainable_weights)
 
-    return forward_backward, x, batch
+    return {"forward": forward, "forward_backward": forward_backward}
 
 
 def step_parser(description, lengths, tokens, output):

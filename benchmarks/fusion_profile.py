@@ -21,6 +21,8 @@ import os
 import re
 import tempfile
 
+from _steps import self_attention_steps
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 ).strip()
@@ -63,20 +65,7 @@ def _layer_steps(args, name):
     x = tf.constant(np.random.default_rng(0).normal(size=(batch, args.length, 512)), "float32")
     layer(x[:, :2], x[:, :2])
 
-    compile_step = args.outer == "xla"
-
-    @tf.function(jit_compile=compile_step)
-    def forward(x):
-        return layer(x, x, use_causal_mask=args.causal)
-
-    @tf.function(jit_compile=compile_step)
-    def forward_backward(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.square(layer(x, x, use_causal_mask=args.causal)))
-        return tape.gradient(loss, [x] + layer.trainable_weights)
-
-    step = forward if args.step == "forward" else forward_backward
+    step = self_attention_steps(layer, args.causal, jit_compile=args.outer == "xla")[args.step]
     return lambda: step(x)
 
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from _steps import self_attention_steps
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -62,14 +64,7 @@ def run_one(args, which, length):
             args.heads, args.head_dim,
             chunk_size=args.chunk_size if which == "dna_chunked" else None,
         )
-
-    @tf.function(jit_compile=True)
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.square(layer(x, x, use_causal_mask=args.causal)))
-        return tape.gradient(loss, [x] + layer.trainable_weights)
-
+    step = self_attention_steps(layer, args.causal)["forward_backward"]
     layer(x[:, :8], x[:, :8])
     times = []
     for _ in range(args.repeats + 1):  # the first call compiles
