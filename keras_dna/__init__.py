@@ -9,11 +9,13 @@ from keras_dna import analysis
 from keras_dna import convert
 from keras_dna import distribute
 from keras_dna import ops
+from keras_dna.attention import CausalNormalizationMask
 from keras_dna.attention import DoublyNormalizedAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CausalNormalizationMask",
     "DoublyNormalizedAttention",
     "analysis",
     "convert",

@@ -107,12 +107,14 @@ def _recording(layers, records):
 
         def recorded(query, key, value, attention_mask=None, training=None,
                      return_attention_scores=False, use_causal_mask=False,
-                     _layer=layer, _compute=compute_attention):
+                     _layer=layer, _compute=compute_attention, **options):
             # Asking for the weights takes MultiHeadAttention off its fused
             # path, which computes the same attention without returning them.
+            # `options`: what the layer's own call passes on (DNA's
+            # `causal_normalization`).
             extra = {"use_causal_mask": True} if use_causal_mask else {}
             output, weights = _compute(
-                query, key, value, attention_mask, training, True, **extra
+                query, key, value, attention_mask, training, True, **extra, **options
             )
             records.append((_layer, weights, attention_mask, use_causal_mask))
             return output, weights

@@ -1,7 +1,5 @@
 """The `DoublyNormalizedAttention` layer."""
 
-import contextlib
-
 import keras
 from keras import ops
 
@@ -31,42 +29,50 @@ from keras_dna.ops.checks import same_static_shape
 NULL_QUERY_INIT = 4.0
 
 
-def _keras_masks(*tensors):
-    """The Keras masks of `tensors`, for `_restore_keras_masks`.
+class CausalNormalizationMask:
+    """An `attention_mask` for one call that also normalizes causally.
 
-    `MultiHeadAttention.call` deletes the masks of its query, value and key
-    tensors; a tensor that a second layer reads afterwards (an encoder output
-    that every decoder block attends to) would lose its mask there, so that
-    layer would attend to padding.
+    For a caller that builds its own causal mask per call (keras-hub's
+    `TransformerDecoder` with `use_causal_mask=True`) and so cannot pass
+    `use_causal_mask=True`: the first step of that call then sums over the
+    current and earlier queries only. The decision travels with the call's
+    own argument, so concurrent calls of one layer never see each other's.
+
+    Args:
+        mask: The boolean attention mask, as the layer's `attention_mask`.
     """
-    return [(tensor, get_keras_mask(tensor)) for tensor in tensors if tensor is not None]
+
+    __slots__ = ("mask",)
+
+    def __init__(self, mask):
+        self.mask = mask
 
 
-def _restore_keras_masks(masks):
-    for tensor, mask in masks:
-        set_keras_mask(tensor, mask)
+def unwrap_attention_mask(attention_mask):
+    """`(mask, causal)`: the mask of a `CausalNormalizationMask` and `True`,
+    or `attention_mask` as it is and `False`."""
+    if isinstance(attention_mask, CausalNormalizationMask):
+        return attention_mask.mask, True
+    return attention_mask, False
 
 
-@contextlib.contextmanager
-def normalizing_causally(layer, causal=True):
-    """Within the block, `layer` normalizes causally (if `causal`).
+def _logical_and(first, second):
+    """`first AND second` as booleans, either of them possibly `None`."""
+    if first is None or second is None:
+        return second if first is None else first
+    return ops.logical_and(ops.cast(first, "bool"), ops.cast(second, "bool"))
 
-    For a layer called with `use_causal_mask=True`, which
-    `MultiHeadAttention.call` folds into the mask it hands to
-    `_compute_attention`, and for a caller that builds its own causal mask.
-    The flag lives on the layer for the call, as `MultiHeadAttention` keeps
-    its `return_attention_scores`: `torch.compile` traces an attribute,
-    while a context variable made it run the whole call uncompiled.
+
+def _without_keras_mask(tensor):
+    """`tensor`, or a new tensor of the same values without its Keras mask.
+
+    The projections do not take masks and would warn that they drop one.
+    `MultiHeadAttention` deletes the mask of the caller's tensor instead,
+    which a concurrent call with the same tensor would then miss.
     """
-    if not causal:
-        yield
-        return
-    previous = layer._causal_in_call
-    layer._causal_in_call = True
-    try:
-        yield
-    finally:
-        layer._causal_in_call = previous
+    if get_keras_mask(tensor) is None:
+        return tensor
+    return ops.reshape(tensor, ops.shape(tensor))
 
 
 def _check_flash_attention(flash_attention):
@@ -165,7 +171,8 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
     queries). A decoder that instead passes its own causal
     `attention_mask` (as keras-hub's `TransformerDecoder` does), and decoder
     cross-attention, whose keys come from the encoder but whose queries are
-    generated one at a time, must set `causal_normalization=True`, or the
+    generated one at a time, must set `causal_normalization=True` (or pass
+    the mask of a causal call as `CausalNormalizationMask(mask)`), or the
     future leaks into the past through the first step.
 
     Args:
@@ -244,7 +251,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             attends. Masks are boolean: a float mask may hold only 0 and
             1 (checked when its values are known, in eager calls), as an
             additive mask (0 keeps, -1e9 drops) would be cast the wrong
-            way round; pass `additive_mask == 0` instead.
+            way round; pass `additive_mask == 0` instead. A
+            `CausalNormalizationMask` holds such a mask and also normalizes
+            this call causally.
         return_attention_scores: If `True`, also return the normalized
             attention weights, shaped `(B, num_heads, T, S)`.
         training: Whether dropout is active.
@@ -329,7 +338,6 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         self._flash_attention = False
         self._normalization = normalization
         self._causal_normalization = causal_normalization
-        self._causal_in_call = False
         self._jit_compile = jit_compile
         self._chunk_size = chunk_size
         self._null_query = null_query
@@ -381,10 +389,6 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         super()._build_attention(rank)
         self._add_logits()
 
-    def _normalizes_causally(self):
-        """Whether the first step is causal in the call in progress."""
-        return self._causal_normalization or self._causal_in_call
-
     def _add_logits(self):
         """Adds the per-head logits of `"hybrid"` and of the null query."""
         locked = self._tracker.locked
@@ -419,6 +423,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         training=None,
         use_causal_mask=False,
     ):
+        attention_mask, causal_from_mask = unwrap_attention_mask(attention_mask)
         self._check_call_inputs(
             query, value, key, query_mask, value_mask, key_mask, attention_mask
         )
@@ -428,35 +433,46 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         ):
             check_mask_values(name, mask)
         self._check_call_options(return_attention_scores, use_causal_mask)
+        key = value if key is None else key
+        # Keras fills `query_mask` from the query's Keras mask only when the
+        # argument is None; `MultiHeadAttention` reads that mask always.
+        keras_query_mask = get_keras_mask(query)
+        query_mask = _logical_and(query_mask, keras_query_mask)
         if query_mask is not None:
-            # `MultiHeadAttention` only reads the Keras mask of `query`. A
-            # padded query changes every output through the per-key step, so
-            # an explicit `query_mask` must reach the attention mask too.
-            expanded = ops.cast(query_mask, "bool")
-            for _ in self._attention_axes:
-                expanded = ops.expand_dims(expanded, -1)
-            if attention_mask is not None:
-                if self._is_per_head(attention_mask, query):
-                    expanded = self._with_heads_axis(expanded, len(attention_mask.shape))
-                expanded = ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
-            attention_mask = expanded
-        # One context manager: `torch.compile` failed on two around this call.
-        masks = _keras_masks(query, value, key)
-        try:
-            with normalizing_causally(self, use_causal_mask):
-                return super().call(
-                    query,
-                    value,
-                    key=key,
-                    value_mask=value_mask,
-                    key_mask=key_mask,
-                    attention_mask=attention_mask,
-                    return_attention_scores=return_attention_scores,
-                    training=training,
-                    use_causal_mask=use_causal_mask,
-                )
-        finally:
-            _restore_keras_masks(masks)
+            attention_mask = self._with_query_mask(attention_mask, query_mask, query)
+        attention_mask = self._compute_attention_mask(
+            query, value, None, value_mask, key_mask, attention_mask, use_causal_mask
+        )
+        query, key, value = (_without_keras_mask(x) for x in (query, key, value))
+        gate = self._gate_dense(query) if self._use_gate else None
+        output, weights = self._compute_attention(
+            self._query_dense(query), self._key_dense(key), self._value_dense(value),
+            attention_mask, training, return_attention_scores,
+            causal_normalization=use_causal_mask or causal_from_mask,
+        )
+        if gate is not None:
+            output = ops.multiply(output, gate)
+        output = self._output_dense(output)
+        if keras_query_mask is not None:
+            set_keras_mask(output, keras_query_mask)
+        if return_attention_scores:
+            return output, weights
+        return output
+
+    def _with_query_mask(self, attention_mask, query_mask, query):
+        """`attention_mask` AND `query_mask` over the query axes.
+
+        (`MultiHeadAttention` expands a query mask for one attention axis.)
+        A padded query changes every output through the per-key step, so it
+        must leave the attention mask."""
+        expanded = ops.cast(query_mask, "bool")
+        for _ in self._attention_axes:
+            expanded = ops.expand_dims(expanded, -1)
+        if attention_mask is None:
+            return expanded
+        if self._is_per_head(attention_mask, query):
+            expanded = self._with_heads_axis(expanded, len(attention_mask.shape))
+        return ops.logical_and(ops.cast(attention_mask, "bool"), expanded)
 
     def _compute_attention(
         self,
@@ -467,6 +483,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         training=None,
         return_attention_scores=False,
         use_causal_mask=False,
+        causal_normalization=False,
     ):
         num_axes = len(self._attention_axes)
         # `MultiHeadAttention.call` folds `use_causal_mask` into the mask for
@@ -478,7 +495,9 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
                 if attention_mask is None
                 else ops.logical_and(ops.cast(attention_mask, "bool"), causal)
             )
-        causal_normalization = use_causal_mask or self._normalizes_causally()
+        causal_normalization = (
+            causal_normalization or use_causal_mask or self._causal_normalization
+        )
         # The backend variable: a compiled TensorFlow function cannot take
         # the Keras wrapper.
         mixing_logits, null_query_logits = (

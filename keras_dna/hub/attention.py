@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from keras_dna.attention import DoublyNormalizedAttention
+from keras_dna.attention import unwrap_attention_mask
 from keras_dna.ops.backend import compiled
 from keras_dna.ops.incremental import cached_attention
 
@@ -66,7 +67,9 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             from that index; with a cache and no index, ignored.
         key: Optional key tensor, shaped as `value`.
         attention_mask: Optional boolean mask of shape `(B, T, S)`, `S` the
-            cache length when there is a cache.
+            cache length when there is a cache, or a
+            `keras_dna.CausalNormalizationMask` of one for a call that
+            normalizes causally.
         cache: Optional cache, laid out as above.
         cache_update_index: Optional int or int tensor: where `value` and
             `key` go in the cache.
@@ -108,7 +111,8 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
                 "With a `cache`, masks other than `attention_mask` are not "
                 f"taken. Received: {sorted(kwargs)}"
             )
-        self._check_cache(cache)
+        attention_mask, causal_from_mask = unwrap_attention_mask(attention_mask)
+        self._check_cache(cache, causal_from_mask or self._causal_normalization)
         gate = self._gate_dense(query) if self._use_gate else None
         query = ops.multiply(self._query_dense(query), self._inverse_sqrt_key_dim)
         key = value if key is None else key
@@ -134,7 +138,7 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             return output, weights, cache
         return output, cache
 
-    def _check_cache(self, cache):
+    def _check_cache(self, cache, causal_normalization):
         widths = (self._key_dim,)
         if self._normalization != "single":
             widths += (self._key_dim + 1,)
@@ -153,7 +157,7 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
                 f"must equal `key_dim`. Received: key_dim={self._key_dim}, "
                 f"value_dim={self._value_dim}"
             )
-        if self._normalization != "single" and not self._normalizes_causally():
+        if self._normalization != "single" and not causal_normalization:
             raise ValueError(
                 "Decoding with a cache needs causal normalization: "
                 f"normalization={self._normalization!r} otherwise sums each "

@@ -8,7 +8,7 @@ names, so checkpoints of keras-hub's layers load into these.
 import keras
 import keras_hub
 
-from keras_dna.attention import normalizing_causally
+from keras_dna.attention import CausalNormalizationMask
 from keras_dna.convert import checked_attention_options
 from keras_dna.convert import make_doubly_normalized
 from keras_dna.convert import site_options
@@ -92,25 +92,13 @@ class TransformerDecoder(keras_hub.layers.TransformerDecoder):
         self._self_attention_options = site_options(options, options["causal_normalization"] is True)
         self._cross_attention_options = site_options(options, causal=True)
 
-    def call(
-        self,
-        decoder_sequence,
-        encoder_sequence=None,
-        decoder_padding_mask=None,
-        decoder_attention_mask=None,
-        encoder_padding_mask=None,
-        encoder_attention_mask=None,
-        self_attention_cache=None,
-        self_attention_cache_update_index=None,
-        cross_attention_cache=None,
-        cross_attention_cache_update_index=None,
-        use_causal_mask=True,
-        training=None,
-    ):
-        arguments = dict(locals())
-        del arguments["self"], arguments["__class__"]
-        with normalizing_causally(self._self_attention_layer, use_causal_mask):
-            return super().call(**arguments)
+    def _compute_self_attention_mask(self, *args, use_causal_mask, **kwargs):
+        # keras-hub calls the self-attention with this mask alone: the mask
+        # carries the call's causal normalization to it.
+        mask = super()._compute_self_attention_mask(
+            *args, use_causal_mask=use_causal_mask, **kwargs
+        )
+        return CausalNormalizationMask(mask) if use_causal_mask else mask
 
     def get_config(self):
         return {

@@ -238,9 +238,10 @@ def _scan(step, init, xs, stacked_like, reverse=False):
     shaped like `stacked_like`. `xs` may contain `None`.
     """
     length = ops.shape(keras.tree.flatten(xs)[0])[0]
-    if length == 0:
+    if isinstance(length, int) and length == 0:
         # No block (no query): XLA rejects the loop body's writes into
-        # empty buffers even though it would never run.
+        # empty buffers even though it would never run. (XLA knows every
+        # length; an unknown one, in a graph, runs the loop zero times.)
         return init, stacked_like
 
     def body(i, state):
