@@ -1,5 +1,7 @@
 """The `DoublyNormalizedAttention` layer."""
 
+import inspect
+
 import keras
 from keras import ops
 
@@ -73,6 +75,12 @@ def _without_keras_mask(tensor):
     if get_keras_mask(tensor) is None:
         return tensor
     return ops.reshape(tensor, ops.shape(tensor))
+
+
+def _takes_argument(method, name):
+    """Whether `method` takes the keyword argument `name`."""
+    parameters = inspect.signature(method).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _check_flash_attention(flash_attention):
@@ -448,7 +456,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         output, weights = self._compute_attention(
             self._query_dense(query), self._key_dense(key), self._value_dense(value),
             attention_mask, training, return_attention_scores,
-            causal_normalization=use_causal_mask or causal_from_mask,
+            **self._causal_argument(use_causal_mask or causal_from_mask),
         )
         if gate is not None:
             output = ops.multiply(output, gate)
@@ -458,6 +466,26 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         if return_attention_scores:
             return output, weights
         return output
+
+    def _causal_argument(self, causal):
+        """`_compute_attention`'s keyword for a call that normalizes causally.
+
+        Passed only where it changes the weights, so that a subclass whose
+        `_compute_attention` has `MultiHeadAttention`'s signature still runs
+        wherever it can; where it cannot, it raises instead of letting the
+        future leak into the past.
+        """
+        if not causal or self._normalization == "single":
+            return {}
+        overridden = type(self)._compute_attention is not DoublyNormalizedAttention._compute_attention
+        if overridden and not _takes_argument(self._compute_attention, "causal_normalization"):
+            raise TypeError(
+                f"{type(self).__name__}._compute_attention must take the "
+                "argument `causal_normalization` (and pass it on) for a call "
+                "that normalizes causally; without it, the first step would "
+                "sum over later queries."
+            )
+        return {"causal_normalization": True}
 
     def _with_query_mask(self, attention_mask, query_mask, query):
         """`attention_mask` AND `query_mask` over the query axes.
