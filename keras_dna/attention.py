@@ -77,6 +77,22 @@ def _without_keras_mask(tensor):
     return ops.reshape(tensor, ops.shape(tensor))
 
 
+def _projected(dense, x, leading_axes=None):
+    """`dense(x)`, with the leading axes of `x` (all but the last, or the
+    first `leading_axes`) kept where one of them is empty.
+
+    Keras's TensorFlow einsum reshapes the batch axis with -1 for these
+    equations: with an empty sequence of known length, `(0, 0, dim)` became
+    `(1, 0, dim)` (in `MultiHeadAttention` too).
+    """
+    projected = dense(x)
+    leading_axes = len(x.shape) - 1 if leading_axes is None else leading_axes
+    if 0 not in x.shape[1:leading_axes]:
+        return projected
+    shape = tuple(ops.shape(x)[:leading_axes]) + tuple(projected.shape[leading_axes:])
+    return ops.reshape(projected, shape)
+
+
 def _takes_argument(method, name):
     """Whether `method` takes the keyword argument `name`."""
     parameters = inspect.signature(method).parameters.values()
@@ -452,15 +468,16 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             query, value, None, value_mask, key_mask, attention_mask, use_causal_mask
         )
         query, key, value = (_without_keras_mask(x) for x in (query, key, value))
-        gate = self._gate_dense(query) if self._use_gate else None
+        gate = _projected(self._gate_dense, query) if self._use_gate else None
         output, weights = self._compute_attention(
-            self._query_dense(query), self._key_dense(key), self._value_dense(value),
+            _projected(self._query_dense, query), _projected(self._key_dense, key),
+            _projected(self._value_dense, value),
             attention_mask, training, return_attention_scores,
             **self._causal_argument(use_causal_mask or causal_from_mask),
         )
         if gate is not None:
             output = ops.multiply(output, gate)
-        output = self._output_dense(output)
+        output = _projected(self._output_dense, output, len(query.shape) - 1)
         if keras_query_mask is not None:
             set_keras_mask(output, keras_query_mask)
         if return_attention_scores:

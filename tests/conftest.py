@@ -10,3 +10,18 @@ import pytest  # noqa: E402
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# Hypothesis (tests/test_fuzz.py): `ci` is seeded and bounded for the suite;
+# `long` (HYPOTHESIS_PROFILE=long) runs by hand, unseeded, 100x the cases.
+from hypothesis import HealthCheck  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+_FUZZ_SETTINGS = {
+    "deadline": None,  # first calls trace and compile
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+    "print_blob": True,
+}
+settings.register_profile("ci", max_examples=40, derandomize=True, **_FUZZ_SETTINGS)
+settings.register_profile("long", max_examples=4000, **_FUZZ_SETTINGS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -21,7 +21,9 @@ def _row_softmax(logits, valid):
 
 def _one_head(s, m, normalization, causal, softmax_share, beta=None):
     T, S = s.shape
-    single = np.stack([_row_softmax(s[i], m[i]) for i in range(T)])
+    single = np.zeros_like(s)
+    for i in range(T):
+        single[i] = _row_softmax(s[i], m[i])
     if normalization == "single":
         return single
     log_b = np.zeros_like(s)
@@ -35,7 +37,9 @@ def _one_head(s, m, normalization, causal, softmax_share, beta=None):
                 # The null query: one more term, of log-mass beta, per key.
                 column.append(beta)
             log_b[i, j] = s[i, j] - _logsumexp(np.array(column))
-    double = np.stack([_row_softmax(log_b[i], m[i]) for i in range(T)])
+    double = np.zeros_like(s)
+    for i in range(T):
+        double[i] = _row_softmax(log_b[i], m[i])
     if normalization == "double":
         return double
     return softmax_share * single + (1.0 - softmax_share) * double
