@@ -36,7 +36,7 @@ setup(
         "examples": examples,
         **backends,
         "hub": hub,
-        "tests": examples + ["pytest>=8", "pytest-xdist>=3"] + backends["jax"] + backends["torch"],
+        "tests": examples + ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100"] + backends["jax"] + backends["torch"],
     },
     license="Apache-2.0",
     classifiers=[
