@@ -65,7 +65,7 @@ def _logical_and(first, second):
     return ops.logical_and(ops.cast(first, "bool"), ops.cast(second, "bool"))
 
 
-def _without_keras_mask(tensor):
+def without_keras_mask(tensor):
     """`tensor`, or a new tensor of the same values without its Keras mask.
 
     The projections do not take masks and would warn that they drop one.
@@ -359,6 +359,10 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             normalization, jit_compile, chunk_size, self._dropout, causal_normalization,
             null_query,
         )
+        # Logits of earlier options (a layer converted again) leave with them.
+        for logits in (getattr(self, "_mixing_logits", None), getattr(self, "_null_query_logits", None)):
+            if logits is not None:
+                self._untrack_variable(logits)
         self._flash_attention = False
         self._normalization = normalization
         self._causal_normalization = causal_normalization
@@ -467,7 +471,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         attention_mask = self._compute_attention_mask(
             query, value, None, value_mask, key_mask, attention_mask, use_causal_mask
         )
-        query, key, value = (_without_keras_mask(x) for x in (query, key, value))
+        query, key, value = (without_keras_mask(x) for x in (query, key, value))
         gate = _projected(self._gate_dense, query) if self._use_gate else None
         output, weights = self._compute_attention(
             _projected(self._query_dense, query), _projected(self._key_dense, key),

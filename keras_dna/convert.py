@@ -24,7 +24,9 @@ import keras
 from keras_dna.attention import DoublyNormalizedAttention
 from keras_dna.ops.checks import check_normalization
 
-__all__ = ["converted_class", "make_doubly_normalized", "to_doubly_normalized"]
+__all__ = [
+    "attention_options_of", "converted_class", "make_doubly_normalized", "to_doubly_normalized",
+]
 
 # The keyword arguments of `DoublyNormalizedAttention` a conversion may set.
 ATTENTION_OPTIONS = (
@@ -138,8 +140,18 @@ def _hub_classes():
     }
 
 
+# Keras's attention layers that are not `MultiHeadAttention`: their
+# computation is not one DNA replaces.
+_OTHER_ATTENTION = (
+    keras.layers.Attention, keras.layers.AdditiveAttention, keras.layers.GroupQueryAttention,
+)
+
+
 def _attention_class(layer):
-    """The DNA class `layer` becomes, `None` if it is no attention layer."""
+    """The DNA class `layer` becomes, `None` if it is no attention layer.
+
+    Decided by what the layer is, never by its name: a layer that only holds
+    attention layers is a container the conversion walks through."""
     cls = type(layer)
     if isinstance(layer, DoublyNormalizedAttention):
         return cls
@@ -148,7 +160,7 @@ def _attention_class(layer):
     hub_class = _hub_classes().get(cls)
     if hub_class is not None and issubclass(hub_class, DoublyNormalizedAttention):
         return hub_class
-    if isinstance(layer, keras.layers.MultiHeadAttention) or cls.__name__.endswith("Attention"):
+    if isinstance(layer, (keras.layers.MultiHeadAttention,) + _OTHER_ATTENTION):
         raise ValueError(
             f"Layer '{layer.name}' ({cls.__module__}.{cls.__name__}) is an attention "
             "layer keras_dna cannot convert: it is not MultiHeadAttention or "
@@ -165,7 +177,9 @@ def _swap_class(layer, cls):
     layer.call_signature_parameters = list(layer._call_signature.parameters)
 
 
-def _options_of(layer):
+def attention_options_of(layer):
+    """The `ATTENTION_OPTIONS` of a DNA layer as its config holds them; `{}`
+    for any other layer."""
     if not isinstance(layer, DoublyNormalizedAttention):
         return {}
     config = layer.get_config()
@@ -192,7 +206,7 @@ def make_doubly_normalized(layer, **options):
         raise TypeError(
             f"Argument `layer` must be an attention layer. Received: {type(layer).__name__}"
         )
-    current = _options_of(layer)
+    current = attention_options_of(layer)
     options = {**current, **options}
     if current == options and type(layer) is cls:
         return layer
@@ -212,17 +226,20 @@ def make_doubly_normalized(layer, **options):
 _CONVERTED_CLASSES = {}
 
 
+# What `to_doubly_normalized` converts to by default.
+DEFAULT_TREE_OPTIONS = {"normalization": "double", "causal_normalization": (), "null_query": None}
+
+
 class _ConvertsAttention:
     """Mixed into `DoublyNormalized<Class>`: converts the attention the base
-    class builds, in `__init__` and in `build`, with the stored options."""
+    class builds, in `__init__` and in `build` (see `_converting_build`),
+    with the stored options."""
 
     def __init__(self, *args, attention_options=None, **kwargs):
-        self._attention_options = _checked_tree_options(attention_options or {})
+        self._attention_options = _checked_tree_options(
+            {**DEFAULT_TREE_OPTIONS, **(attention_options or {})}
+        )
         super().__init__(*args, **kwargs)
-        _convert_tree(self, self._attention_options)
-
-    def build(self, *args, **kwargs):
-        super().build(*args, **kwargs)
         _convert_tree(self, self._attention_options)
 
     def get_config(self):
@@ -243,17 +260,33 @@ def converted_class(cls):
         mixins = (_ConvertsAttention,)
         hub = _hub_classes()
         if hub:
-            from keras_dna.hub.generation import GeneratesWithCache
-            from keras_dna.hub.generation import is_causal_lm
+            from keras_dna.hub.generation import generation_mixins
 
-            if is_causal_lm(cls):
-                mixins = (GeneratesWithCache,) + mixins
+            mixins = generation_mixins(cls) + mixins
         name = f"DoublyNormalized{cls.__name__}"
-        converted = type(name, mixins + (cls,), {"__module__": __name__, "__doc__": cls.__doc__})
+        namespace = {
+            "__module__": __name__, "__doc__": cls.__doc__, "build": _converting_build(cls.build),
+        }
+        converted = type(name, mixins + (cls,), namespace)
         _CONVERTED_CLASSES[cls] = keras.saving.register_keras_serializable(
             package="keras_dna"
         )(converted)
     return _CONVERTED_CLASSES[cls]
+
+
+def _converting_build(base_build):
+    """`base_build`, then the conversion of what it built.
+
+    With `base_build`'s signature (and its mark when it is `Layer.build`,
+    which Keras then never calls): Keras passes the input shapes by the
+    names of `build`'s arguments."""
+
+    @functools.wraps(base_build)
+    def build(self, *args, **kwargs):
+        base_build(self, *args, **kwargs)
+        _convert_tree(self, self._attention_options)
+
+    return build
 
 
 def _is_plain_container(layer):
@@ -299,9 +332,27 @@ def _convert_tree(root, options):
 
 
 def _become_converted(layer, options):
-    """Makes `layer` a `DoublyNormalized<Class>` that converts with `options`."""
+    """Makes `layer` a `DoublyNormalized<Class>` that converts with `options`
+    (and with what an earlier conversion set that `options` keeps)."""
+    earlier = getattr(layer, "_attention_options", DEFAULT_TREE_OPTIONS)
     _swap_class(layer, converted_class(type(layer)))
-    layer._attention_options = dict(options)
+    layer._attention_options = _kept_tree_options(earlier, options)
+
+
+def _kept_tree_options(earlier, options):
+    """The options a layer converted with `earlier`, then with `options`,
+    is left with: unset ones (`null_query=None`) keep their earlier value,
+    and layers named causal stay causal, as `make_doubly_normalized` does."""
+    causal = options["causal_normalization"]
+    if causal is not True:
+        before = earlier["causal_normalization"]
+        causal = True if before is True else sorted(set(before) | set(causal))
+    null_query = options["null_query"]
+    return {
+        "normalization": options["normalization"],
+        "causal_normalization": causal,
+        "null_query": earlier["null_query"] if null_query is None else null_query,
+    }
 
 
 def _layer_options(layer, options):

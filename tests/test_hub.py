@@ -169,6 +169,23 @@ def test_cache_errors_name_what_is_wrong(rng):
         layer(x, x, cache=np.zeros((B, 2, T, HEADS, HEAD_DIM + 2), "float32"), cache_update_index=0)
 
 
+def test_caches_are_checked_like_keras_hub_checks_them(rng):
+    layer, x = _cached_layer({"normalization": "double"}, rng)
+    step = x[:, :1]
+    cache = np.zeros((B, 2, T, HEADS, HEAD_DIM), "float32")
+    with pytest.raises(TypeError, match="`cache` must hold floats.*int32"):
+        layer(step, step, cache=cache.astype("int32"), cache_update_index=0)
+    with pytest.raises(ValueError, match="batch size"):
+        layer(step, step, cache=cache[:1], cache_update_index=0)
+    for index in (T, keras.ops.convert_to_tensor(T, "int32"), -1):
+        with pytest.raises(ValueError, match=f"`cache_update_index`.*from 0 to {T - 1}"):
+            layer(step, step, cache=cache, cache_update_index=index)
+    with pytest.raises(ValueError, match=f"from 0 to {T - 3}"):
+        layer(x[:, :3], x[:, :3], cache=cache, cache_update_index=T - 2)
+    output, _ = layer(step, step, cache=cache, cache_update_index=T - 1)
+    assert np.all(np.isfinite(_numpy(output)))
+
+
 def _hub_pair(cls, ours, rng, **kwargs):
     keras.utils.set_random_seed(3)
     theirs = cls(intermediate_dim=16, num_heads=HEADS)

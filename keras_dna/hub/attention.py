@@ -9,7 +9,10 @@ from keras import ops
 
 from keras_dna.attention import DoublyNormalizedAttention
 from keras_dna.attention import unwrap_attention_mask
+from keras_dna.attention import without_keras_mask
 from keras_dna.ops.backend import compiled
+from keras_dna.ops.backend import known_int
+from keras_dna.ops.checks import check_match
 from keras_dna.ops.incremental import cached_attention
 
 # Where a prefill's committed queries end: a causal LM's `generate` runs the
@@ -113,9 +116,11 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             )
         attention_mask, causal_from_mask = unwrap_attention_mask(attention_mask)
         self._check_cache(cache, causal_from_mask or self._causal_normalization)
+        self._check_cache_call(query, value, cache, cache_update_index)
+        key = value if key is None else key
+        query, key, value = (without_keras_mask(x) for x in (query, key, value))
         gate = self._gate_dense(query) if self._use_gate else None
         query = ops.multiply(self._query_dense(query), self._inverse_sqrt_key_dim)
-        key = value if key is None else key
         rows = (None, None)
         if cache_update_index is not None:
             rows = (self._key_dense(key), self._value_dense(value))
@@ -163,6 +168,28 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
                 f"normalization={self._normalization!r} otherwise sums each "
                 "key's scores over all queries, later ones included. Build "
                 "the layer with causal_normalization=True."
+            )
+
+    def _check_cache_call(self, query, value, cache, cache_update_index):
+        """Raises unless `cache` holds floats for the query's batch, and the
+        rows written from `cache_update_index` fit in it (where known)."""
+        dtype = keras.backend.standardize_dtype(cache.dtype)
+        if "float" not in dtype:
+            raise TypeError(
+                f"Argument `cache` must hold floats (the layer computes in "
+                f"{self.compute_dtype}). Received: cache.dtype={dtype}"
+            )
+        check_match("batch size", "query", query.shape[0], "cache", cache.shape[0])
+        if cache_update_index is None:
+            return
+        index, rows, length = known_int(cache_update_index), value.shape[1], cache.shape[2]
+        if index is None or rows is None or length is None:
+            return
+        if index < 0 or index + rows > length:
+            raise ValueError(
+                f"Argument `cache_update_index` must leave room for the {rows} "
+                f"new row(s) in the cache of length {length}: from 0 to "
+                f"{length - rows}. Received: cache_update_index={index}"
             )
 
     def _cached_attention(self, training):

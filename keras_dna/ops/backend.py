@@ -12,12 +12,15 @@ backend; what differs lives here, so that a backend has one place to go:
   whose length is only known when the function runs;
 - `result_dtype`, `maximum` and `cumsum`: dtype promotion, an elementwise
   maximum and a cumulative sum that keep float64 (Keras turns float64 into
-  float32 outside TensorFlow).
+  float32 outside TensorFlow);
+- `known_int`: the value of an integer scalar where it is known before the
+  computation runs (Python numbers, eager tensors), for argument checks.
 """
 
 import functools
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -31,6 +34,28 @@ def result_dtype(*dtypes):
     if "float64" in names:
         return "float64"
     return keras.backend.result_type(*names)
+
+
+def known_int(x):
+    """`x` as a Python int where its value is known now: a Python or NumPy
+    integer, or an eager tensor; `None` inside a trace (a graph, `jax.jit`,
+    `torch.compile`), where reading it would fail or split the graph."""
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return None if tf.is_symbolic_tensor(x) else int(x)
+    if backend == "jax":
+        import jax
+
+        return None if isinstance(x, jax.core.Tracer) else int(x)
+    if backend == "torch":
+        import torch
+
+        return None if torch.compiler.is_compiling() else int(x)
+    return None
 
 
 def maximum(a, b):
