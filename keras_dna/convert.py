@@ -75,6 +75,12 @@ def to_doubly_normalized(
     )
     copy = _copy(model)
     converted = _convert_tree(copy, options)
+    if not converted:
+        raise ValueError(
+            f"Argument `model` ({type(model).__name__}) holds no MultiHeadAttention "
+            "layer (nor keras-hub's CachedMultiHeadAttention, nor a layer that "
+            "builds one) to convert."
+        )
     causal = options["causal_normalization"]
     if causal is not True and not set(causal) <= set(converted):
         raise ValueError(

@@ -309,14 +309,17 @@ def test_convert_reaches_nested_models_and_custom_layers(rng, tmp_path):
 
 
 def test_convert_refuses_attention_it_cannot_convert():
-    class LocalAttention(keras.layers.Layer):
-        def call(self, x):
-            return x
+    class LocalAttention(keras.layers.MultiHeadAttention):
+        def _compute_attention(self, query, key, value, *args, **kwargs):
+            return value, None
 
     inputs = keras.Input((T, DIM))
-    model = keras.Model(inputs, LocalAttention(name="mine")(inputs))
+    model = keras.Model(inputs, LocalAttention(2, 4, name="mine")(inputs, inputs))
     with pytest.raises(ValueError, match="'mine'.*cannot convert"):
         convert.to_doubly_normalized(model)
+    without_attention = keras.Model(inputs, keras.layers.Dense(DIM)(inputs))
+    with pytest.raises(ValueError, match="holds no MultiHeadAttention"):
+        convert.to_doubly_normalized(without_attention)
 
 
 # keras-hub models from small configs, as keras-hub's own tests make them.
