@@ -74,7 +74,8 @@ def without_keras_mask(tensor):
     """
     if get_keras_mask(tensor) is None:
         return tensor
-    return ops.reshape(tensor, ops.shape(tensor))
+    # A reshape to the same shape gives JAX's own array back, mask and all.
+    return ops.multiply(tensor, 1)
 
 
 def _projected(dense, x, leading_axes=None):
