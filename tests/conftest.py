@@ -22,6 +22,6 @@ _FUZZ_SETTINGS = {
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
     "print_blob": True,
 }
-settings.register_profile("ci", max_examples=40, derandomize=True, **_FUZZ_SETTINGS)
-settings.register_profile("long", max_examples=4000, **_FUZZ_SETTINGS)
+settings.register_profile("ci", max_examples=25, derandomize=True, **_FUZZ_SETTINGS)
+settings.register_profile("long", max_examples=2500, **_FUZZ_SETTINGS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -20,7 +20,7 @@ from keras_dna import DoublyNormalizedAttention
 from keras_dna.hub import TransformerDecoder
 
 THREADS = 4
-ROUNDS = 6
+ROUNDS = 4
 DIM = 8
 
 

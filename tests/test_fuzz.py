@@ -5,8 +5,8 @@ the functions and the layer take, paths (normalization, causal, null query,
 chunk size), dtypes and score spreads. Backend-neutral: `.ci/run` runs it on
 TensorFlow, JAX (float64 on) and PyTorch.
 
-Profiles (`tests/conftest.py`): `ci`, seeded and bounded, runs in the suite;
-`long` runs by hand, unseeded and a hundred times longer:
+Profiles (`tests/conftest.py`): `ci`, seeded and bounded (25 cases a test), runs
+in the suite; `long` runs by hand, unseeded and a hundred times longer:
 
     HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py
 
