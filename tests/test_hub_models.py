@@ -254,6 +254,12 @@ def bart():
         max_sequence_length=12, dropout=0.0,
     )
     model = keras_hub.models.BartSeq2SeqLM(backbone=backbone, preprocessor=None)
+    _peaked(
+        attention
+        for layer in backbone.encoder_transformer_layers + backbone.decoder_transformer_layers
+        for attention in (layer._self_attention_layer, getattr(layer, "_cross_attention_layer", None))
+        if attention is not None
+    )
     rng = np.random.default_rng(0)
     encoder_padding = np.arange(7)[None, :] < np.array([[7], [4]])
     decoder_padding = np.arange(9)[None, :] < np.array([[3], [2]])
