@@ -115,8 +115,10 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
                 f"taken. Received: {sorted(kwargs)}"
             )
         attention_mask, causal_from_mask = unwrap_attention_mask(attention_mask)
-        self._check_cache(cache, causal_from_mask or self._causal_normalization)
-        self._check_cache_call(query, value, cache, cache_update_index)
+        self._check_cache(
+            query, value, cache, cache_update_index,
+            causal_from_mask or self._causal_normalization,
+        )
         key = value if key is None else key
         query, key, value = (without_keras_mask(x) for x in (query, key, value))
         gate = self._gate_dense(query) if self._use_gate else None
@@ -143,7 +145,10 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             return output, weights, cache
         return output, cache
 
-    def _check_cache(self, cache, causal_normalization):
+    def _check_cache(self, query, value, cache, cache_update_index, causal_normalization):
+        """Raises unless `cache` is laid out for this layer, holds floats for
+        the query's batch, and the call normalizes causally; and unless the
+        rows written from `cache_update_index` fit in it (where known)."""
         widths = (self._key_dim,)
         if self._normalization != "single":
             widths += (self._key_dim + 1,)
@@ -169,10 +174,6 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
                 "key's scores over all queries, later ones included. Build "
                 "the layer with causal_normalization=True."
             )
-
-    def _check_cache_call(self, query, value, cache, cache_update_index):
-        """Raises unless `cache` holds floats for the query's batch, and the
-        rows written from `cache_update_index` fit in it (where known)."""
         dtype = keras.backend.standardize_dtype(cache.dtype)
         if "float" not in dtype:
             raise TypeError(
@@ -180,19 +181,11 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
                 f"{self.compute_dtype}). Received: cache.dtype={dtype}"
             )
         check_match("batch size", "query", query.shape[0], "cache", cache.shape[0])
-        if cache_update_index is None:
-            return
-        index, rows, length = known_int(cache_update_index), value.shape[1], cache.shape[2]
-        if index is None or rows is None or length is None:
-            return
-        if index < 0 or index + rows > length:
-            raise ValueError(
-                f"Argument `cache_update_index` must leave room for the {rows} "
-                f"new row(s) in the cache of length {length}: from 0 to "
-                f"{length - rows}. Received: cache_update_index={index}"
-            )
+        if cache_update_index is not None:
+            _check_update_index(cache_update_index, value.shape[1], cache.shape[2])
 
     def _cached_attention(self, training):
+
         """`cached_attention`, compiled as a whole where the layer compiles.
 
         Keras runs keras-hub's `generate` uncompiled on CPUs; compiled
@@ -221,3 +214,17 @@ def _value_of(weight):
     """The backend variable: a compiled TensorFlow function cannot take the
     Keras wrapper."""
     return None if weight is None else weight.value
+
+
+def _check_update_index(cache_update_index, rows, length):
+    """Raises unless `rows` rows written from `cache_update_index` fit in a
+    cache of `length` (where both are known before the call runs)."""
+    index = known_int(cache_update_index)
+    if index is None or rows is None or length is None:
+        return
+    if index < 0 or index + rows > length:
+        raise ValueError(
+            f"Argument `cache_update_index` must leave room for the {rows} "
+            f"new row(s) in the cache of length {length}: from 0 to "
+            f"{length - rows}. Received: cache_update_index={index}"
+        )

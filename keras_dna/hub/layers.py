@@ -60,11 +60,9 @@ class TransformerEncoder(keras_hub.layers.TransformerEncoder):
 
     def _use_model_options(self, options):
         """Takes the options of `keras_dna.convert.to_doubly_normalized`."""
-        self._attention_options = {
-            # Swapped in from keras-hub's class, the layer has none yet.
-            **getattr(self, "_attention_options", {}),
-            **site_options(options, options["causal_normalization"] is True),
-        }
+        _update_options(
+            self, "_attention_options", site_options(options, options["causal_normalization"] is True)
+        )
 
     def get_config(self):
         return {**super().get_config(), "attention_options": dict(self._attention_options)}
@@ -114,13 +112,11 @@ class TransformerDecoder(keras_hub.layers.TransformerDecoder):
 
     def _use_model_options(self, options):
         """Takes the options of `keras_dna.convert.to_doubly_normalized`."""
-        self._self_attention_options = {
-            **getattr(self, "_self_attention_options", {}),
-            **site_options(options, options["causal_normalization"] is True),
-        }
-        self._cross_attention_options = {
-            **getattr(self, "_cross_attention_options", {}), **site_options(options, causal=True),
-        }
+        _update_options(
+            self, "_self_attention_options",
+            site_options(options, options["causal_normalization"] is True),
+        )
+        _update_options(self, "_cross_attention_options", site_options(options, causal=True))
 
     def call(
         self,
@@ -195,3 +191,10 @@ def _without_padded_queries(attention, sequence, padding_mask, attention_mask):
     if attention_mask is None:
         return queries
     return ops.minimum(ops.cast(attention_mask, "int32"), queries)
+
+
+def _update_options(layer, attribute, options):
+    """Sets `options` in the attention options `layer` keeps under
+    `attribute`; the others stay (a layer swapped in from keras-hub's class
+    has none yet)."""
+    setattr(layer, attribute, {**getattr(layer, attribute, {}), **options})
