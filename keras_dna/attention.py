@@ -15,8 +15,10 @@ from keras_dna.ops import doubly_normalized_attention
 from keras_dna.ops import normalize_attention_scores
 from keras_dna.ops.backend import compiled
 from keras_dna.ops.backend import einsum
+from keras_dna.ops.backend import uses_fused_kernels
 from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.checks import check_chunk_size
+from keras_dna.ops.checks import check_flash_attention
 from keras_dna.ops.checks import check_mask_values
 from keras_dna.ops.checks import check_match
 from keras_dna.ops.checks import check_normalization
@@ -100,14 +102,23 @@ def _takes_argument(method, name):
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def _check_flash_attention(flash_attention):
-    if flash_attention:
-        raise ValueError(
-            "DoublyNormalizedAttention has no flash attention kernel: "
-            "flash kernels compute softmax attention. Pass "
-            f"flash_attention=None or False. Received: "
-            f"flash_attention={flash_attention!r}"
+def _flash_attention_setting(flash_attention, dropout):
+    """The layer's `flash_attention`: the argument, or the global setting
+    (`keras.config.disable_flash_attention()`) where it is `None`."""
+    if flash_attention is not None and not isinstance(flash_attention, bool):
+        raise TypeError(
+            "Argument `flash_attention` must be None, True or False. "
+            f"Received: flash_attention={flash_attention!r}"
         )
+    if flash_attention is None:
+        flash_attention = keras.config.is_flash_attention_enabled()
+    if flash_attention and dropout > 0.0:
+        # MultiHeadAttention's message.
+        raise ValueError(
+            "Dropout is not supported when flash attention is enabled. "
+            "Please set dropout to 0.0 to use flash attention."
+        )
+    return flash_attention
 
 
 def _check_options(
@@ -215,9 +226,14 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             over all key axes.
         sliding_window: Optional positive integer: query `i` only attends to
             keys within `sliding_window - 1` positions of it.
-        flash_attention: Must be `None` or `False`: no fused kernel computes
-            doubly-normalized attention, and the fused softmax kernels that
-            `MultiHeadAttention` may use are never taken.
+        flash_attention: As in `MultiHeadAttention`: `None` runs
+            non-causal calls on the backend's fused attention kernels where
+            they are faster (PyTorch; JAX on GPUs and TPUs in half
+            precision), in memory linear in the lengths
+            (`keras_dna.ops.fused`); `True` requires flash kernels (an error
+            for causal normalization, dropout or returned scores, and where
+            the backend has none); `False` never uses fused kernels. `None`
+            follows `keras.config.disable_flash_attention()`.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, activity_regularizer, kernel_constraint,
         bias_constraint: As in `keras.layers.MultiHeadAttention`.
@@ -319,14 +335,13 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         null_query_initializer=None,
         **kwargs,
     ):
-        _check_flash_attention(flash_attention)
+        flash_setting = _flash_attention_setting(flash_attention, dropout)
         super().__init__(
             num_heads=num_heads,
             key_dim=key_dim,
             value_dim=value_dim,
-            # Passed after construction: `MultiHeadAttention` rejects
-            # dropout when flash attention is enabled globally, which does
-            # not concern this layer.
+            # Dropout and flash attention are this layer's: checked above,
+            # set below.
             dropout=0.0,
             use_bias=use_bias,
             output_shape=output_shape,
@@ -345,6 +360,8 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             **kwargs,
         )
         self._dropout = dropout
+        self._flash_attention = flash_setting
+        self._flash_attention_argument = flash_attention
         self._set_options(
             normalization, causal_normalization, jit_compile, chunk_size, null_query,
             null_query_initializer,
@@ -364,7 +381,6 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         for logits in (getattr(self, "_mixing_logits", None), getattr(self, "_null_query_logits", None)):
             if logits is not None:
                 self._untrack_variable(logits)
-        self._flash_attention = False
         self._normalization = normalization
         self._causal_normalization = causal_normalization
         self._jit_compile = jit_compile
@@ -399,6 +415,7 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
     def get_config(self):
         return {
             **super().get_config(),
+            "flash_attention": getattr(self, "_flash_attention_argument", None),
             "normalization": self._normalization,
             "causal_normalization": self._causal_normalization,
             "jit_compile": self._jit_compile,
@@ -559,6 +576,13 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             attention_mask = self._with_heads_axis(
                 ops.cast(attention_mask, "bool"), len(query.shape) - 1 + num_axes
             )
+        if self._runs_fused(query, causal_normalization, return_attention_scores):
+            output = doubly_normalized_attention(
+                query, key, value, attention_mask, normalization=self._normalization,
+                scale=self._inverse_sqrt_key_dim, mixing_logits=mixing_logits,
+                null_query_logits=null_query_logits, flash_attention=self._flash_attention,
+            )
+            return ops.cast(output, value.dtype), None
         chunk_size = self._chunk_size_for(query, key, return_attention_scores)
         if chunk_size is not None:
             output = compiled(doubly_normalized_attention, self._jit_compile)(
@@ -583,6 +607,17 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
             dropped = weights
         attention_output = einsum(self._combine_equation, dropped, value)
         return attention_output, weights
+
+    def _runs_fused(self, query, causal_normalization, return_attention_scores):
+        """Whether this call runs on fused kernels (`keras_dna.ops.fused`),
+        where `MultiHeadAttention` would: no dropout, no weights returned,
+        one attention axis."""
+        if self._flash_attention and causal_normalization and self._normalization != "single":
+            check_flash_attention(True, causal=True)
+        if self._dropout > 0.0 or return_attention_scores or len(query.shape) != 4:
+            return False
+        causal = causal_normalization and self._normalization != "single"
+        return uses_fused_kernels(self._flash_attention, query.dtype, causal)
 
     def _query_first_equation(self):
         """`MultiHeadAttention`'s score equation with the query first.
@@ -654,6 +689,13 @@ class DoublyNormalizedAttention(keras.layers.MultiHeadAttention):
         return ops.expand_dims(causal_mask(ops.shape(query)[1], key_length), 0)
 
     def _check_call_options(self, return_attention_scores, use_causal_mask):
+        if self._flash_attention and return_attention_scores:
+            # MultiHeadAttention's message.
+            raise ValueError(
+                "Returning attention scores is not supported when flash "
+                "attention is enabled. Please disable flash attention to access"
+                " attention scores."
+            )
         if isinstance(self._chunk_size, int):
             if return_attention_scores:
                 raise ValueError(

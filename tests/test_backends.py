@@ -21,6 +21,7 @@ from keras import ops
 import keras_dna
 from keras_dna import DoublyNormalizedAttention
 from tests import oracle
+from tests.common import value_and_gradients
 
 BACKEND = keras.backend.backend()
 NORMALIZATIONS = ["double", "single", "hybrid"]
@@ -29,31 +30,6 @@ HEADS = 2
 
 def _numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
-
-
-def value_and_gradients(function, *arrays):
-    """`function(*tensors)` (a scalar) and its gradients, by the backend's autodiff."""
-    if BACKEND == "jax":
-        import jax
-
-        value, grads = jax.value_and_grad(function, argnums=tuple(range(len(arrays))))(
-            *(ops.convert_to_tensor(a) for a in arrays)
-        )
-    elif BACKEND == "torch":
-        import torch
-
-        tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
-        value = function(*tensors)
-        grads = torch.autograd.grad(value, tensors)
-    else:
-        import tensorflow as tf
-
-        tensors = [tf.constant(a) for a in arrays]
-        with tf.GradientTape() as tape:
-            tape.watch(tensors)
-            value = function(*tensors)
-        grads = tape.gradient(value, tensors)
-    return float(_numpy(value)), [_numpy(g) for g in grads]
 
 
 def _case(rng, normalization, causal, masked, null):

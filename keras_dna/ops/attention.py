@@ -12,17 +12,20 @@ import math
 from keras import ops
 
 from keras_dna.ops.backend import einsum
+from keras_dna.ops.backend import uses_fused_kernels
 from keras_dna.ops.blockwise import auto_chunk_size
 from keras_dna.ops.blockwise import chunked_attention
 from keras_dna.ops.causal import causal_double_normalization
 from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.checks import check_chunk_size
+from keras_dna.ops.checks import check_flash_attention
 from keras_dna.ops.checks import check_mask_values
 from keras_dna.ops.checks import check_match
 from keras_dna.ops.checks import check_normalization
 from keras_dna.ops.checks import check_null_query_normalization
 from keras_dna.ops.checks import check_rank4
 from keras_dna.ops.checks import checked_query_and_key
+from keras_dna.ops.fused import fused_attention
 from keras_dna.ops.normalization import double_normalization
 from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.numerics import working_dtype
@@ -258,6 +261,7 @@ def doubly_normalized_attention(
     mixing_logits=None,
     null_query_logits=None,
     chunk_size=None,
+    flash_attention=None,
 ):
     """Doubly-normalized attention, a counterpart of `keras.ops.dot_product_attention`.
 
@@ -276,47 +280,88 @@ def doubly_normalized_attention(
             pass). Equal to the unchunked result up to float rounding.
             `"auto"`: blocks where the whole matrix would be large
             (`auto_chunk_size`).
+        flash_attention: Whether to run on the backend's fused attention
+            kernels (`keras.ops.dot_product_attention`), in memory linear in
+            the lengths (`keras_dna.ops.fused`); non-causal only. `None`:
+            where the backend has a fused kernel that is faster
+            (`keras_dna.ops.backend.uses_fused_kernels`); `True`: always,
+            passing `flash_attention=True` on to the kernels, which then
+            must be flash kernels (an error where they cannot be, as for
+            `keras.ops.dot_product_attention`); `False`: never. Where the
+            fused path's read-outs underflow (scores about a hundred apart
+            in float32), the call takes the exact path instead.
 
     Returns:
         Shape `(batch, query_length, num_heads, value_dim)`.
     """
     check_chunk_size(chunk_size)
+    check_flash_attention(flash_attention, is_causal or causal_normalization)
     value = ops.convert_to_tensor(value)
     check_rank4("value", value)
     key = ops.convert_to_tensor(key)
     for axis, what in ((0, "batch size"), (1, "length"), (2, "number of heads")):
         check_match(what, "key", key.shape[axis], "value", value.shape[axis])
+    query = ops.convert_to_tensor(query)
+    options = dict(
+        normalization=normalization, is_causal=is_causal,
+        causal_normalization=causal_normalization, scale=scale,
+        mixing_logits=mixing_logits, null_query_logits=null_query_logits,
+    )
+    if not uses_fused_kernels(flash_attention, query.dtype, is_causal or causal_normalization):
+        return _exact_attention(query, key, value, mask, chunk_size, **options)
+    query, key = checked_query_and_key(query, key)
+    check_mask_values("mask", mask)
+    check_normalization(normalization)
+    if null_query_logits is not None:
+        check_null_query_normalization(normalization)
+    output, trusted = fused_attention(
+        query, key, value, _rank4(mask), normalization=normalization,
+        scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
+        mixing_logits=mixing_logits, null_query_logits=null_query_logits,
+        flash_attention=flash_attention,
+    )
+    return ops.cond(
+        trusted,
+        lambda: output,
+        lambda: ops.cast(_exact_attention(query, key, value, mask, chunk_size, **options), output.dtype),
+    )
+
+
+def _exact_attention(query, key, value, mask, chunk_size, **options):
+    """Attention without fused kernels: by blocks of queries (`chunk_size`)
+    or through the whole weight matrix."""
     if chunk_size is not None:
         query, key = checked_query_and_key(query, key)
         if chunk_size == "auto":
             chunk_size = auto_chunk_size(query.shape, key.shape)
-    if chunk_size is not None:
-        check_mask_values("mask", mask)
-        check_normalization(normalization)
-        dtype = working_dtype(query.dtype)
-        if mixing_logits is not None:
-            mixing_logits = per_head("mixing_logits", mixing_logits, query.shape[2], dtype)
-        if null_query_logits is not None:
-            check_null_query_normalization(normalization)
-            null_query_logits = per_head(
-                "null_query_logits", null_query_logits, query.shape[2], dtype
-            )
-        return chunked_attention(
-            query, key, value, mask, normalization=normalization, is_causal=is_causal,
-            causal_normalization=causal_normalization,
-            scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
-            mixing_logits=mixing_logits, null_query_logits=null_query_logits,
-            chunk_size=chunk_size,
-        )
-    weights = doubly_normalized_attention_weights(
-        query,
-        key,
-        mask,
-        normalization=normalization,
-        is_causal=is_causal,
-        causal_normalization=causal_normalization,
-        scale=scale,
-        mixing_logits=mixing_logits,
-        null_query_logits=null_query_logits,
+    if chunk_size is None:
+        weights = doubly_normalized_attention_weights(query, key, mask, **options)
+        return einsum("bnts,bsnh->btnh", weights, ops.cast(value, weights.dtype))
+    check_mask_values("mask", mask)
+    normalization = options["normalization"]
+    check_normalization(normalization)
+    dtype = working_dtype(query.dtype)
+    heads = query.shape[2]
+    mixing_logits, null_query_logits = options["mixing_logits"], options["null_query_logits"]
+    if mixing_logits is not None:
+        mixing_logits = per_head("mixing_logits", mixing_logits, heads, dtype)
+    if null_query_logits is not None:
+        check_null_query_normalization(normalization)
+        null_query_logits = per_head("null_query_logits", null_query_logits, heads, dtype)
+    scale = options["scale"]
+    return chunked_attention(
+        query, key, value, mask, normalization=normalization, is_causal=options["is_causal"],
+        causal_normalization=options["causal_normalization"],
+        scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
+        mixing_logits=mixing_logits, null_query_logits=null_query_logits, chunk_size=chunk_size,
     )
-    return einsum("bnts,bsnh->btnh", weights, ops.cast(value, weights.dtype))
+
+
+def _rank4(mask):
+    """`mask` as booleans of rank 4, or `None`."""
+    if mask is None:
+        return None
+    mask = ops.cast(mask, "bool")
+    while len(mask.shape) < 4:
+        mask = ops.expand_dims(mask, 0)
+    return mask

@@ -256,3 +256,31 @@ def cumulative_logsumexp(x, axis, reverse=False):
     if reverse:
         return np.flip(np.logaddexp.accumulate(np.flip(x, axis), axis=axis), axis)
     return np.logaddexp.accumulate(x, axis=axis)
+
+
+def uses_fused_kernels(flash_attention, dtype, causal):
+    """Whether attention runs on the backend's fused kernels
+    (`keras_dna.ops.fused`): `flash_attention` if it is a bool, else where
+    a fused kernel runs for `keras.ops.dot_product_attention` and beats
+    writing the scores out.
+
+    That is PyTorch (`scaled_dot_product_attention` is fused on CPUs too:
+    non-causal DNA there took 2.4-2.9x the kernel alone against 2.3-6.4x
+    through the scores, `benchmarks/fused.py`), and JAX on GPUs and TPUs in
+    half precision, where Keras runs cuDNN and Pallas flash kernels.
+    TensorFlow has no fused kernel. Never for float64, which Keras's kernels
+    round to float32 outside TensorFlow, nor causal normalization.
+    """
+    if causal:
+        return False
+    if flash_attention is not None:
+        return flash_attention
+    dtype = keras.backend.standardize_dtype(dtype)
+    backend = keras.backend.backend()
+    if backend == "torch":
+        return dtype != "float64"
+    if backend == "jax" and dtype in ("float16", "bfloat16"):
+        import jax
+
+        return jax.devices()[0].platform in ("gpu", "tpu")
+    return False

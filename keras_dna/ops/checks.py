@@ -142,3 +142,21 @@ def check_mask_values(name, mask):
             f"{stray[:3].tolist()}. An additive mask (0 keeps, a large negative "
             f"number drops) becomes a boolean one as `{name} == 0`."
         )
+
+
+def check_flash_attention(flash_attention, causal):
+    """Raises unless `flash_attention` is `None` or a bool, and on `True`
+    for causal normalization, which has no fused path."""
+    if flash_attention is not None and not isinstance(flash_attention, bool):
+        raise TypeError(
+            "Argument `flash_attention` must be None, True or False. "
+            f"Received: flash_attention={flash_attention!r}"
+        )
+    if flash_attention and causal:
+        raise ValueError(
+            "Causal normalization has no fused-kernel path: each query's "
+            "per-key normalizer sums over a different prefix of the queries, "
+            "which is not a per-key bias a fused kernel takes. Pass "
+            "flash_attention=None or False for causal calls (use_causal_mask, "
+            "causal_normalization, decoders)."
+        )

@@ -1,0 +1,379 @@
+"""Non-causal double normalization on fused softmax-attention kernels.
+
+Built from `keras.ops.dot_product_attention` calls (PyTorch's
+`scaled_dot_product_attention`, cuDNN, flash and splash kernels) and work
+linear in the lengths: no score-sized tensor is written, forward or backward,
+beyond the caller's own mask. One head, scores `s[i, j]`, validity `m[i, j]`:
+
+- forward, step 1 (`key_logsumexp`): each key's log-sum-exp over the queries,
+  `c0[j]`, read out of an attention with keys and queries swapped, plus one
+  reference key whose score `b[j]` is known (the mean valid query's):
+  `c0[j] = b[j] + log(out_real[j] / out_ref[j])`. With a null query,
+  `c = logaddexp(c0, beta)`.
+- forward, step 2: softmax attention with the per-key bias `-c[j]`, plus a
+  reference key of score 0, which also reads out each query's row
+  normalizer `r[i] = log sum_j m exp(s[i, j] - c[j])` for the gradient.
+- backward: step 2's own kernel backward with `c` held constant (autodiff),
+  and the gradient through `c` in three more fused calls (`_c_gradient`,
+  `_key_normalizer`): `dc[j] = -<v[j], dv[j]> + sum_i A[i, j] <dO[i], O[i]>`,
+  then `dk[j] += scale dc[j] sum_i B[i, j] q[i]` and
+  `dq[i] += scale sum_j B[i, j] dc[j] k[j]`, `B = m exp(s - c)`.
+
+The reference keys of the gradient calls are exact by construction (their
+weight is `1 / (1 + x)` with `x` at most the length). The forward read-outs
+are not: far apart scores can underflow a channel (float32: a key's best
+query above the mean query by about 87). Every call returns whether its
+read-outs can be trusted, and the caller then takes the exact path, as the
+fast causal path does. The algebra is written out in the project's
+`FUSED.md` design note.
+"""
+
+import keras
+from keras import ops
+
+from keras_dna.ops.numerics import logaddexp
+from keras_dna.ops.numerics import smallest_normal
+from keras_dna.ops.numerics import working_dtype
+
+
+def fused_attention(
+    query, key, value, mask, *, normalization, scale, mixing_logits=None,
+    null_query_logits=None, flash_attention=None,
+):
+    """Non-causal attention of any normalization on fused kernels.
+
+    Args:
+        query: `(batch, query_length, num_heads, head_dim)`.
+        key: `(batch, key_length, num_heads, head_dim)`.
+        value: `(batch, key_length, num_heads, value_dim)`.
+        mask: `None` or a rank-4 boolean tensor broadcastable to
+            `(batch, num_heads, query_length, key_length)`.
+        normalization: `"double"`, `"single"` or `"hybrid"`.
+        scale: Multiplies the dot products.
+        mixing_logits: For `"hybrid"`, `(num_heads,)` or `None` (equal mix).
+        null_query_logits: `(num_heads,)` or `None`.
+        flash_attention: Passed to every `keras.ops.dot_product_attention`.
+
+    Returns:
+        `(output, trusted)`: the output in the query's dtype, and a boolean
+        scalar, `False` where a read-out underflowed and the exact path
+        must replace the output.
+    """
+    attend = _Attend(query, key, mask, scale, flash_attention)
+    if normalization == "single":
+        return attend.softmax(value), ops.convert_to_tensor(True)
+    double, trusted = _double(attend, value, null_query_logits)
+    if normalization == "hybrid":
+        share = 0.5 if mixing_logits is None else ops.reshape(
+            ops.sigmoid(ops.cast(mixing_logits, double.dtype)), (1, 1, -1, 1)
+        )
+        double = share * ops.cast(attend.softmax(value), double.dtype) + (1.0 - share) * double
+    return ops.cast(double, query.dtype), trusted
+
+
+class _Attend:
+    """One call's queries, keys and masks, and the fused calls made of them.
+
+    Queries are scaled once (the kernels then run with scale 1); masks
+    become additive biases, as the kernels take one bias and no separate
+    mask. Reference keys and marker channels ride along in extra rows and
+    channels, all three head dimensions kept equal and a multiple of 8:
+    kernels leave their fast path otherwise (on a CPU, a value width unequal
+    to the key width cost 3.5x).
+    """
+
+    def __init__(self, query, key, mask, scale, flash_attention):
+        self.dtype = query.dtype
+        self.work_dtype = working_dtype(query.dtype)
+        # The per-key read-out in float32 (its two channels rounded to
+        # bfloat16 put 0.007 on c, above the softmax kernel's own error),
+        # but for flash kernels, which take half precision only.
+        self.read_out_dtype = self.dtype if flash_attention else self.work_dtype
+        # A Python scale stays weakly typed: `ops.cast` would round it
+        # through float32.
+        self.query = ops.multiply(query, scale)
+        self.key = ops.cast(key, query.dtype)
+        self.scale = scale
+        self.flash_attention = flash_attention
+        self.valid = None if mask is None else ops.cast(mask, "bool")
+        self.negative = _large_negative(query.dtype)
+        if self.valid is None:
+            self.row_valid = self.key_valid = None
+        else:
+            # (b, n, T) and (b, n, S), the batch and heads possibly 1.
+            self.row_valid = ops.any(self.valid, axis=-1)
+            self.key_valid = ops.any(self.valid, axis=-2)
+
+    def call(self, query, key, value, bias):
+        """`softmax(query key^T + bias) value`, all in `(B, L, N, W)`."""
+        value_width = value.shape[-1]
+        width = _width(query.shape[-1], key.shape[-1], value_width)
+        query, key, value = (_padded(x, width) for x in (query, key, value))
+        output = ops.dot_product_attention(
+            query, key, value, bias=bias, scale=1.0, flash_attention=self.flash_attention
+        )
+        return output[..., :value_width]
+
+    def bias(self, key_bias=None, transposed=False, reference=False):
+        """`(b, n, rows, columns)` bias: `key_bias` (`(B, N, 1, columns)`)
+        where valid, large negative where masked, and a last column of 0 for
+        a reference key."""
+        valid = self.valid
+        if valid is not None and transposed:
+            valid = ops.transpose(valid, (0, 1, 3, 2))
+        if valid is not None and valid.shape[-1] == 1:
+            # A mask of whole rows: their outputs are replaced, and keeping
+            # it would write a bias of every row and column.
+            valid = None
+        if valid is None:
+            bias = key_bias
+        else:
+            bias = ops.where(valid, 0.0 if key_bias is None else key_bias, self.negative)
+            bias = ops.cast(bias, self.dtype)
+        if not reference or bias is None:
+            return bias
+        columns = ops.shape(self.query if transposed else self.key)[1]
+        shape = tuple(ops.shape(bias)[:-1]) + (columns,)
+        bias = ops.broadcast_to(bias, shape)
+        return ops.concatenate([bias, ops.zeros(shape[:-1] + (1,), bias.dtype)], axis=-1)
+
+    def softmax(self, value):
+        """Softmax attention (what `MultiHeadAttention` computes)."""
+        output = self.call(self.query, self.key, ops.cast(value, self.dtype), self.bias())
+        return self.zero_invalid_rows(output)
+
+    def zero_invalid_rows(self, output):
+        """`output` with zeros for the queries that see no key."""
+        if self.row_valid is None:
+            return output
+        return ops.where(_per_position(self.row_valid), output, 0.0)
+
+
+def _double(attend, value, null_query_logits):
+    """Doubly-normalized attention and whether its read-outs hold."""
+    key_lse, keys_trusted = key_logsumexp(attend)
+    if attend.key_valid is not None:
+        # Keys no query sees have c0 = -inf; any finite c keeps them out.
+        key_lse = ops.where(_per_position(attend.key_valid)[..., 0], key_lse, 0.0)
+    normalizer = _key_normalizer(attend, key_lse)
+    if null_query_logits is None:
+        key_normalizer = normalizer(attend.query, attend.key)
+    else:
+        beta = ops.reshape(ops.cast(null_query_logits, attend.work_dtype), (1, 1, -1))
+        key_normalizer = normalizer(attend.query, attend.key, beta)
+    # Shifted by their mean over the keys, which no softmax over keys sees,
+    # the biases are small: in bfloat16, c itself rounded 4x worse than the
+    # softmax kernel's own error.
+    shift = _mean_over_valid_keys(attend, ops.stop_gradient(key_normalizer))
+    shifted = ops.stop_gradient(key_normalizer) - shift
+    output, row_lse, rows_trusted = _normalized_rows(attend, value, shifted)
+    attach = _c_gradient(attend, value, shift, row_lse, output)
+    return output + attach(key_normalizer), ops.logical_and(keys_trusted, rows_trusted)
+
+
+def _mean_over_valid_keys(attend, per_key):
+    """`(B, 1, N, ...)`: the mean of `(B, S, N, ...)` over each head's
+    valid keys."""
+    weights = ops.ones_like(per_key)
+    if attend.key_valid is not None:
+        valid = _per_position(attend.key_valid)
+        weights = weights * ops.cast(valid if len(per_key.shape) == 4 else valid[..., 0], per_key.dtype)
+    count = ops.maximum(ops.sum(weights, axis=1, keepdims=True), 1.0)
+    return ops.sum(weights * per_key, axis=1, keepdims=True) / count
+
+
+def key_logsumexp(attend):
+    """`c0[j]`, `(B, S, N)` float32: key `j`'s log-sum-exp over its queries.
+
+    Read out of one fused call with the keys as queries, the queries as
+    keys and the mean valid query as a reference key; see the module
+    docstring. Also returns whether no read-out underflowed.
+    """
+    query, key = (ops.cast(ops.stop_gradient(x), attend.read_out_dtype) for x in (attend.query, attend.key))
+    weights = ops.ones_like(query[..., :1])
+    if attend.row_valid is not None:
+        weights = weights * ops.cast(_per_position(attend.row_valid), query.dtype)
+    count = ops.maximum(ops.sum(weights, axis=1, keepdims=True), 1.0)
+    mean_query = ops.sum(weights * query, axis=1, keepdims=True) / count
+    keys = ops.concatenate([query, mean_query], axis=1)
+    output = attend.call(
+        key, keys, _with_reference(ops.ones_like(weights)), attend.bias(transposed=True, reference=True)
+    )
+    real, reference = (ops.cast(output[..., i], attend.work_dtype) for i in (0, 1))
+    reference_score = ops.cast(ops.sum(key * mean_query, axis=-1), attend.work_dtype)
+    key_lse = reference_score + ops.log(real) - ops.log(reference)
+    return key_lse, _above_floor((real, reference), attend.key_valid)
+
+
+def _normalized_rows(attend, value, key_normalizer):
+    """Step 2: `softmax over keys of (s - c)` times the values, each query's
+    row log-normalizer `r[i]` (`(B, T, N)`), and whether no read-out
+    underflowed. Differentiable in query, key and value.
+
+    `r` is read out against a reference key scored `rho[i] = <q[i], kbar> -
+    30`, `kbar` the mean valid key: `rho + 30` is the mean of the row's
+    logits `s - c` (`c` has mean 0 over the keys), so `rho` lies at least
+    30 below `r` and the reference's weight stays under `exp(-30)`: the
+    output needs no division that would round in half precision. It
+    underflows where a row's best logit beats its mean by about 57.
+    """
+    width = value.shape[-1]
+    mean_key = _mean_over_valid_keys(attend, attend.key)
+    reference_score = ops.sum(attend.query * mean_key, axis=-1, keepdims=True) - 30.0
+    queries = ops.concatenate([attend.query, reference_score], axis=-1)
+    value = ops.cast(value, attend.dtype)
+    output = attend.call(
+        queries,
+        _with_reference(attend.key),
+        _with_reference(ops.concatenate([value, ops.ones_like(value[..., :1])], axis=-1)),
+        attend.bias(_as_key_bias(-key_normalizer, attend.dtype), reference=True),
+    )
+    real = ops.cast(output[..., width], attend.work_dtype)
+    reference = ops.cast(output[..., width + 1], attend.work_dtype)
+    trusted = _above_floor((real, reference), attend.row_valid)
+    if attend.row_valid is not None:
+        real = ops.where(_per_position(attend.row_valid)[..., 0], real, 1.0)
+    rows = ops.cast(output[..., :width], attend.work_dtype) / ops.expand_dims(real, -1)
+    row_lse = ops.stop_gradient(
+        ops.cast(reference_score[..., 0], attend.work_dtype) + ops.log(real) - ops.log(reference)
+    )
+    return attend.zero_invalid_rows(rows), row_lse, trusted
+
+
+def _key_normalizer(attend, key_lse):
+    """`c = logaddexp(c0, beta)` (or `c0`) as a function of the scaled
+    queries, the keys and beta, with the gradient through step 1 in two
+    fused calls: `dk[j] = dc[j] exp(c0[j] - c[j]) sum_i softmax over i of
+    s[i, j] q[i]` and `dq[i] = sum_j B[i, j] dc[j] k[j]`."""
+    key_valid = None if attend.key_valid is None else _per_position(attend.key_valid)[..., 0]
+
+    def where_valid(x):
+        return x if key_valid is None else ops.where(key_valid, x, 0.0)
+
+    @ops.custom_gradient
+    def normalizer(query, key, *null):
+        normalizer = logaddexp(key_lse, null[0]) if null else key_lse
+
+        def grad(*args, upstream=None):
+            upstream = where_valid(args[0] if upstream is None else upstream)
+            share = where_valid(ops.exp(key_lse - normalizer)) if null else 1.0
+            mean_query = attend.call(key, query, query, attend.bias(transposed=True))
+            key_grad = ops.expand_dims(upstream * share, -1) * ops.cast(mean_query, attend.work_dtype)
+            shift = _mean_over_valid_keys(attend, normalizer)
+            query_grad = _weighted_keys(attend, query, key, normalizer - shift, upstream * ops.exp(-shift))
+            grads = (ops.cast(query_grad, query.dtype), ops.cast(key_grad, key.dtype))
+            if not null:
+                return grads
+            null_share = where_valid(ops.exp(null[0] - normalizer))
+            null_grad = ops.sum(upstream * null_share, axis=(0, 1), keepdims=True)
+            return grads + (null_grad,)
+
+        return normalizer, grad
+
+    return normalizer
+
+
+def _weighted_keys(attend, query, key, key_normalizer, upstream):
+    """`sum_j B[i, j] dc[j] k[j]`, `B = m exp(s - c)`, read out against a
+    reference key of score 0 (weight `1 / (1 + sum_j B[i, j])`, never tiny).
+    Called with `c` less a shift and `dc` times its exponential, which
+    leaves the sum as it is and the bias small."""
+    width = key.shape[-1]
+    output = attend.call(
+        query,
+        _with_zero_row(key),
+        _with_reference(ops.expand_dims(ops.cast(upstream, key.dtype), -1) * key),
+        attend.bias(_as_key_bias(-key_normalizer, attend.dtype), reference=True),
+    )
+    output = ops.cast(output, attend.work_dtype)
+    return attend.zero_invalid_rows(output[..., :width] / output[..., width : width + 1])
+
+
+def _c_gradient(attend, value, shift, row_lse, output):
+    """An added zero whose gradient in `c` is step 2's:
+    `dc[j] = -<v[j], dv[j]> + sum_i A[i, j] <dO[i], O[i]>`, with `dv` and the
+    last sum read out of one call with keys and queries swapped, the row
+    normalizers `-r` as the queries' bias and a reference key of score
+    `c[j]` (weight `1 / (1 + sum_i A[i, j])`, never tiny). `c` and `r` are
+    shifted by `shift` and its opposite, which leaves `s - c - r` as it is."""
+    output = ops.stop_gradient(output)
+    value = ops.stop_gradient(ops.cast(value, attend.work_dtype))
+    query, key = ops.stop_gradient(attend.query), ops.stop_gradient(attend.key)
+
+    @ops.custom_gradient
+    def attach(normalizer):
+        def grad(*args, upstream=None):
+            upstream = ops.cast(args[0] if upstream is None else upstream, attend.work_dtype)
+            width = value.shape[-1]
+            row_dot = ops.sum(upstream * output, axis=-1, keepdims=True)
+            # The normalizer as an extra coordinate that only the reference
+            # key reads: its score is c[j].
+            queries = ops.concatenate(
+                [key, ops.cast(ops.expand_dims(normalizer - shift, -1), key.dtype)], axis=-1
+            )
+            values = ops.cast(ops.concatenate([upstream, row_dot], axis=-1), attend.dtype)
+            swapped = attend.call(
+                queries,
+                _with_reference(query),
+                _with_reference(values),
+                attend.bias(_as_key_bias(-row_lse, attend.dtype), transposed=True, reference=True),
+            )
+            swapped = ops.cast(swapped, attend.work_dtype)
+            sums = swapped[..., : width + 1] / swapped[..., width + 1 : width + 2]
+            return sums[..., width] - ops.sum(value * sums[..., :width], axis=-1)
+
+        return ops.zeros_like(output), grad
+
+    return attach
+
+
+def _with_reference(rows):
+    """`(B, L, N, W)` -> `(B, L + 1, N, W + 1)`: a channel of zeros, and a
+    reference row of zeros but for a 1 in that channel."""
+    width = rows.shape[-1] + 1
+    rows = ops.pad(rows, [(0, 0), (0, 0), (0, 0), (0, 1)])
+    marker = ops.cast(ops.arange(width) == width - 1, rows.dtype)
+    return ops.concatenate([rows, ops.zeros_like(rows[:, :1]) + marker], axis=1)
+
+
+def _with_zero_row(keys):
+    """`keys` and a reference key of zeros: its score is 0."""
+    return ops.concatenate([keys, ops.zeros_like(keys[:, :1])], axis=1)
+
+
+def _as_key_bias(per_key, dtype):
+    """`(B, S, N)` -> `(B, N, 1, S)` in the kernels' dtype."""
+    return ops.cast(ops.expand_dims(ops.transpose(per_key, (0, 2, 1)), 2), dtype)
+
+
+def _per_position(per_head_positions):
+    """`(b, n, L)` -> `(b, L, n, 1)`, to broadcast against `(B, L, N, W)`."""
+    return ops.expand_dims(ops.transpose(per_head_positions, (0, 2, 1)), -1)
+
+
+def _above_floor(read_outs, position_valid):
+    """Whether every read-out is a normal float wherever its position is valid."""
+    floor = smallest_normal(read_outs[0])
+    trusted = ops.convert_to_tensor(True)
+    for read_out in read_outs:
+        if position_valid is not None:
+            read_out = ops.where(_per_position(position_valid)[..., 0], read_out, 1.0)
+        trusted = ops.logical_and(trusted, ops.all(read_out >= floor))
+    return trusted
+
+
+def _width(*widths):
+    """The common head dimension: the widest, rounded up to a multiple of 8."""
+    return -(-max(widths) // 8) * 8
+
+
+def _padded(x, width):
+    extra = width - x.shape[-1]
+    if extra == 0:
+        return x
+    return ops.pad(x, [(0, 0)] * 3 + [(0, extra)])
+
+
+def _large_negative(dtype):
+    """The masked entries' bias: finite, so that no `inf - inf` appears."""
+    return -0.7 * float(keras.backend.standardize_dtype(dtype) == "float16" and 65504.0 or 3.4e38)
