@@ -303,3 +303,28 @@ def test_fused_path_writes_nothing_larger_than_the_softmax_kernel_does():
     )
     assert double <= softmax <= batch * heads * length * length * 4 / 16, (double, softmax)
     assert torch.isfinite(q.grad).all() and float(q.grad.abs().sum()) > 0
+
+
+def test_accelerator_benchmark_runs_and_catches_a_kernel_that_falls_back(tmp_path):
+    """`benchmarks/accelerators.py`, small, on this machine's backend; on
+    PyTorch, a `MultiHeadAttention` whose value width differs from its key
+    width leaves the fused kernels, and the script must fail."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "accelerators.py"
+    command = [sys.executable, str(script), "--backends", BACKEND, "--lengths", "32",
+               "--batch", "1", "--heads", "2", "--key-dim", "8", "--repeats", "1",
+               "--output", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (tmp_path / "run.md").read_text()
+    assert "DNA materialized" in table and "Failures" not in table
+    cell = __import__("json").loads((tmp_path / "run.json").read_text())["cells"][0]
+    assert cell["DNA fused vs DNA materialized"] < 1e-4
+    if BACKEND == "torch":
+        assert "| fused |" in table
+        result = subprocess.run(command + ["--value-dim", "12"], capture_output=True, text=True)
+        assert result.returncode == 1
+        assert "MHA: a fused kernel fell back" in (tmp_path / "run.md").read_text()
