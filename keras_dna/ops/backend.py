@@ -284,3 +284,16 @@ def uses_fused_kernels(flash_attention, dtype, causal):
 
         return jax.devices()[0].platform in ("gpu", "tpu")
     return False
+
+
+def records_gradients(*tensors):
+    """Whether a gradient may be taken through `tensors`: `False` only
+    where the backend says none will (PyTorch outside autograd); `True`
+    wherever it cannot tell (TensorFlow tapes, JAX transformations)."""
+    if keras.backend.backend() != "torch":
+        return True
+    import torch
+
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+    )

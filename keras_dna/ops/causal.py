@@ -18,6 +18,7 @@ depends on a later query. This module owns that prefix log-sum-exp:
 
 import math
 
+import keras
 from keras import ops
 
 from keras_dna.ops.backend import cumsum
@@ -109,10 +110,12 @@ def prefix_sum(x, axis, reverse=False):
 
     Blocked for XLA, which lowers a cumulative sum to a windowed reduction
     whose cost grows with the square of the axis length. A reverse sum
-    needs no flipped copies.
+    needs no flipped copies. PyTorch runs each op of the blocked form on its
+    own, and its cumulative sum is one linear pass.
     """
     length = _static_length(x, axis)
-    if length is not None and length > _PREFIX_BLOCK:
+    blocked = keras.backend.backend() != "torch"
+    if blocked and length is not None and length > _PREFIX_BLOCK:
         return _blocked_prefix_sum(x, axis, reverse)
     if reverse:
         return ops.flip(cumsum(ops.flip(x, axis=axis), axis), axis=axis)

@@ -10,20 +10,17 @@ beyond the caller's own mask. One head, scores `s[i, j]`, validity `m[i, j]`:
   reference key whose score `b[j]` is known (the mean valid query's):
   `c0[j] = b[j] + log(out_real[j] / out_ref[j])`. With a null query,
   `c = logaddexp(c0, beta)`.
-- forward, step 2: softmax attention with the per-key bias `-c[j]`, plus a
-  reference key of score 0, which also reads out each query's row
-  normalizer `r[i] = log sum_j m exp(s[i, j] - c[j])` for the gradient.
-- backward: step 2's own kernel backward with `c` held constant (autodiff),
-  and the gradient through `c` in three more fused calls (`_c_gradient`,
-  `_key_normalizer`): `dc[j] = -<v[j], dv[j]> + sum_i A[i, j] <dO[i], O[i]>`,
-  then `dk[j] += scale dc[j] sum_i B[i, j] q[i]` and
-  `dq[i] += scale sum_j B[i, j] dc[j] k[j]`, `B = m exp(s - c)`.
+- forward, step 2: softmax attention with the per-key bias `-c[j]`, its
+  values given one more channel of zeros.
+- backward: step 2's own kernel backward, `c` held constant, whose gradient
+  in that channel completes the gradient in `c` (`_with_normalizer_channel`);
+  then step 1's in two fused calls (`_key_normalizer`).
 
 The reference keys of the gradient calls are exact by construction (their
-weight is `1 / (1 + x)` with `x` at most the length). The forward read-outs
-are not: far apart scores can underflow a channel (float32: a key's best
-query above the mean query by about 87). Every call returns whether its
-read-outs can be trusted, and the caller then takes the exact path, as the
+weight is `1 / (1 + x)` with `x` at most the length). The forward read-out
+is not: far apart scores can underflow a channel (float32: a key's best
+query above the mean query by about 87). The call returns whether its
+read-out can be trusted, and the caller then takes the exact path, as the
 fast causal path does. The algebra is written out in the project's
 `FUSED.md` design note.
 """
@@ -31,6 +28,7 @@ fast causal path does. The algebra is written out in the project's
 import keras
 from keras import ops
 
+from keras_dna.ops.backend import records_gradients
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import smallest_normal
 from keras_dna.ops.numerics import working_dtype
@@ -150,8 +148,8 @@ class _Attend:
 
 
 def _double(attend, value, null_query_logits):
-    """Doubly-normalized attention and whether its read-outs hold."""
-    key_lse, keys_trusted = key_logsumexp(attend)
+    """Doubly-normalized attention and whether its read-out holds."""
+    key_lse, trusted = key_logsumexp(attend)
     if attend.key_valid is not None:
         # Keys no query sees have c0 = -inf; any finite c keeps them out.
         key_lse = ops.where(_per_position(attend.key_valid)[..., 0], key_lse, 0.0)
@@ -164,11 +162,61 @@ def _double(attend, value, null_query_logits):
     # Shifted by their mean over the keys, which no softmax over keys sees,
     # the biases are small: in bfloat16, c itself rounded 4x worse than the
     # softmax kernel's own error.
-    shift = _mean_over_valid_keys(attend, ops.stop_gradient(key_normalizer))
-    shifted = ops.stop_gradient(key_normalizer) - shift
-    output, row_lse, rows_trusted = _normalized_rows(attend, value, shifted)
-    attach = _c_gradient(attend, value, shift, row_lse, output)
-    return output + attach(key_normalizer), ops.logical_and(keys_trusted, rows_trusted)
+    constant = ops.stop_gradient(key_normalizer)
+    shifted = constant - _mean_over_valid_keys(attend, constant)
+    bias = attend.bias(_as_key_bias(-shifted, attend.dtype))
+    value = ops.cast(value, attend.dtype)
+    if not records_gradients(attend.query, attend.key, value):
+        # Without a gradient, the values need no channel more (which widens
+        # every operand of the kernel to the next multiple of 8).
+        return attend.zero_invalid_rows(attend.call(attend.query, attend.key, value, bias)), trusted
+    values = _with_normalizer_channel(value, key_normalizer)
+    output = attend.call(attend.query, attend.key, values, bias)
+    return attend.zero_invalid_rows(_without_last_channel(output)), trusted
+
+
+def _with_normalizer_channel(value, key_normalizer):
+    """`value` and a channel of zeros, through which step 2's gradient in
+    `c` reaches `c`.
+
+    Step 2's kernel, its bias `-c` held constant, returns the gradient of its
+    values: `dv[j] = sum_i A[i, j] dO[i]` and, in the extra channel, whose
+    upstream `_without_last_channel` sets to `D[i] = <dO[i], O[i]>`,
+    `sum_i A[i, j] D[i]`. Step 2's gradient in `c` is
+    `dc[j] = -sum_i A[i, j] (<dO[i], v[j]> - D[i]) = -<v[j], dv[j]> +
+    sum_i A[i, j] D[i]`: the kernel's own backward, no call more.
+    """
+
+    @ops.custom_gradient
+    def attach(value, key_normalizer):
+        def grad(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream
+            value_grad = upstream[..., :-1]
+            dot = ops.sum(ops.cast(value * value_grad, key_normalizer.dtype), axis=-1)
+            normalizer_grad = ops.cast(upstream[..., -1], key_normalizer.dtype) - dot
+            return value_grad, normalizer_grad
+
+        return ops.concatenate([value, ops.zeros_like(value[..., :1])], axis=-1), grad
+
+    return attach(value, key_normalizer)
+
+
+def _without_last_channel(output):
+    """`output` less its last channel, whose upstream gradient becomes
+    `<dO[i], O[i]>` (see `_with_normalizer_channel`)."""
+
+    @ops.custom_gradient
+    def drop(output):
+        kept = output[..., :-1]
+
+        def grad(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream
+            dot = ops.sum(ops.cast(upstream, "float32") * ops.cast(kept, "float32"), axis=-1, keepdims=True)
+            return ops.concatenate([upstream, ops.cast(dot, upstream.dtype)], axis=-1)
+
+        return kept, grad
+
+    return drop(output)
 
 
 def _mean_over_valid_keys(attend, per_key):
@@ -203,41 +251,6 @@ def key_logsumexp(attend):
     reference_score = ops.cast(ops.sum(key * mean_query, axis=-1), attend.work_dtype)
     key_lse = reference_score + ops.log(real) - ops.log(reference)
     return key_lse, _above_floor((real, reference), attend.key_valid)
-
-
-def _normalized_rows(attend, value, key_normalizer):
-    """Step 2: `softmax over keys of (s - c)` times the values, each query's
-    row log-normalizer `r[i]` (`(B, T, N)`), and whether no read-out
-    underflowed. Differentiable in query, key and value.
-
-    `r` is read out against a reference key scored `rho[i] = <q[i], kbar> -
-    30`, `kbar` the mean valid key: `rho + 30` is the mean of the row's
-    logits `s - c` (`c` has mean 0 over the keys), so `rho` lies at least
-    30 below `r` and the reference's weight stays under `exp(-30)`: the
-    output needs no division that would round in half precision. It
-    underflows where a row's best logit beats its mean by about 57.
-    """
-    width = value.shape[-1]
-    mean_key = _mean_over_valid_keys(attend, attend.key)
-    reference_score = ops.sum(attend.query * mean_key, axis=-1, keepdims=True) - 30.0
-    queries = ops.concatenate([attend.query, reference_score], axis=-1)
-    value = ops.cast(value, attend.dtype)
-    output = attend.call(
-        queries,
-        _with_reference(attend.key),
-        _with_reference(ops.concatenate([value, ops.ones_like(value[..., :1])], axis=-1)),
-        attend.bias(_as_key_bias(-key_normalizer, attend.dtype), reference=True),
-    )
-    real = ops.cast(output[..., width], attend.work_dtype)
-    reference = ops.cast(output[..., width + 1], attend.work_dtype)
-    trusted = _above_floor((real, reference), attend.row_valid)
-    if attend.row_valid is not None:
-        real = ops.where(_per_position(attend.row_valid)[..., 0], real, 1.0)
-    rows = ops.cast(output[..., :width], attend.work_dtype) / ops.expand_dims(real, -1)
-    row_lse = ops.stop_gradient(
-        ops.cast(reference_score[..., 0], attend.work_dtype) + ops.log(real) - ops.log(reference)
-    )
-    return attend.zero_invalid_rows(rows), row_lse, trusted
 
 
 def _key_normalizer(attend, key_lse):
@@ -287,44 +300,6 @@ def _weighted_keys(attend, query, key, key_normalizer, upstream):
     )
     output = ops.cast(output, attend.work_dtype)
     return attend.zero_invalid_rows(output[..., :width] / output[..., width : width + 1])
-
-
-def _c_gradient(attend, value, shift, row_lse, output):
-    """An added zero whose gradient in `c` is step 2's:
-    `dc[j] = -<v[j], dv[j]> + sum_i A[i, j] <dO[i], O[i]>`, with `dv` and the
-    last sum read out of one call with keys and queries swapped, the row
-    normalizers `-r` as the queries' bias and a reference key of score
-    `c[j]` (weight `1 / (1 + sum_i A[i, j])`, never tiny). `c` and `r` are
-    shifted by `shift` and its opposite, which leaves `s - c - r` as it is."""
-    output = ops.stop_gradient(output)
-    value = ops.stop_gradient(ops.cast(value, attend.work_dtype))
-    query, key = ops.stop_gradient(attend.query), ops.stop_gradient(attend.key)
-
-    @ops.custom_gradient
-    def attach(normalizer):
-        def grad(*args, upstream=None):
-            upstream = ops.cast(args[0] if upstream is None else upstream, attend.work_dtype)
-            width = value.shape[-1]
-            row_dot = ops.sum(upstream * output, axis=-1, keepdims=True)
-            # The normalizer as an extra coordinate that only the reference
-            # key reads: its score is c[j].
-            queries = ops.concatenate(
-                [key, ops.cast(ops.expand_dims(normalizer - shift, -1), key.dtype)], axis=-1
-            )
-            values = ops.cast(ops.concatenate([upstream, row_dot], axis=-1), attend.dtype)
-            swapped = attend.call(
-                queries,
-                _with_reference(query),
-                _with_reference(values),
-                attend.bias(_as_key_bias(-row_lse, attend.dtype), transposed=True, reference=True),
-            )
-            swapped = ops.cast(swapped, attend.work_dtype)
-            sums = swapped[..., : width + 1] / swapped[..., width + 1 : width + 2]
-            return sums[..., width] - ops.sum(value * sums[..., :width], axis=-1)
-
-        return ops.zeros_like(output), grad
-
-    return attach
 
 
 def _with_reference(rows):
