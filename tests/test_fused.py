@@ -190,13 +190,21 @@ def test_layer_runs_on_fused_kernels_where_the_backend_has_them(kernel_calls, no
     options = dict(normalization=normalization, null_query=normalization != "single")
     layer, exact, x = _layer_pair(None, **options)
     padding = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
-    del kernel_calls[:]
-    fused = layer(x, x, query_mask=padding, value_mask=padding)
-    assert bool(kernel_calls) == (BACKEND == "torch")
-    del kernel_calls[:]
-    expected = exact(x, x, query_mask=padding, value_mask=padding)
-    assert not kernel_calls
-    np.testing.assert_allclose(ops.convert_to_numpy(fused), ops.convert_to_numpy(expected), atol=1e-5)
+    rng = np.random.default_rng(2)
+    for masks in (
+        dict(query_mask=padding, value_mask=padding),
+        dict(attention_mask=rng.random((2, 5, 5)) < 0.6),
+        dict(attention_mask=rng.random((2, 2, 5, 5)) < 0.6, key_mask=padding),
+    ):
+        del kernel_calls[:]
+        fused = layer(x, x, **masks)
+        assert bool(kernel_calls) == (BACKEND == "torch")
+        del kernel_calls[:]
+        expected = exact(x, x, **masks)
+        assert not kernel_calls
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(fused), ops.convert_to_numpy(expected), atol=1e-5
+        )
     # Causal normalization has no fused path; softmax's causal mask does.
     del kernel_calls[:]
     causal = layer(x, x, use_causal_mask=True)
@@ -205,6 +213,13 @@ def test_layer_runs_on_fused_kernels_where_the_backend_has_them(kernel_calls, no
         ops.convert_to_numpy(causal),
         ops.convert_to_numpy(exact(x, x, use_causal_mask=True)),
         atol=1e-5,
+    )
+
+
+def test_sliding_window_on_fused_kernels_equals_the_exact_path():
+    layer, exact, x = _layer_pair(None, sliding_window=2, normalization="hybrid")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(layer(x, x)), ops.convert_to_numpy(exact(x, x)), atol=1e-5
     )
 
 
