@@ -280,10 +280,20 @@ def uses_fused_kernels(flash_attention, dtype, causal):
     if backend == "torch":
         return dtype != "float64"
     if backend == "jax" and dtype in ("float16", "bfloat16"):
-        import jax
-
-        return jax.devices()[0].platform in ("gpu", "tpu")
+        return half_precision_kernels_only()
     return False
+
+
+def half_precision_kernels_only():
+    """Whether the backend's fused attention kernels take half precision
+    only: JAX on GPUs and TPUs (cuDNN, Pallas), where Keras computes a
+    float32 call through the whole score matrix. PyTorch has fused float32
+    kernels on CPUs and GPUs."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.devices()[0].platform in ("gpu", "tpu")
 
 
 def records_gradients(*tensors):

@@ -28,6 +28,7 @@ fast causal path does. The algebra is written out in the project's
 import keras
 from keras import ops
 
+from keras_dna.ops.backend import half_precision_kernels_only
 from keras_dna.ops.backend import records_gradients
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import smallest_normal
@@ -85,8 +86,9 @@ class _Attend:
         self.work_dtype = working_dtype(query.dtype)
         # The per-key read-out in float32 (its two channels rounded to
         # bfloat16 put 0.007 on c, above the softmax kernel's own error),
-        # but for flash kernels, which take half precision only.
-        self.read_out_dtype = self.dtype if flash_attention else self.work_dtype
+        # where a float32 call stays on a fused kernel.
+        fused_in_float32 = not flash_attention and not half_precision_kernels_only()
+        self.read_out_dtype = self.work_dtype if fused_in_float32 else self.dtype
         # A Python scale stays weakly typed: `ops.cast` would round it
         # through float32.
         self.query = ops.multiply(query, scale)
