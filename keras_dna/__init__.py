@@ -5,14 +5,23 @@
 inputs; `keras_dna.ops` holds the same math as pure functions.
 """
 
-from keras_dna import analysis
-from keras_dna import convert
-from keras_dna import distribute
+import importlib
+
 from keras_dna import ops
 from keras_dna.attention import CausalNormalizationMask
 from keras_dna.attention import DoublyNormalizedAttention
 
 __version__ = "0.1.0"
+
+# Imported when first used: `distribute` needs TensorFlow and `analysis`
+# draws with matplotlib, which a JAX or PyTorch user of the layer never loads.
+_LAZY_MODULES = ("analysis", "convert", "distribute")
+
+
+def __getattr__(name):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"keras_dna.{name}")
+    raise AttributeError(f"module 'keras_dna' has no attribute {name!r}")
 
 __all__ = [
     "CausalNormalizationMask",
