@@ -273,8 +273,10 @@ def test_bad_arguments_raise_clear_errors(rng):
     query, value = _inputs(rng)
     with pytest.raises(ValueError, match="normalization"):
         DoublyNormalizedAttention(2, 4, normalization="softmax")
-    with pytest.raises(ValueError, match="flash"):
-        DoublyNormalizedAttention(2, 4, flash_attention=True)
+    with pytest.raises(ValueError, match="flash attention"):
+        DoublyNormalizedAttention(2, 4, flash_attention=True, dropout=0.5)
+    with pytest.raises(TypeError, match="flash_attention"):
+        DoublyNormalizedAttention(2, 4, flash_attention=1)
     with pytest.raises(ValueError, match="num_heads"):
         DoublyNormalizedAttention(2.5, 4)
     with pytest.raises(TypeError, match="causal_normalization"):
