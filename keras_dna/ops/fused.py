@@ -213,7 +213,8 @@ def _without_last_channel(output):
 
         def grad(*args, upstream=None):
             upstream = args[0] if upstream is None else upstream
-            dot = ops.sum(ops.cast(upstream, "float32") * ops.cast(kept, "float32"), axis=-1, keepdims=True)
+            dtype = working_dtype(upstream.dtype)
+            dot = ops.sum(ops.cast(upstream, dtype) * ops.cast(kept, dtype), axis=-1, keepdims=True)
             return ops.concatenate([upstream, ops.cast(dot, upstream.dtype)], axis=-1)
 
         return kept, grad
