@@ -93,16 +93,17 @@ class _Attend:
         # through float32.
         self.query = ops.multiply(query, scale)
         self.key = ops.cast(key, query.dtype)
-        self.scale = scale
         self.flash_attention = flash_attention
         self.valid = None if mask is None else ops.cast(mask, "bool")
         self.negative = _large_negative(query.dtype)
         if self.valid is None:
-            self.row_valid = self.key_valid = None
+            self.row_valid = self.key_valid = self.valid_keys = None
         else:
             # (b, n, T) and (b, n, S), the batch and heads possibly 1.
             self.row_valid = ops.any(self.valid, axis=-1)
             self.key_valid = ops.any(self.valid, axis=-2)
+            # (b, S, n): laid out as the per-key normalizers.
+            self.valid_keys = _per_position(self.key_valid)[..., 0]
 
     def call(self, query, key, value, bias):
         """`softmax(query key^T + bias) value`, all in `(B, L, N, W)`."""
@@ -152,9 +153,9 @@ class _Attend:
 def _double(attend, value, null_query_logits):
     """Doubly-normalized attention and whether its read-out holds."""
     key_lse, trusted = key_logsumexp(attend)
-    if attend.key_valid is not None:
+    if attend.valid_keys is not None:
         # Keys no query sees have c0 = -inf; any finite c keeps them out.
-        key_lse = ops.where(_per_position(attend.key_valid)[..., 0], key_lse, 0.0)
+        key_lse = ops.where(attend.valid_keys, key_lse, 0.0)
     normalizer = _key_normalizer(attend, key_lse)
     if null_query_logits is None:
         key_normalizer = normalizer(attend.query, attend.key)
@@ -261,7 +262,7 @@ def _key_normalizer(attend, key_lse):
     queries, the keys and beta, with the gradient through step 1 in two
     fused calls: `dk[j] = dc[j] exp(c0[j] - c[j]) sum_i softmax over i of
     s[i, j] q[i]` and `dq[i] = sum_j B[i, j] dc[j] k[j]`."""
-    key_valid = None if attend.key_valid is None else _per_position(attend.key_valid)[..., 0]
+    key_valid = attend.valid_keys
 
     def where_valid(x):
         return x if key_valid is None else ops.where(key_valid, x, 0.0)
@@ -354,4 +355,5 @@ def _padded(x, width):
 
 def _large_negative(dtype):
     """The masked entries' bias: finite, so that no `inf - inf` appears."""
-    return -0.7 * float(keras.backend.standardize_dtype(dtype) == "float16" and 65504.0 or 3.4e38)
+    largest = 65504.0 if keras.backend.standardize_dtype(dtype) == "float16" else 3.4e38
+    return -0.7 * largest
