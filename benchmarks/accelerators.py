@@ -23,7 +23,7 @@ that should run on a fused kernel is checked to do so:
 The table goes to OUTPUT.md and OUTPUT.json; the script exits with status 1
 if a fused kernel fell back or two outputs disagree.
 
-    python benchmarks/accelerators.py --backends torch jax tensorflow --output benchmarks/accelerators
+    python benchmarks/accelerators.py --backends torch jax tensorflow --output benchmarks/results/accelerators
 """
 
 import argparse
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--value-dim", type=int, default=None)
     p.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator, else float32")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--output", default="benchmarks/accelerators")
+    p.add_argument("--output", default="benchmarks/results/accelerators")
     p.add_argument("--cell", nargs=1, metavar="LENGTH", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -12,7 +12,7 @@ their repetitions, and reports medians and the ratio DNA/MHA; two more
 processes (one per layer) measure the peak resident memory of a
 forward+backward step. Writes JSON and a markdown table.
 
-    python benchmarks/attention_benchmark.py --lengths 128 512 2048 --output benchmarks/results
+    python benchmarks/attention_benchmark.py --lengths 128 512 2048 --output benchmarks/results/results
 """
 
 import argparse
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", default=None,
                    help="also time DNA with this chunk_size (an integer or 'auto')")
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--output", default="benchmarks/results", help="writes OUTPUT.json and OUTPUT.md")
+    p.add_argument("--output", default="benchmarks/results/results", help="writes OUTPUT.json and OUTPUT.md")
     # Internal: run one cell in this process.
     p.add_argument("--cell", nargs=3, metavar=("LENGTH", "ATTENTION", "CAUSAL"), help=argparse.SUPPRESS)
     p.add_argument("--memory-of", choices=["mha", "dna", "dna_uncompiled", "dna_chunked"], help=argparse.SUPPRESS)

@@ -19,7 +19,7 @@ which on PyTorch is `scaled_dot_product_attention`, a fused kernel that never
 writes the score matrix; `MHA with scores` (`return_attention_scores=True`,
 as `MultiHeadAttention` also runs with dropout) writes it, as DNA must.
 
-    python benchmarks/backends.py --backends jax torch --output benchmarks/results_backends
+    python benchmarks/backends.py --backends jax torch --output benchmarks/results/results_backends
 """
 
 import argparse
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--attention", nargs="+", choices=["self", "cross"], default=["self", "cross"])
     p.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--output", default="benchmarks/results_backends")
+    p.add_argument("--output", default="benchmarks/results/results_backends")
     # Internal: run one cell in this process.
     p.add_argument("--cell", nargs=4, metavar=("MODE", "LENGTH", "ATTENTION", "CAUSAL"),
                    help=argparse.SUPPRESS)

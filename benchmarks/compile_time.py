@@ -8,7 +8,7 @@ calls: load-independent), times the trace, the first call (XLA compiles
 it) and a later call. XLA compiles every branch of a conditional, so the
 causal layer's exact (log-space) path is compiled whether it runs or not.
 
-    python benchmarks/compile_time.py --lengths 16 128 512 --output benchmarks/compile_time
+    python benchmarks/compile_time.py --lengths 16 128 512 --output benchmarks/results/compile_time
 """
 
 import argparse
@@ -27,7 +27,7 @@ LAYERS = ("mha", "dna")
 
 
 def parse_args(argv=None):
-    p = step_parser(__doc__.splitlines()[0], lengths=[16, 128, 512], tokens=2048, output="benchmarks/compile_time")
+    p = step_parser(__doc__.splitlines()[0], lengths=[16, 128, 512], tokens=2048, output="benchmarks/results/compile_time")
     # Internal: measure one layer in this process.
     p.add_argument("--measure", nargs=3, metavar=("LAYER", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=100)
-    p.add_argument("--output", default="benchmarks/decode")
+    p.add_argument("--output", default="benchmarks/results/decode")
     return p.parse_args(argv)
 
 

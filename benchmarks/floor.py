@@ -12,7 +12,7 @@ writes it), and reports the floor:
     forward floor = (MHA forward + sum pass) / MHA forward
     fwd+bwd floor = (MHA fwd+bwd + 2 sum passes) / MHA fwd+bwd
 
-    python benchmarks/floor.py --output benchmarks/floor
+    python benchmarks/floor.py --output benchmarks/results/floor
 """
 
 import argparse
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--output", default="benchmarks/floor")
+    p.add_argument("--output", default="benchmarks/results/floor")
     return p.parse_args(argv)
 
 

@@ -20,7 +20,7 @@ float32, each cell in its own process:
   --long-length, batch 1, for each layer: time and peak memory, next to the
   size one float32 score matrix would take.
 
-    python benchmarks/fused.py --output benchmarks/fused
+    python benchmarks/fused.py --output benchmarks/results/fused
 """
 
 import argparse
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-repeats", type=int, default=3)
     p.add_argument("--long-length", type=int, default=16384)
     p.add_argument("--no-long", action="store_true", help="skip the training step at --long-length")
-    p.add_argument("--output", default="benchmarks/fused")
+    p.add_argument("--output", default="benchmarks/results/fused")
     # Internal: one memory or long cell in this process.
     p.add_argument("--memory-cell", nargs=4, metavar=("LAYER", "LENGTH", "CAUSAL", "TRAIN"),
                    help=argparse.SUPPRESS)

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-limit-gib", type=float, default=22.0,
                    help="address-space limit of each process, so that a layer that needs "
                         "more fails instead of exhausting the machine")
-    p.add_argument("--output", default="benchmarks/long_sequence")
+    p.add_argument("--output", default="benchmarks/results/long_sequence")
     p.add_argument("--run", nargs=2, metavar=("LAYER", "LENGTH"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -7,7 +7,7 @@ intermediates, including those of conditional branches that never run) and
 the scores' share of it. Compiles only; nothing is timed, so the numbers do
 not depend on the machine's load.
 
-    python benchmarks/xla_memory.py --lengths 512 2048 --output benchmarks/xla_memory
+    python benchmarks/xla_memory.py --lengths 512 2048 --output benchmarks/results/xla_memory
 """
 
 import argparse
@@ -27,7 +27,7 @@ LAYERS = ("mha", "dna")
 
 
 def parse_args(argv=None):
-    p = step_parser(__doc__.splitlines()[0], lengths=[512, 2048], tokens=8192, output="benchmarks/xla_memory")
+    p = step_parser(__doc__.splitlines()[0], lengths=[512, 2048], tokens=8192, output="benchmarks/results/xla_memory")
     # Internal: compile one layer's step in this process.
     p.add_argument("--compile", nargs=3, metavar=("LAYER", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
