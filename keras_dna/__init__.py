@@ -8,8 +8,8 @@ inputs; `keras_dna.ops` holds the same math as pure functions.
 import importlib
 
 from keras_dna import ops
-from keras_dna.attention import CausalNormalizationMask
-from keras_dna.attention import DoublyNormalizedAttention
+from keras_dna.layers import CausalNormalizationMask
+from keras_dna.layers import DoublyNormalizedAttention
 
 __version__ = "0.1.0"
 

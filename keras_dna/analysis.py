@@ -27,6 +27,10 @@ import dataclasses
 import keras
 import numpy as np
 
+from keras_dna._compat import attention_axes
+from keras_dna._compat import child_layers
+from keras_dna._compat import intercepted_attention
+
 __all__ = [
     "LayerAttention",
     "attention_layers",
@@ -92,7 +96,7 @@ def attention_layers(model):
     def visit(layer):
         if isinstance(layer, keras.layers.MultiHeadAttention):
             found.append(layer)
-        for child in getattr(layer, "_layers", []):
+        for child in child_layers(layer):
             visit(child)
 
     visit(model)
@@ -102,36 +106,33 @@ def attention_layers(model):
 @contextlib.contextmanager
 def _recording(layers, records):
     """Records the weights of each call of `layers` into `records`."""
-    for layer in layers:
-        compute_attention = layer._compute_attention
 
-        def recorded(query, key, value, attention_mask=None, training=None,
-                     return_attention_scores=False, use_causal_mask=False,
-                     _layer=layer, _compute=compute_attention, **options):
+    def recorded(layer):
+        def compute_attention(original, query, key, value, attention_mask=None, training=None,
+                              return_attention_scores=False, use_causal_mask=False, **options):
             # Asking for the weights takes MultiHeadAttention off its fused
             # path, which computes the same attention without returning them.
             # `options`: what the layer's own call passes on (DNA's
             # `causal_normalization`).
             extra = {"use_causal_mask": True} if use_causal_mask else {}
-            output, weights = _compute(
+            output, weights = original(
                 query, key, value, attention_mask, training, True, **extra, **options
             )
-            records.append((_layer, weights, attention_mask, use_causal_mask))
+            records.append((layer, weights, attention_mask, use_causal_mask))
             return output, weights
 
-        # An instance attribute shadows the method for this layer only.
-        object.__setattr__(layer, "_compute_attention", recorded)
-    try:
-        yield
-    finally:
+        return compute_attention
+
+    with contextlib.ExitStack() as stack:
         for layer in layers:
-            object.__delattr__(layer, "_compute_attention")
+            stack.enter_context(intercepted_attention(layer, recorded(layer)))
+        yield
 
 
 def _flatten(layer, weights, mask, causal):
     """Weights to (B', heads, T, S) and the validity to (B', T, S)."""
     weights = np.asarray(keras.ops.convert_to_numpy(weights), np.float64)
-    axes = len(layer._attention_axes)
+    axes = len(attention_axes(layer))
     shape = weights.shape
     queries = int(np.prod(shape[len(shape) - 2 * axes : len(shape) - axes]))
     keys = int(np.prod(shape[len(shape) - axes :]))

@@ -17,15 +17,21 @@ computes exactly what the original did.
 """
 
 import functools
-import inspect
+import importlib
+import sys
 
 import keras
 
-from keras_dna.attention import DoublyNormalizedAttention
+from keras_dna._compat import child_layers
+from keras_dna._compat import flatten_layers
+from keras_dna._compat import swap_class
+from keras_dna.layers import DoublyNormalizedAttention
 from keras_dna.ops.checks import check_normalization
 
 __all__ = [
-    "attention_options_of", "converted_class", "make_doubly_normalized", "to_doubly_normalized",
+    "attention_options_of", "converted_class", "make_doubly_normalized",
+    "register_attention_class", "register_attention_holder", "register_class_mixins",
+    "to_doubly_normalized",
 ]
 
 # The keyword arguments of `DoublyNormalizedAttention` a conversion may set.
@@ -69,6 +75,7 @@ def to_doubly_normalized(
             f"Argument `model` must be a built Keras model. Received: {type(model).__name__}"
         )
     check_normalization(normalization)
+    _load_integrations()
     options = _checked_tree_options(
         {"normalization": normalization, "causal_normalization": causal_normalization,
          "null_query": null_query}
@@ -94,7 +101,7 @@ def to_doubly_normalized(
 
 def _copy(model):
     """A copy of `model` with equal weights and no shared variables."""
-    classes = {type(layer).__name__: type(layer) for layer in model._flatten_layers()}
+    classes = {type(layer).__name__: type(layer) for layer in flatten_layers(model)}
     try:
         if _is_plain_container(model):
             copy = keras.models.clone_model(model, recursive=True)
@@ -129,21 +136,69 @@ def checked_attention_options(name, options):
     return options
 
 
-@functools.cache
-def _hub_classes():
-    """keras-hub's cached attention and Transformer layers with their DNA
-    counterparts, or `{}` without keras-hub."""
-    try:
-        import keras_hub
-    except ImportError:
-        return {}
-    from keras_dna import hub
+# Conversions of other libraries' classes, registered by keras_dna's
+# integration with each (`keras_dna.hub` for keras-hub): attention classes by
+# the DNA class they become, layers that build attention by the class that
+# converts what they build, and the mixins a converted class takes.
+_ATTENTION_CLASSES = {}
+_ATTENTION_HOLDERS = {}
+_CLASS_MIXINS = []
 
-    return {
-        keras_hub.layers.CachedMultiHeadAttention: hub.CachedDoublyNormalizedAttention,
-        keras_hub.layers.TransformerEncoder: hub.TransformerEncoder,
-        keras_hub.layers.TransformerDecoder: hub.TransformerDecoder,
-    }
+# The integrations, by the package they integrate: a model can only hold
+# that package's classes once the package is imported.
+_INTEGRATIONS = {"keras_hub": "keras_dna.hub"}
+
+
+def _load_integrations():
+    """Imports the integrations of the packages imported so far, so that
+    their conversions are registered."""
+    for package, integration in _INTEGRATIONS.items():
+        if package in sys.modules:
+            importlib.import_module(integration)
+
+
+def register_attention_class(source, target):
+    """Registers that attention layers of class `source` become `target`.
+
+    Args:
+        source: An attention layer class of another library whose call is
+            `MultiHeadAttention`'s with extra arguments (keras-hub's
+            `CachedMultiHeadAttention`).
+        target: A subclass of `DoublyNormalizedAttention` that takes the
+            call of `source` and holds the same weights.
+    """
+    if not issubclass(target, DoublyNormalizedAttention):
+        raise TypeError(
+            "Argument `target` must subclass DoublyNormalizedAttention. "
+            f"Received: source={source.__name__}, target={target.__name__}"
+        )
+    _ATTENTION_CLASSES[source] = target
+
+
+def register_attention_holder(source, target):
+    """Registers that layers of class `source`, which build their attention
+    themselves, become `target`.
+
+    Args:
+        source: A layer class that builds attention layers.
+        target: A subclass of `source` with a method
+            `convert_attention(options)`: it takes the options of
+            `to_doubly_normalized` and converts the attention it builds
+            (and has built).
+    """
+    if not (issubclass(target, source) and callable(getattr(target, "convert_attention", None))):
+        raise TypeError(
+            "Argument `target` must subclass `source` and have a method "
+            f"`convert_attention`. Received: source={source.__name__}, target={target.__name__}"
+        )
+    _ATTENTION_HOLDERS[source] = target
+
+
+def register_class_mixins(mixins_of):
+    """Registers `mixins_of(cls)`, the mixin classes that `converted_class(cls)`
+    takes besides the conversion (keras-hub's causal LMs: generation through
+    the DNA cache)."""
+    _CLASS_MIXINS.append(mixins_of)
 
 
 # Keras's attention layers that are not `MultiHeadAttention`: their
@@ -163,9 +218,8 @@ def _attention_class(layer):
         return cls
     if cls is keras.layers.MultiHeadAttention:
         return DoublyNormalizedAttention
-    hub_class = _hub_classes().get(cls)
-    if hub_class is not None and issubclass(hub_class, DoublyNormalizedAttention):
-        return hub_class
+    if cls in _ATTENTION_CLASSES:
+        return _ATTENTION_CLASSES[cls]
     if isinstance(layer, (keras.layers.MultiHeadAttention,) + _OTHER_ATTENTION):
         raise ValueError(
             f"Layer '{layer.name}' ({cls.__module__}.{cls.__name__}) is an attention "
@@ -174,13 +228,6 @@ def _attention_class(layer):
             "DoublyNormalizedAttention replaces."
         )
     return None
-
-
-def _swap_class(layer, cls):
-    layer.__class__ = cls
-    # Keras reads the call signature once, at construction.
-    layer._call_signature = inspect.signature(layer.call)
-    layer.call_signature_parameters = list(layer._call_signature.parameters)
 
 
 def attention_options_of(layer):
@@ -207,6 +254,7 @@ def make_doubly_normalized(layer, **options):
             `ATTENTION_OPTIONS`); unset ones keep the layer's own.
     """
     options = checked_attention_options("options", options)
+    _load_integrations()
     cls = _attention_class(layer)
     if cls is None:
         raise TypeError(
@@ -221,8 +269,8 @@ def make_doubly_normalized(layer, **options):
         for name in ("mixing_logits", "null_query_logits")
         if getattr(layer, name, None) is not None
     }
-    _swap_class(layer, cls)
-    layer._set_options(**options)
+    swap_class(layer, cls)
+    layer.set_attention_options(**options)
     for name, value in kept.items():
         if getattr(layer, name) is not None:
             getattr(layer, name).assign(value)
@@ -262,13 +310,11 @@ def converted_class(cls):
     """
     if issubclass(cls, _ConvertsAttention):
         return cls
+    _load_integrations()
     if cls not in _CONVERTED_CLASSES:
         mixins = (_ConvertsAttention,)
-        hub = _hub_classes()
-        if hub:
-            from keras_dna.hub.generation import generation_mixins
-
-            mixins = generation_mixins(cls) + mixins
+        for mixins_of in _CLASS_MIXINS:
+            mixins = tuple(mixins_of(cls)) + mixins
         name = f"DoublyNormalized{cls.__name__}"
         namespace = {
             "__module__": __name__, "__doc__": cls.__doc__, "build": _converting_build(cls.build),
@@ -303,28 +349,23 @@ def _is_plain_container(layer):
     )
 
 
-def _children(layer):
-    return list(getattr(layer, "_layers", []))
-
-
 def _convert_tree(root, options):
     """Converts every attention layer under `root`; returns their names."""
     converted = []
-    holders = tuple(_hub_classes().values())
+    holders = tuple(_ATTENTION_HOLDERS.values())
 
     def visit(layer, ancestors):
-        hub_class = _hub_classes().get(type(layer), type(layer))
+        holder = _ATTENTION_HOLDERS.get(type(layer), type(layer))
         target = _attention_class(layer)
         if target is not None:
             make_doubly_normalized(layer, **_layer_options(layer, options))
-        elif issubclass(hub_class, holders):
-            # keras-hub's Transformer layers: ours convert what they build.
-            _swap_class(layer, hub_class)
-            layer._use_model_options(options)
-            if layer.built:
-                layer._convert_attention()
+        elif issubclass(holder, holders):
+            # A registered holder (keras-hub's Transformer layers): its DNA
+            # class converts what it builds.
+            swap_class(layer, holder)
+            layer.convert_attention(options)
         else:
-            for child in _children(layer):
+            for child in child_layers(layer):
                 visit(child, ancestors + [layer])
             return
         converted.append(layer.name)
@@ -332,7 +373,7 @@ def _convert_tree(root, options):
             if not _is_plain_container(ancestor) and not isinstance(ancestor, holders):
                 _become_converted(ancestor, options)
 
-    for child in _children(root):
+    for child in child_layers(root):
         visit(child, [root])
     return converted
 
@@ -341,7 +382,7 @@ def _become_converted(layer, options):
     """Makes `layer` a `DoublyNormalized<Class>` that converts with `options`
     (and with what an earlier conversion set that `options` keeps)."""
     earlier = getattr(layer, "_attention_options", DEFAULT_TREE_OPTIONS)
-    _swap_class(layer, converted_class(type(layer)))
+    swap_class(layer, converted_class(type(layer)))
     layer._attention_options = _kept_tree_options(earlier, options)
 
 

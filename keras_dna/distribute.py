@@ -14,6 +14,9 @@ import os
 import keras
 import tensorflow as tf
 
+from keras_dna._compat import in_multi_worker_mode
+from keras_dna._compat import tensorflow_trainer
+
 SPECS = ("auto", "cpu", "mirrored", "multiworker", "tpu")
 
 # Keras releases whose TensorFlow trainer the multi-worker repair was written
@@ -125,7 +128,7 @@ def is_chief(strategy):
 def _multi_worker(strategy):
     return isinstance(
         strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
+    ) and in_multi_worker_mode(strategy)
 
 
 def enable_multi_worker_fit():
@@ -143,8 +146,7 @@ def enable_multi_worker_fit():
     versions it was tested with (`_MULTI_WORKER_FIT_TESTED`) and raises a
     `RuntimeError` on others. Idempotent.
     """
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
+    tf_trainer = tensorflow_trainer()
     if getattr(tf_trainer, "_keras_dna_multi_worker_fit", False):
         return
     version = ".".join(keras.__version__.split(".")[:2])

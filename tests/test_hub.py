@@ -11,7 +11,7 @@ from keras_dna import convert
 from keras_dna.hub import CachedDoublyNormalizedAttention
 from keras_dna.hub import TransformerDecoder
 from keras_dna.hub import TransformerEncoder
-from keras_dna.hub.attention import prefill_until
+from keras_dna.hub.cached_attention import prefill_until
 from tests import oracle
 
 B, T, DIM, HEADS, HEAD_DIM = 2, 7, 8, 2, 4

@@ -13,7 +13,7 @@ import keras_dna
 from keras_dna import convert
 from keras_dna.hub import TransformerDecoder
 from keras_dna.hub import TransformerEncoder
-from keras_dna.hub.attention import prefill_until
+from keras_dna.hub.cached_attention import prefill_until
 from tests import oracle
 
 DIM, HEADS = 8, 2

@@ -18,23 +18,31 @@ except ImportError as error:  # pragma: no cover - depends on the install
         "keras_dna.hub needs keras-hub: pip install 'keras-dna[hub]'"
     ) from error
 
-from keras_dna.convert import converted_class
-from keras_dna.hub.attention import CachedDoublyNormalizedAttention
-from keras_dna.hub.layers import TransformerDecoder
-from keras_dna.hub.layers import TransformerEncoder
+from keras_dna import convert
+from keras_dna.hub.cached_attention import CachedDoublyNormalizedAttention
+from keras_dna.hub.generation import generation_mixins
+from keras_dna.hub.transformer import TransformerDecoder
+from keras_dna.hub.transformer import TransformerEncoder
 
 
-def _register_converted_models():
-    """Registers `DoublyNormalized<Class>` for keras-hub's backbones and task
-    models, so converted ones load in a new process."""
+def _register_conversions():
+    """Registers with `keras_dna.convert` what keras-hub's classes become,
+    and `DoublyNormalized<Class>` for keras-hub's backbones and task models,
+    so converted ones load in a new process."""
+    convert.register_attention_class(
+        keras_hub.layers.CachedMultiHeadAttention, CachedDoublyNormalizedAttention
+    )
+    convert.register_attention_holder(keras_hub.layers.TransformerEncoder, TransformerEncoder)
+    convert.register_attention_holder(keras_hub.layers.TransformerDecoder, TransformerDecoder)
+    convert.register_class_mixins(generation_mixins)
     for value in vars(keras_hub.models).values():
         if isinstance(value, type) and issubclass(
             value, (keras_hub.models.Backbone, keras_hub.models.Task)
         ):
-            converted_class(value)
+            convert.converted_class(value)
 
 
-_register_converted_models()
+_register_conversions()
 
 __all__ = [
     "CachedDoublyNormalizedAttention",

@@ -13,7 +13,7 @@ import contextvars
 import keras_hub
 from keras import ops
 
-from keras_dna.hub.attention import prefill_until
+from keras_dna.hub.cached_attention import prefill_until
 
 # Where the prompt part that `generate` decodes again begins.
 _PROMPT_END = contextvars.ContextVar("prompt_end", default=None)

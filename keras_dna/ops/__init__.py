@@ -14,7 +14,7 @@ The functions here are what `keras_dna.DoublyNormalizedAttention` runs; they
 can also be used on their own, in the style of
 `keras.ops.dot_product_attention`. One module per concern:
 
-- `attention`: the public functions (checks, masks, dispatch);
+- `dispatch`: the public functions (checks, masks, dispatch);
 - `normalization`: softmax and double normalization, with gradients;
 - `causal`: prefix log-sum-exps for causal normalization;
 - `blockwise`: the `chunk_size` path, blocks of queries;
@@ -26,10 +26,10 @@ can also be used on their own, in the style of
 - `symbolic`: `keras.Input`s for the public functions.
 """
 
-from keras_dna.ops.attention import causal_mask
-from keras_dna.ops.attention import doubly_normalized_attention
-from keras_dna.ops.attention import doubly_normalized_attention_weights
-from keras_dna.ops.attention import normalize_attention_scores
+from keras_dna.ops.dispatch import causal_mask
+from keras_dna.ops.dispatch import doubly_normalized_attention
+from keras_dna.ops.dispatch import doubly_normalized_attention_weights
+from keras_dna.ops.dispatch import normalize_attention_scores
 from keras_dna.ops.blockwise import auto_chunk_size
 from keras_dna.ops.checks import NORMALIZATIONS
 from keras_dna.ops.incremental import causal_block_weights

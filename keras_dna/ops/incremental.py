@@ -14,10 +14,10 @@ one number per key, and each step adds one score to it.
 
 from keras import ops
 
-from keras_dna.ops.attention import normalize_attention_scores
-from keras_dna.ops.attention import normalize_weights
-from keras_dna.ops.attention import per_head
-from keras_dna.ops.attention import with_softmax_share
+from keras_dna.ops.dispatch import normalize_attention_scores
+from keras_dna.ops.dispatch import normalize_weights
+from keras_dna.ops.dispatch import per_head
+from keras_dna.ops.dispatch import with_softmax_share
 from keras_dna.ops.backend import einsum
 from keras_dna.ops.checks import check_normalization
 from keras_dna.ops.normalization import key_logsumexp

@@ -7,9 +7,10 @@ import functools
 import keras
 from keras import ops
 
-from keras_dna.attention import DoublyNormalizedAttention
-from keras_dna.attention import unwrap_attention_mask
-from keras_dna.attention import without_keras_mask
+from keras_dna.layers import DoublyNormalizedAttention
+from keras_dna.layers.masks import unwrap_attention_mask
+from keras_dna.layers.masks import with_heads_axis
+from keras_dna.layers.masks import without_keras_mask
 from keras_dna.ops.backend import compiled
 from keras_dna.ops.backend import known_int
 from keras_dna.ops.checks import check_match
@@ -130,7 +131,7 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             cache_update_index = ops.cast(cache_update_index, "int32")
         valid = None
         if attention_mask is not None:
-            valid = self._with_heads_axis(ops.cast(attention_mask, "bool"), 4)
+            valid = with_heads_axis(ops.cast(attention_mask, "bool"), 4, num_attention_axes=1)
         committed = self._committed(query, cache_update_index)
         output, weights, cache = self._cached_attention(training)(
             query, *rows, cache, cache_update_index, valid, committed,

@@ -9,10 +9,8 @@ import keras
 import keras_hub
 from keras import ops
 
-# Keras's mask accessor (not exported); keras-hub's layers read masks with it.
-from keras.src.backend import get_keras_mask
-
-from keras_dna.attention import CausalNormalizationMask
+from keras_dna._compat import get_keras_mask
+from keras_dna.layers import CausalNormalizationMask
 from keras_dna.convert import attention_options_of
 from keras_dna.convert import checked_attention_options
 from keras_dna.convert import make_doubly_normalized
@@ -58,11 +56,15 @@ class TransformerEncoder(keras_hub.layers.TransformerEncoder):
             training=training, return_attention_scores=return_attention_scores,
         )
 
-    def _use_model_options(self, options):
-        """Takes the options of `keras_dna.convert.to_doubly_normalized`."""
+    def convert_attention(self, options):
+        """Takes the options of `keras_dna.convert.to_doubly_normalized` and
+        converts the attention built so far (a layer `keras_dna.convert`
+        turns into this class)."""
         _update_options(
             self, "_attention_options", site_options(options, options["causal_normalization"] is True)
         )
+        if self.built:
+            self._convert_attention()
 
     def get_config(self):
         return {**super().get_config(), "attention_options": dict(self._attention_options)}
@@ -110,13 +112,17 @@ class TransformerDecoder(keras_hub.layers.TransformerDecoder):
             make_doubly_normalized(self._cross_attention_layer, **self._cross_attention_options)
             self._cross_attention_options = attention_options_of(self._cross_attention_layer)
 
-    def _use_model_options(self, options):
-        """Takes the options of `keras_dna.convert.to_doubly_normalized`."""
+    def convert_attention(self, options):
+        """Takes the options of `keras_dna.convert.to_doubly_normalized` and
+        converts the attention built so far (a layer `keras_dna.convert`
+        turns into this class)."""
         _update_options(
             self, "_self_attention_options",
             site_options(options, options["causal_normalization"] is True),
         )
         _update_options(self, "_cross_attention_options", site_options(options, causal=True))
+        if self.built:
+            self._convert_attention()
 
     def call(
         self,

@@ -1,0 +1,143 @@
+"""Every use of Keras's and keras-hub's internals, in one place.
+
+Each entry says which public API is missing and why keras_dna needs it;
+`tests/test_compat.py` checks each one against the installed Keras and
+keras-hub and names the entry when a release moves it. `setup.py` pins
+Keras and keras-hub to the minor versions CI tests.
+
+Besides the functions below, keras_dna's classes override private hooks of
+the classes they extend, and read their private attributes:
+`PRIVATE_HOOKS` lists them, for the same test.
+"""
+
+import contextlib
+import inspect
+
+# Keras has no public accessor for the mask a tensor carries (a tensor's
+# `_keras_mask`); `MultiHeadAttention` and keras-hub's layers read it with
+# these two, so DNA must read and write masks the same way.
+from keras.src.backend import get_keras_mask  # noqa: F401
+from keras.src.backend import set_keras_mask  # noqa: F401
+
+# The private methods and attributes keras_dna's subclasses override or read,
+# by the class that defines them. Keras's `MultiHeadAttention` has no public
+# extension point for its attention step; `_compute_attention` is the one
+# keras-hub's `CachedMultiHeadAttention` overrides too.
+PRIVATE_HOOKS = {
+    "keras.layers.MultiHeadAttention": (
+        "_build_attention", "_compute_attention", "_compute_attention_mask",
+        "_compute_causal_mask", "_dot_product_equation", "_combine_equation",
+        "_attention_axes", "_inverse_sqrt_key_dim", "_query_dense", "_key_dense",
+        "_value_dense", "_output_dense", "_dropout_layer", "_num_heads", "_key_dim",
+        "_value_dim", "_use_gate", "_gate_dense",
+    ),
+    # keras-hub's Transformer layers: where they hold their attention and
+    # build the decoder's causal mask (keras_dna.hub.transformer).
+    "keras_hub.layers.TransformerEncoder": ("_self_attention_layer",),
+    "keras_hub.layers.TransformerDecoder": (
+        "_self_attention_layer", "_cross_attention_layer", "_compute_self_attention_mask",
+    ),
+    # keras-hub's generation: the cache a language model fills with the
+    # prompt before sampling (keras_dna.hub.generation), by model.
+    "keras_hub.models.GPT2CausalLM": ("_build_cache",),
+    "keras_hub.models.BartSeq2SeqLM": ("_build_cache",),
+}
+
+
+def child_layers(layer):
+    """The layers `layer` tracks directly, models and plain layers alike.
+
+    Keras exposes `Model.layers` only; a `Layer` that holds layers (a
+    custom block, keras-hub's Transformer layers) lists them in `_layers`.
+    """
+    return list(getattr(layer, "_layers", []))
+
+
+def flatten_layers(model):
+    """`model` and every layer under it, each once.
+
+    Keras's `Model.layers` lists the top level only; `_flatten_layers` is
+    what Keras itself walks to find nested layers.
+    """
+    return list(model._flatten_layers())
+
+
+def attention_axes(layer):
+    """The attention axes of a built `MultiHeadAttention`, as a tuple.
+
+    The constructor argument is in the config, but `None` there; the axes
+    the layer resolved when built are not exposed.
+    """
+    return tuple(layer._attention_axes)
+
+
+@contextlib.contextmanager
+def weights_addable(layer):
+    """Lets `layer` add weights after it is built.
+
+    Keras locks a layer's tracker once `build` returns, and has no public
+    way to add a weight later; DNA adds its per-head logits when a built
+    layer (one `keras_dna.convert` swaps in) takes new options.
+    """
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            layer._tracker.lock()
+
+
+def swap_class(layer, cls):
+    """Makes the built `layer` an instance of its subclass `cls` in place.
+
+    Keras has no public way to change a layer's class while keeping its
+    weights, name and place in a model's graph; recreating it from its
+    config would not keep the graph of a functional model that holds it.
+    Keras reads the call signature once, at construction, so it is read
+    again from the new class.
+    """
+    layer.__class__ = cls
+    layer._call_signature = inspect.signature(layer.call)
+    layer.call_signature_parameters = list(layer._call_signature.parameters)
+
+
+@contextlib.contextmanager
+def intercepted_attention(layer, compute_attention):
+    """Replaces the attention step of one `MultiHeadAttention` instance.
+
+    `compute_attention(original, *args, **kwargs)` is called with the
+    layer's own `_compute_attention`. Keras has no public hook to observe
+    the attention weights of a layer inside a model's call; an instance
+    attribute shadows the method for this layer only, and is removed on
+    exit.
+    """
+    original = layer._compute_attention
+
+    def intercepted(*args, **kwargs):
+        return compute_attention(original, *args, **kwargs)
+
+    object.__setattr__(layer, "_compute_attention", intercepted)
+    try:
+        yield
+    finally:
+        object.__delattr__(layer, "_compute_attention")
+
+
+def in_multi_worker_mode(strategy):
+    """Whether a `tf.distribute.MultiWorkerMirroredStrategy` runs on several
+    workers (TensorFlow has no public accessor for it)."""
+    return strategy.extended._in_multi_worker_mode()
+
+
+def tensorflow_trainer():
+    """Keras's TensorFlow trainer module (needs TensorFlow).
+
+    `keras_dna.distribute.enable_multi_worker_fit` replaces its
+    `reduce_per_replica` and `TensorFlowTrainer._maybe_symbolic_build`:
+    Keras's `fit` fails under `MultiWorkerMirroredStrategy`
+    (keras-team/keras#20585) and offers no public hook into either step.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    return trainer
