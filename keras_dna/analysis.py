@@ -350,9 +350,10 @@ def attention_matrix(layer, example=0, head=None, query_labels=None, key_labels=
         layer: A `LayerAttention` (an item of `collect_attention`'s report).
         example: Which example of the batch.
         head: Which head; `None` averages the heads.
-        query_labels, key_labels: Optional labels (e.g. tokens), one per
-            position of the layer's queries (keys), padding included, or one
-            per valid query (key). Default: the positions.
+        query_labels: Optional labels (e.g. tokens), one per position of
+            the layer's queries, padding included, or one per valid query.
+            Default: the positions.
+        key_labels: The same for the keys.
 
     Returns:
         An `AttentionMatrix`.
@@ -477,10 +478,11 @@ def plot_attention(reports, path, layers=(0,), example=0, head=None,
         layers: Indices (in call order) or names of the layers to draw.
         example: Which example of the batch.
         head: Which head; `None` (the default) draws the mean of the heads.
-        query_labels, key_labels: The example's labels (e.g. tokens), one per
-            query (key) position or per valid query (key), for every drawn
-            layer; or a dict of layer name to such labels, for layers whose
-            queries (keys) differ, e.g. cross-attention. Default: positions.
+        query_labels: The example's labels (e.g. tokens), one per query
+            position or per valid query, for every drawn layer; or a dict of
+            layer name to such labels, for layers whose queries differ, e.g.
+            cross-attention. Default: positions.
+        key_labels: The same for the keys.
         max_ticks: At most this many labelled ticks per axis.
 
     Returns:

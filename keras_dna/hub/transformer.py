@@ -26,7 +26,8 @@ class TransformerEncoder(keras_hub.layers.TransformerEncoder):
             for the self-attention (`normalization`, `null_query`,
             `causal_normalization`, `chunk_size`, `jit_compile`,
             `null_query_initializer`); defaults to double normalization.
-        *args, **kwargs: Those of `keras_hub.layers.TransformerEncoder`.
+        *args: Those of `keras_hub.layers.TransformerEncoder`.
+        **kwargs: Those of `keras_hub.layers.TransformerEncoder`.
     """
 
     def __init__(self, *args, attention_options=None, **kwargs):
@@ -89,7 +90,8 @@ class TransformerDecoder(keras_hub.layers.TransformerDecoder):
             to double normalization.
         cross_attention_options: The same for the cross-attention;
             `causal_normalization` defaults to `True`.
-        *args, **kwargs: Those of `keras_hub.layers.TransformerDecoder`.
+        *args: Those of `keras_hub.layers.TransformerDecoder`.
+        **kwargs: Those of `keras_hub.layers.TransformerDecoder`.
     """
 
     def __init__(self, *args, self_attention_options=None, cross_attention_options=None, **kwargs):

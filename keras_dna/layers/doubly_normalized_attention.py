@@ -93,9 +93,13 @@ class DoublyNormalizedAttention(MultiHeadAttentionBase):
             for causal normalization, dropout or returned scores, and where
             the backend has none); `False` never uses fused kernels. `None`
             follows `keras.config.disable_flash_attention()`.
-        kernel_initializer, bias_initializer, kernel_regularizer,
-        bias_regularizer, activity_regularizer, kernel_constraint,
-        bias_constraint: As in `keras.layers.MultiHeadAttention`.
+        kernel_initializer: Initializer of the projections' kernels.
+        bias_initializer: Initializer of the projections' biases.
+        kernel_regularizer: Regularizer of the projections' kernels.
+        bias_regularizer: Regularizer of the projections' biases.
+        activity_regularizer: Regularizer of the layer's output.
+        kernel_constraint: Constraint on the projections' kernels.
+        bias_constraint: Constraint on the projections' biases.
         use_gate: Whether to gate the attention output with a sigmoid
             projection of the query.
         seed: Optional integer seed for dropout.
@@ -133,7 +137,7 @@ class DoublyNormalizedAttention(MultiHeadAttentionBase):
             attends uniformly. For `"double"` and `"hybrid"` only.
         null_query_initializer: Initializer of `null_query_logits`;
             defaults to the constant `NULL_QUERY_INIT` (4.0), chosen on the
-            grapheme-to-phoneme example from -2, 0, 2 and 4 (see the README,
+            grapheme-to-phoneme example from -2, 0, 2 and 4 (see the guide
             "When does DNA pay?").
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 

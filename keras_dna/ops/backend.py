@@ -267,7 +267,7 @@ def uses_fused_kernels(flash_attention, dtype, causal):
     That is PyTorch (`scaled_dot_product_attention` is fused on CPUs too:
     whole non-causal layers took 1.6-2.0x `MultiHeadAttention` forward and
     backward this way, against 2.3-6.4x through the scores,
-    `benchmarks/fused.md`), and JAX on GPUs and TPUs in
+    `benchmarks/results/fused.md`), and JAX on GPUs and TPUs in
     half precision, where Keras runs cuDNN and Pallas flash kernels.
     TensorFlow has no fused kernel. Never for float64, which Keras's kernels
     round to float32 outside TensorFlow, nor causal normalization.

@@ -81,7 +81,7 @@ def normalize_attention_scores(
             `c = logaddexp(c, beta[h])`, taking the share of keys that no
             query explains. Very negative values give double
             normalization, very large ones softmax; it lifts the causal
-            ceiling (see the README). Not for `"single"`.
+            ceiling (see the guide on decoders). Not for `"single"`.
         num_attention_axes: How many query (and key) axes `scores` has.
 
     Returns:
@@ -269,9 +269,13 @@ def doubly_normalized_attention(
         query: Shape `(batch, query_length, num_heads, head_dim)`.
         key: Shape `(batch, key_length, num_heads, head_dim)`.
         value: Shape `(batch, key_length, num_heads, value_dim)`.
-        mask, normalization, is_causal, causal_normalization, scale,
-        mixing_logits, null_query_logits: As in
-            `doubly_normalized_attention_weights`.
+        mask: As in `doubly_normalized_attention_weights`.
+        normalization: As in `doubly_normalized_attention_weights`.
+        is_causal: As in `doubly_normalized_attention_weights`.
+        causal_normalization: As in `doubly_normalized_attention_weights`.
+        scale: As in `doubly_normalized_attention_weights`.
+        mixing_logits: As in `doubly_normalized_attention_weights`.
+        null_query_logits: As in `doubly_normalized_attention_weights`.
         chunk_size: Optional positive integer: compute the attention over
             blocks of this many queries, never holding the whole
             `(query_length, key_length)` score matrix. Memory then grows

@@ -45,8 +45,10 @@ def causal_block_weights(
             be processed again token by token must not count twice). All
             queries get their weights either way.
         normalization: `"double"` or `"hybrid"` (softmax needs no state).
-        mixing_logits, null_query_logits: `None` or shaped `(num_heads,)`,
-            as in `normalize_attention_scores`.
+        mixing_logits: `None` or shaped `(num_heads,)`, as in
+            `normalize_attention_scores`.
+        null_query_logits: `None` or shaped `(num_heads,)`, as in
+            `normalize_attention_scores`.
 
     Returns:
         `(weights, key_lse, key_seen)`: weights in the dtype of `scores`,
