@@ -130,14 +130,22 @@ def in_multi_worker_mode(strategy):
     return strategy.extended._in_multi_worker_mode()
 
 
-def tensorflow_trainer():
-    """Keras's TensorFlow trainer module (needs TensorFlow).
+def replace_tensorflow_trainer_steps(reduce_per_replica, maybe_symbolic_build):
+    """Replaces two steps of Keras's TensorFlow trainer, once per process.
 
-    `keras_dna.distribute.enable_multi_worker_fit` replaces its
-    `reduce_per_replica` and `TensorFlowTrainer._maybe_symbolic_build`:
-    Keras's `fit` fails under `MultiWorkerMirroredStrategy`
-    (keras-team/keras#20585) and offers no public hook into either step.
+    Each argument takes Keras's own function and returns its replacement:
+    `reduce_per_replica` (the trainer module's) and `maybe_symbolic_build`
+    (`TensorFlowTrainer._maybe_symbolic_build`). Keras's `fit` fails under
+    `MultiWorkerMirroredStrategy` in those two steps (keras-team/keras#20585)
+    and offers no public hook into either. Returns whether it replaced them
+    now (`False`: an earlier call did).
     """
     from keras.src.backend.tensorflow import trainer
 
-    return trainer
+    if getattr(trainer, "_keras_dna_steps_replaced", False):
+        return False
+    trainer.reduce_per_replica = reduce_per_replica(trainer.reduce_per_replica)
+    trainer_class = trainer.TensorFlowTrainer
+    trainer_class._maybe_symbolic_build = maybe_symbolic_build(trainer_class._maybe_symbolic_build)
+    trainer._keras_dna_steps_replaced = True
+    return True

@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from keras_dna._compat import in_multi_worker_mode
-from keras_dna._compat import tensorflow_trainer
+from keras_dna._compat import replace_tensorflow_trainer_steps
 
 SPECS = ("auto", "cpu", "mirrored", "multiworker", "tpu")
 
@@ -146,9 +146,6 @@ def enable_multi_worker_fit():
     versions it was tested with (`_MULTI_WORKER_FIT_TESTED`) and raises a
     `RuntimeError` on others. Idempotent.
     """
-    tf_trainer = tensorflow_trainer()
-    if getattr(tf_trainer, "_keras_dna_multi_worker_fit", False):
-        return
     version = ".".join(keras.__version__.split(".")[:2])
     if version not in _MULTI_WORKER_FIT_TESTED:
         raise RuntimeError(
@@ -157,10 +154,13 @@ def enable_multi_worker_fit():
             f"{keras.__version__}. Install a tested Keras, or check whether "
             "this Keras fixed keras-team/keras#20585."
         )
-    reduce_per_replica = tf_trainer.reduce_per_replica
-    symbolic_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+    replace_tensorflow_trainer_steps(_multi_worker_reduce, _multi_worker_symbolic_build)
 
-    def multi_worker_reduce_per_replica(values, strategy, reduction):
+
+def _multi_worker_reduce(reduce_per_replica):
+    """Keras's `reduce_per_replica`, averaging scalars over the workers."""
+
+    def reduce_values(values, strategy, reduction):
         if not _multi_worker(strategy) or reduction not in ("auto", "mean"):
             return reduce_per_replica(values, strategy, reduction)
 
@@ -171,9 +171,16 @@ def enable_multi_worker_fit():
 
         return tf.nest.map_structure(reduce, values)
 
-    def multi_worker_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if iterator is not None and strategy is not None and _multi_worker(strategy):
+    return reduce_values
+
+
+def _multi_worker_symbolic_build(symbolic_build):
+    """Keras's symbolic build, taking the shapes from this worker's first
+    replica instead of an eager collective."""
+
+    def build(model, iterator=None, data_batch=None):
+        strategy = model.distribute_strategy
+        if iterator is not None and _multi_worker(strategy):
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(
                     lambda x: strategy.experimental_local_results(x)[0]
@@ -183,8 +190,6 @@ def enable_multi_worker_fit():
                 )
                 break
             iterator = None
-        return symbolic_build(self, iterator=iterator, data_batch=data_batch)
+        return symbolic_build(model, iterator=iterator, data_batch=data_batch)
 
-    tf_trainer.reduce_per_replica = multi_worker_reduce_per_replica
-    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = multi_worker_symbolic_build
-    tf_trainer._keras_dna_multi_worker_fit = True
+    return build
