@@ -8,6 +8,7 @@ only: the converter reads TensorFlow graphs.
 import numpy as np
 import keras
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
 
 from keras_dna import DoublyNormalizedAttention
 
@@ -18,7 +19,7 @@ def _converted(model):
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     # Builtin ops only: no TensorFlow ops carried along (Flex delegate).
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    interpreter = tf.lite.Interpreter(model_content=converter.convert())
+    interpreter = Interpreter(model_content=converter.convert())
     interpreter.allocate_tensors()
     (inputs,), (outputs,) = interpreter.get_input_details(), interpreter.get_output_details()
 

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
 
 from keras_dna import DoublyNormalizedAttention
 from keras_dna.hub import CachedDoublyNormalizedAttention
@@ -201,7 +202,7 @@ class TestKerasFile:
 def _litert_runner(converter):
     """The default signature of what `converter` makes, builtin ops only."""
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    return tf.lite.Interpreter(model_content=converter.convert()).get_signature_runner()
+    return Interpreter(model_content=converter.convert()).get_signature_runner()
 
 
 @pytest.mark.parametrize("name", PATHS)
@@ -288,7 +289,8 @@ STEP_SIGNATURE = [
 
 class TestCachedDecoding:
     @pytest.fixture(scope="class")
-    def layer(self):
+    @classmethod
+    def layer(cls):
         return _cached_layer()
 
     def test_eager(self, layer):
