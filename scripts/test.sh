@@ -34,13 +34,23 @@ if [ ${#parts[@]} -eq 0 ] || [[ " ${parts[*]} " == *" all "* ]]; then
   parts=(tensorflow jax torch docs)
 fi
 
+# The command line of "$@", arguments with spaces in quotes.
+quoted() {
+  local arg words=()
+  for arg in "$@"; do
+    if [[ "$arg" == *[[:space:]]* ]]; then arg="\"$arg\""; fi
+    words+=("$arg")
+  done
+  echo "${words[*]}"
+}
+
 # Runs one step: prints the command, then its time (or its failure).
 step() {
-  echo "+ $*"
+  echo "+ $(quoted "$@")"
   local start=$SECONDS status=0
   "$@" || status=$?
   if [ "$status" -ne 0 ]; then
-    echo "- failed (exit $status) after $((SECONDS - start)) s: $*" >&2
+    echo "- failed (exit $status) after $((SECONDS - start)) s: $(quoted "$@")" >&2
     exit "$status"
   fi
   echo "- $((SECONDS - start)) s"
