@@ -204,20 +204,20 @@ def test_chunked_equals_whole_forward_and_backward(rng, is_causal, null):
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_auto_chunk_size_takes_blocks_where_the_scores_are_large(rng, monkeypatch, is_causal):
-    from keras_dna.ops import attention as attention_ops
+    from keras_dna.ops import dispatch
     from keras_dna.ops import blockwise
 
     # Large scores in miniature: two batches of HEADS heads of 9 x 9.
     monkeypatch.setattr(blockwise, "AUTO_CHUNK_SIZE", 4)
     monkeypatch.setattr(blockwise, "AUTO_CHUNK_SCORES", 2 * HEADS * 9 * 9)
     chunk_sizes = []
-    chunked_attention = attention_ops.chunked_attention
+    chunked_attention = dispatch.chunked_attention
 
     def spy(*args, **kwargs):
         chunk_sizes.append(kwargs["chunk_size"])
         return chunked_attention(*args, **kwargs)
 
-    monkeypatch.setattr(attention_ops, "chunked_attention", spy)
+    monkeypatch.setattr(dispatch, "chunked_attention", spy)
     query, key, value = (rng.normal(size=(2, 9, HEADS, 4)) for _ in range(3))
 
     def attend(length, chunk_size):

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from keras_dna import DoublyNormalizedAttention
 from keras_dna import ops as dna_ops
-from keras_dna.ops import attention as attention_ops
+from keras_dna.ops import dispatch
 from keras_dna.ops import blockwise
 from tests import oracle
 
@@ -216,7 +216,7 @@ def test_auto_layer_takes_blocks_where_auto_chunk_size_says(rng, monkeypatch):
     monkeypatch.setattr(blockwise, "AUTO_CHUNK_SIZE", 4)
     monkeypatch.setattr(blockwise, "AUTO_CHUNK_SCORES", 2 * 2 * 81)
     chunk_sizes = []
-    chunked_attention = attention_ops.chunked_attention
+    chunked_attention = dispatch.chunked_attention
 
     def spy(*args, **kwargs):
         chunk_sizes.append(kwargs["chunk_size"])
@@ -228,7 +228,7 @@ def test_auto_layer_takes_blocks_where_auto_chunk_size_says(rng, monkeypatch):
     whole(x, x)
     auto(x, x)
     auto.set_weights(whole.get_weights())
-    monkeypatch.setattr(attention_ops, "chunked_attention", spy)
+    monkeypatch.setattr(dispatch, "chunked_attention", spy)
     assert auto.get_config()["chunk_size"] == "auto"
     assert DoublyNormalizedAttention.from_config(whole.get_config()).get_config()["chunk_size"] is None
     for kwargs in ({}, {"use_causal_mask": True}):

@@ -21,7 +21,7 @@ def _function_of_module(module_name, source, name):
 
 
 @pytest.mark.parametrize("category", DEPRECATIONS)
-@pytest.mark.parametrize("module", ["keras_dna", "keras_dna.ops.dispatch", "keras_dna.hub.layers"])
+@pytest.mark.parametrize("module", ["keras_dna", "keras_dna.ops.dispatch", "keras_dna.hub.transformer"])
 def test_a_deprecation_attributed_to_keras_dna_is_an_error(category, module):
     with pytest.raises(category, match="scheduled for removal"):
         warnings.warn_explicit(
