@@ -39,7 +39,11 @@ tests = (
     + ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "hypothesis>=6.170,<7", "ai-edge-litert>=2.3,<2.4"]
 )
 # The documentation site: `mkdocs serve`, and `mkdocs build --strict` in CI.
-docs = ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=1.0,<2"]
+# docs/_griffe/ extends griffe 2, which mkdocstrings-python 2 brings.
+docs = [
+    "mkdocs>=1.6,<1.7", "mkdocs-material>=9.8,<9.9", "mkdocstrings>=1.0,<1.1",
+    "mkdocstrings-python>=2.0,<2.1",
+]
 
 setup(
     name="keras-dna",
