@@ -124,7 +124,9 @@ class CachedDecoder(tf.Module):
 
     def start(self, letter_ids):
         """The letters' memory and each block's empty caches."""
-        memory = self.encoder(letter_ids, training=False)
+        # Without the letters' Keras mask, which the projections below do
+        # not take (the attention masks carry it).
+        memory = tf.identity(self.encoder(letter_ids, training=False))
         batch = tf.shape(letter_ids)[0]
         caches = []
         for block in range(self.depth):

@@ -72,9 +72,10 @@ hub_filter="not bert and not keeps_its_class"
 
 if $install; then
   # PyTorch's CPU build: a plain `torch` pulls gigabytes of CUDA libraries.
-  # The PyTorch index is an extra one: where it cannot be reached, pip takes
-  # the same wheel from its other sources.
-  step pip install "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  # Where pip's configuration has no source of it, set
+  # PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (an unreachable
+  # index would be retried for every dependency).
+  step pip install "torch==2.13.0+cpu"
   step pip install -e ".[tests,docs]"
   # The examples read these packages' data files and need none of their
   # dependencies.
