@@ -18,6 +18,8 @@ can also be used on their own, in the style of
 - `normalization`: softmax and double normalization, with gradients;
 - `causal`: prefix log-sum-exps for causal normalization;
 - `blockwise`: the `chunk_size` path, blocks of queries;
+- `fused`: non-causal DNA on fused attention kernels
+  (`keras.ops.dot_product_attention`), scores never written;
 - `incremental`: causal normalization over queries that arrive in blocks,
   and attention against a key/value cache (decoding);
 - `numerics`: working dtypes, masked values, underflow floors;
