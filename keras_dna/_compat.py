@@ -130,6 +130,23 @@ def in_multi_worker_mode(strategy):
     return strategy.extended._in_multi_worker_mode()
 
 
+def tensorflow_trainer_steps_replaced():
+    """Whether `replace_tensorflow_trainer_steps` has run in this process."""
+    from keras.src.backend.tensorflow import trainer
+
+    return getattr(trainer, "_keras_dna_steps_replaced", False)
+
+
+def creation_strategy(model):
+    """The `tf.distribute` strategy `model` was created under, or `None`.
+
+    `Model.distribute_strategy` falls back to the current strategy; Keras's
+    trainer reads the one the model was created under, and so must a
+    replacement of its steps.
+    """
+    return model._distribute_strategy
+
+
 def replace_tensorflow_trainer_steps(reduce_per_replica, maybe_symbolic_build):
     """Replaces two steps of Keras's TensorFlow trainer, once per process.
 
@@ -142,7 +159,7 @@ def replace_tensorflow_trainer_steps(reduce_per_replica, maybe_symbolic_build):
     """
     from keras.src.backend.tensorflow import trainer
 
-    if getattr(trainer, "_keras_dna_steps_replaced", False):
+    if tensorflow_trainer_steps_replaced():
         return False
     trainer.reduce_per_replica = reduce_per_replica(trainer.reduce_per_replica)
     trainer_class = trainer.TensorFlowTrainer

@@ -142,7 +142,7 @@ def checked_attention_options(name, options):
 # converts what they build, and the mixins a converted class takes.
 _ATTENTION_CLASSES = {}
 _ATTENTION_HOLDERS = {}
-_CLASS_MIXINS = []
+_CLASS_MIXINS = {}
 
 # The integrations, by the package they integrate: a model can only hold
 # that package's classes once the package is imported.
@@ -198,7 +198,8 @@ def register_class_mixins(mixins_of):
     """Registers `mixins_of(cls)`, the mixin classes that `converted_class(cls)`
     takes besides the conversion (keras-hub's causal LMs: generation through
     the DNA cache)."""
-    _CLASS_MIXINS.append(mixins_of)
+    # By name: a module imported again registers the same function anew.
+    _CLASS_MIXINS[f"{mixins_of.__module__}.{mixins_of.__qualname__}"] = mixins_of
 
 
 # Keras's attention layers that are not `MultiHeadAttention`: their
@@ -313,7 +314,7 @@ def converted_class(cls):
     _load_integrations()
     if cls not in _CONVERTED_CLASSES:
         mixins = (_ConvertsAttention,)
-        for mixins_of in _CLASS_MIXINS:
+        for mixins_of in _CLASS_MIXINS.values():
             mixins = tuple(mixins_of(cls)) + mixins
         name = f"DoublyNormalized{cls.__name__}"
         namespace = {
@@ -351,6 +352,8 @@ def _is_plain_container(layer):
 
 def _convert_tree(root, options):
     """Converts every attention layer under `root`; returns their names."""
+    # A converted class may build layers of a package imported since.
+    _load_integrations()
     converted = []
     holders = tuple(_ATTENTION_HOLDERS.values())
 

@@ -14,8 +14,10 @@ import os
 import keras
 import tensorflow as tf
 
+from keras_dna._compat import creation_strategy
 from keras_dna._compat import in_multi_worker_mode
 from keras_dna._compat import replace_tensorflow_trainer_steps
+from keras_dna._compat import tensorflow_trainer_steps_replaced
 
 SPECS = ("auto", "cpu", "mirrored", "multiworker", "tpu")
 
@@ -146,6 +148,8 @@ def enable_multi_worker_fit():
     versions it was tested with (`_MULTI_WORKER_FIT_TESTED`) and raises a
     `RuntimeError` on others. Idempotent.
     """
+    if tensorflow_trainer_steps_replaced():
+        return
     version = ".".join(keras.__version__.split(".")[:2])
     if version not in _MULTI_WORKER_FIT_TESTED:
         raise RuntimeError(
@@ -179,8 +183,8 @@ def _multi_worker_symbolic_build(symbolic_build):
     replica instead of an eager collective."""
 
     def build(model, iterator=None, data_batch=None):
-        strategy = model.distribute_strategy
-        if iterator is not None and _multi_worker(strategy):
+        strategy = creation_strategy(model)
+        if iterator is not None and strategy is not None and _multi_worker(strategy):
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(
                     lambda x: strategy.experimental_local_results(x)[0]

@@ -171,6 +171,21 @@ def test_in_multi_worker_mode():
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's trainer")
+def test_creation_strategy():
+    import tensorflow as tf
+
+    outside = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        inside = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        # The current strategy is not the one a model was created under.
+        assert _compat.creation_strategy(outside) is None, MOVED.format(
+            "creation_strategy", "Model._distribute_strategy"
+        )
+    assert _compat.creation_strategy(inside) is strategy
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's trainer")
 def test_replace_tensorflow_trainer_steps(monkeypatch):
     from keras.src.backend.tensorflow import trainer
 
@@ -192,7 +207,9 @@ def test_replace_tensorflow_trainer_steps(monkeypatch):
 
         return replace
 
+    assert not _compat.tensorflow_trainer_steps_replaced()
     assert _compat.replace_tensorflow_trainer_steps(replacing("reduce"), replacing("build"))
+    assert _compat.tensorflow_trainer_steps_replaced()
     assert originals["build"] is build, MOVED.format(
         "replace_tensorflow_trainer_steps", "TensorFlowTrainer._maybe_symbolic_build"
     )

@@ -131,7 +131,7 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             cache_update_index = ops.cast(cache_update_index, "int32")
         valid = None
         if attention_mask is not None:
-            valid = with_heads_axis(ops.cast(attention_mask, "bool"), 4, num_attention_axes=1)
+            valid = with_heads_axis(ops.cast(attention_mask, "bool"), 4, len(self._attention_axes))
         committed = self._committed(query, cache_update_index)
         output, weights, cache = self._cached_attention(training)(
             query, *rows, cache, cache_update_index, valid, committed,
