@@ -79,6 +79,10 @@ def test_keras_mask_accessors_are_the_ones_keras_layers_use():
     seen = {}
 
     class Probe(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.supports_masking = True
+
         def call(self, inputs, mask=None):
             seen["mask"] = mask
             return inputs
