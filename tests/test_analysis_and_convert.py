@@ -275,3 +275,78 @@ def test_convert_rejects_what_it_cannot_convert():
     needs(x)
     with pytest.raises(TypeError, match="could not be copied"):
         keras_dna.convert.to_doubly_normalized(needs)
+
+
+def test_set_attention_options_on_a_built_layer_equals_a_new_layer(rng):
+    x = rng.normal(size=(2, 5, WIDTH)).astype("float32")
+    layer = keras_dna.DoublyNormalizedAttention(2, 3, seed=0)
+    layer(x, x)
+    layer.set_attention_options(normalization="hybrid", null_query=True)
+    assert layer.mixing_logits is not None and layer.null_query_logits is not None
+    fresh = keras_dna.DoublyNormalizedAttention(2, 3, normalization="hybrid", null_query=True)
+    fresh(x, x)
+    fresh.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np.asarray(layer(x, x)), np.asarray(fresh(x, x)), rtol=1e-6, atol=1e-6)
+    # Options that need no logits drop them, from the weights too.
+    layer.set_attention_options(normalization="double")
+    assert layer.mixing_logits is None and layer.null_query_logits is None
+    assert all("logits" not in w.path for w in layer.weights)
+    with pytest.raises(ValueError, match="normalization"):
+        layer.set_attention_options(normalization="triple")
+
+
+class _BuildsAttention(keras.layers.Layer):
+    """A layer of another library that builds its attention in `build`."""
+
+    def build(self, input_shape):
+        self.attention = keras.layers.MultiHeadAttention(1, WIDTH, name="inner")
+        self.attention.build(input_shape, input_shape)
+
+    def call(self, x):
+        return self.attention(x, x)
+
+
+class _ConvertsWhatItBuilds(_BuildsAttention):
+    def convert_attention(self, options):
+        self.received = options
+        keras_dna.convert.make_doubly_normalized(
+            self.attention, normalization=options["normalization"]
+        )
+
+
+def test_a_registered_attention_holder_converts_what_it_built(rng):
+    keras_dna.convert.register_attention_holder(_BuildsAttention, _ConvertsWhatItBuilds)
+    x = keras.Input((6, WIDTH))
+    model = keras.Model(x, _BuildsAttention(name="holder")(x))
+    converted = keras_dna.convert.to_doubly_normalized(model, normalization="hybrid")
+    holder = converted.get_layer("holder")
+    assert type(holder) is _ConvertsWhatItBuilds
+    assert holder.received["normalization"] == "hybrid"
+    assert isinstance(holder.attention, keras_dna.DoublyNormalizedAttention)
+    assert holder.attention.normalization == "hybrid"
+
+
+def test_registrations_check_their_classes():
+    with pytest.raises(TypeError, match="target"):
+        keras_dna.convert.register_attention_class(
+            keras.layers.MultiHeadAttention, keras.layers.Dense
+        )
+    with pytest.raises(TypeError, match="convert_attention"):
+        keras_dna.convert.register_attention_holder(_BuildsAttention, _BuildsAttention)
+
+
+def test_class_mixins_registered_twice_are_mixed_in_once():
+    class Mixin:
+        pass
+
+    class Model(keras.Model):
+        pass
+
+    def mixins_of(cls):
+        return (Mixin,) if issubclass(cls, Model) else ()
+
+    # As a module imported again registers its function anew.
+    keras_dna.convert.register_class_mixins(mixins_of)
+    keras_dna.convert.register_class_mixins(mixins_of)
+    converted = keras_dna.convert.converted_class(Model)
+    assert [base for base in converted.__mro__ if base is Mixin] == [Mixin]
