@@ -18,9 +18,9 @@ slots from settling on the same (large) cluster while no slot reads a small
 one: its points are starved, and its centre cannot be found. Doubly-normalized
 attention first divides each point's unit of attention among the slots (the
 E-step of a mixture model, as in k-means or Slot Attention), so every point
-reaches some slot (total attention >= 1/POINTS, DNA.md property 2) and slots
-compete for points. The model is tiny, has no positions (a point set), and
-only the attention's normalization changes between runs. metrics.json puts
+reaches some slot (total attention >= 1/POINTS, docs/math.md, property 2) and
+slots compete for points. The model is tiny, has no positions (a point set),
+and only the attention's normalization changes between runs. metrics.json puts
 the task metric beside the explaining-away statistics of the same test
 examples, including the recall of clusters whose points were starved (mean
 attention below DNA's bound in every layer) and of the others, so one sees

@@ -199,8 +199,9 @@ def causal_ceiling_statistics(report):
     """How far causal self-attention layers sit from the causal ceiling.
 
     Causal double normalization without a null query always gives each
-    query at least as much weight on itself as on any earlier key (DNA.md,
-    "The causal ceiling"); softmax and the null query need not.
+    query at least as much weight on itself as on any earlier key
+    (docs/math.md, "The causal ceiling" and property 8); softmax and the
+    null query need not.
 
     Args:
         report: A `LayerAttention` or a list of them. Only causal

@@ -1,6 +1,13 @@
-"""Float64 NumPy transcription of ../shared/DNA.md, the numeric oracle.
+"""Float64 NumPy transcription of docs/math.md, the numeric oracle (property 7).
 
-Written from the formulas, loop by loop, sharing no code with keras_dna.
+Written from the formulas of docs/math.md, loop by loop, sharing no code with
+keras_dna: `validity` is m[i, j] ("Notation"); `attention_weights` holds single
+normalization, double normalization in its log-space form, causal
+normalization, the null query and hybrid mixing; `layer_forward` adds a
+layer's projections. Properties 1-5, 8 and 9 of docs/math.md are theorems of
+these formulas, so the oracle's weights satisfy them too; the tests check them
+on the package and compare the package's numbers with the oracle's. Property
+6 is `normalization="single"` here: a plain row softmax.
 """
 
 import numpy as np
@@ -51,7 +58,7 @@ def attention_weights(
 ):
     """Weights for scores shaped (..., heads, T, S); `valid` broadcasts to it.
 
-    `null_query_logits`: None, or one beta per head (DNA.md, "Null query").
+    `null_query_logits`: None, or one beta per head (docs/math.md, "The null query").
     """
     s = np.asarray(scores, dtype=np.float64)
     m = np.ones(s.shape, bool) if valid is None else np.broadcast_to(valid, s.shape)
@@ -70,7 +77,7 @@ def attention_weights(
 
 def validity(batch, q_len, k_len, query_mask=None, key_mask=None,
              attention_mask=None, causal=False, sliding_window=None):
-    """The (B, T, S) AND of every mask, as DNA.md's m[i, j]."""
+    """The (B, T, S) AND of every mask: m[i, j] of docs/math.md, "Notation"."""
     m = np.ones((batch, q_len, k_len), bool)
     if query_mask is not None:
         m &= np.asarray(query_mask, bool)[:, :, None]

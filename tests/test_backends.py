@@ -2,7 +2,7 @@
 
 Written in `keras.ops` and NumPy only, so that `.ci/run` runs this module
 under each backend (`KERAS_BACKEND=jax JAX_ENABLE_X64=1`, `KERAS_BACKEND=torch`):
-the oracle, the properties of DNA.md, float64 finite-difference gradients,
+the oracle, the properties of docs/math.md, float64 finite-difference gradients,
 the chunked path, serialization, `fit` compiled, and `.keras` files saved
 under another backend.
 """

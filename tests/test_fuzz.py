@@ -1,4 +1,4 @@
-"""Property-based fuzzing against the oracle and DNA.md's properties.
+"""Property-based fuzzing against the oracle and the properties of docs/math.md.
 
 Hypothesis draws shapes (empty and length 1 included), masks of every shape
 the functions and the layer take, paths (normalization, causal, null query,

@@ -40,7 +40,7 @@ def _peaked(attention_layers, factor=30.0):
             dense.kernel.assign(dense.kernel * factor)
 
 
-# Padding invariance (DNA.md, property 4): the valid outputs do not change
+# Padding invariance (docs/math.md, property 4): the valid outputs do not change
 # with the length or the content of the padding.
 
 @pytest.mark.parametrize("normalization", ["double", "hybrid"])

@@ -1,4 +1,4 @@
-"""DoublyNormalizedAttention against the oracle, MultiHeadAttention and DNA.md."""
+"""DoublyNormalizedAttention against the oracle, MultiHeadAttention and docs/math.md."""
 
 import numpy as np
 import pytest

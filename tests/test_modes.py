@@ -5,7 +5,7 @@ normalization), chunked, chunked causal, cross-attention with causal
 normalization, and cached decoding. Modes: eager (uncompiled), XLA,
 `tf.function` with unknown batch and lengths, SavedModel export and reload
 (unknown batch and lengths), `.keras` save and load, and LiteRT. Each case is
-compared with the float64 NumPy transcription of DNA.md (`tests/oracle.py`)
+compared with the float64 NumPy transcription of docs/math.md (`tests/oracle.py`)
 on inputs of two different shapes where one traced function must take both
 (unknown shapes, SavedModel, `.keras`, uncompiled eager), of one elsewhere.
 

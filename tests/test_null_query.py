@@ -1,4 +1,7 @@
-"""The null query (DNA.md, "Null query") and the causal ceiling it lifts (property 8)."""
+"""The null query (docs/math.md, "The null query") and the causal ceiling it lifts.
+
+Properties 8 and 9 of docs/math.md.
+"""
 
 import keras
 import numpy as np
@@ -49,7 +52,7 @@ def test_extreme_spread_matches_oracle(rng, causal):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype, beta, tol", [("float64", 1e4, 1e-10), ("float32", 200.0, 2e-5)])
 def test_limits_are_double_and_softmax(rng, causal, dtype, beta, tol):
-    # Property 9: beta -> -inf is DNA, beta -> +inf is softmax.
+    # Property 9 (docs/math.md): beta -> -inf is DNA, beta -> +inf is softmax.
     scores = (rng.normal(size=(2, HEADS, 7, 6)) * 3).astype(dtype)
     valid = random_valid(rng, (2, 1, 7, 6), keep=0.8)
     betas = np.full(HEADS, beta)
@@ -68,9 +71,9 @@ def _causal_weights(scores, valid=None, beta=None):
 
 
 def test_causal_ceiling_without_null_query(rng):
-    # Property 8: the diagonal is the largest weight of its row in causal
-    # self-attention, whatever the scores; at most half of a row's weight
-    # goes to any one earlier key.
+    # Property 8 (docs/math.md): the diagonal is the largest weight of its
+    # row in causal self-attention, whatever the scores; at most half of a
+    # row's weight goes to any one earlier key.
     scores = rng.normal(size=(4, HEADS, 9, 9)) * 4
     valid = np.tril(np.ones((9, 9), bool))
     weights = _causal_weights(scores, valid)
@@ -108,7 +111,8 @@ def test_first_cross_attention_query(rng, beta, uniform):
 
 def test_lower_bound_weakens_gracefully(rng):
     # With the null query, the column sums of B are 1 - exp(beta - c[j]),
-    # so A's column sums are at least that over the widest row (DNA.md).
+    # so A's column sums are at least that over the widest row (docs/math.md,
+    # "The null query").
     scores = rng.normal(size=(2, HEADS, 6, 5)) * 2
     # Key 0 scores far below the null query for every query: the null query
     # takes almost all of its mass, where DNA alone would give it 1.

@@ -1,4 +1,4 @@
-"""keras_dna.ops against the float64 oracle, and the properties of DNA.md."""
+"""keras_dna.ops against the float64 oracle, and the properties of docs/math.md."""
 
 import numpy as np
 import pytest

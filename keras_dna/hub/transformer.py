@@ -80,7 +80,7 @@ class TransformerDecoder(keras_hub.layers.TransformerDecoder):
     cache layout). The self-attention normalizes causally whenever the
     layer builds its causal mask (`use_causal_mask=True`, the default);
     the cross-attention always does, as decoding produces the queries one at
-    a time (DNA.md, "Causal normalization").
+    a time (docs/math.md, "Causal normalization").
 
     Args:
         self_attention_options: Keyword arguments of
@@ -188,7 +188,7 @@ def _without_padded_queries(attention, sequence, padding_mask, attention_mask):
     keras-hub turns a padding mask (`padding_mask`, or the Keras mask of
     `sequence`) into a mask over the keys only, `(B, 1, S)`: softmax never
     sees a padded query's row. DNA's first step sums over the queries, so a
-    padded query would change every valid output (DNA.md, property 4).
+    padded query would change every valid output (docs/math.md, property 4).
     Softmax (`"single"`) keeps keras-hub's mask, and so its outputs at padded
     positions too.
     """

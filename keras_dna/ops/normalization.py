@@ -6,7 +6,7 @@ On masked scores `s` (validity `m`), one head:
 - double normalization: `c[j] = logsumexp over valid i of s[i, j]` (each
   key's normalizer over the queries), then
   `A[i, j] = softmax over valid j of (s[i, j] - c[j])`;
-- with a null query of log-mass `beta` per head (DNA.md, "Null query"):
+- with a null query of log-mass `beta` per head (docs/math.md, "The null query"):
   `c[j] = logaddexp(c[j], beta)`.
 
 Double normalization takes one exponential per score, as softmax does, and
