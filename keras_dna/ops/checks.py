@@ -144,19 +144,21 @@ def check_mask_values(name, mask):
         )
 
 
-def check_flash_attention(flash_attention, causal):
-    """Raises unless `flash_attention` is `None` or a bool, and on `True`
-    for causal normalization, which has no fused path."""
+def check_flash_attention(flash_attention):
+    """Raises unless `flash_attention` is `None` or a bool."""
     if flash_attention is not None and not isinstance(flash_attention, bool):
         raise TypeError(
             "Argument `flash_attention` must be None, True or False. "
             f"Received: flash_attention={flash_attention!r}"
         )
-    if flash_attention and causal:
+
+
+def check_per_head(name, logits, heads):
+    """Raises unless `logits` holds one value per head, shape `(heads,)`
+    (a `None` count of heads, unknown while tracing, matches any length)."""
+    shape = tuple(np.shape(logits) if not hasattr(logits, "shape") else logits.shape)
+    if len(shape) != 1 or None not in (heads, shape[0]) and shape[0] != heads:
         raise ValueError(
-            "Causal normalization has no fused-kernel path: each query's "
-            "per-key normalizer sums over a different prefix of the queries, "
-            "which is not a per-key bias a fused kernel takes. Pass "
-            "flash_attention=None or False for causal calls (use_causal_mask, "
-            "causal_normalization, decoders)."
+            f"Argument `{name}` must have shape ({heads},), one value per "
+            f"head. Received: {name}.shape={shape}"
         )

@@ -17,11 +17,12 @@ beyond the caller's own mask. One head, scores `s[i, j]`, validity `m[i, j]`:
   then step 1's in two fused calls (`_key_normalizer`).
 
 The reference keys of the gradient calls are exact by construction (their
-weight is `1 / (1 + x)` with `x` at most the length). The forward read-out
-is not: far apart scores can underflow a channel (float32: a key's best
-query above the mean query by about 87). The call returns whether its
-read-out can be trusted, and the caller then takes the exact path, as the
-fast causal path does. The algebra is written out in the project's
+weight is `1 / (1 + x)` with `x` at most the length, at any score offset).
+The forward read-out is not: far apart scores can underflow a channel
+(float32: a key's best query above the mean query by about 87; float16,
+the read-out's dtype on accelerators, about 7). The call returns whether
+its read-out can be trusted, and the caller then takes the exact path, as
+the fast causal path does. The algebra is written out in the project's
 `FUSED.md` design note.
 """
 
@@ -30,6 +31,8 @@ from keras import ops
 
 from keras_dna.ops.backend import half_precision_kernels_only
 from keras_dna.ops.backend import records_gradients
+from keras_dna.ops.checks import check_broadcastable
+from keras_dna.ops.checks import check_per_head
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import smallest_normal
 from keras_dna.ops.numerics import working_dtype
@@ -58,7 +61,20 @@ def fused_attention(
         scalar, `False` where a read-out underflowed and the exact path
         must replace the output.
     """
-    attend = _Attend(query, key, mask, scale, flash_attention)
+    heads = query.shape[2]
+    if mask is not None:
+        check_broadcastable(
+            "mask", mask.shape, (query.shape[0], heads, query.shape[1], key.shape[1]), min_rank=4
+        )
+    for name, logits in (("mixing_logits", mixing_logits), ("null_query_logits", null_query_logits)):
+        if logits is not None:
+            check_per_head(name, logits, heads)
+    # A Python scale stays weakly typed: `ops.cast` would round it through
+    # float32.
+    attend = _Attend(
+        ops.multiply(query, scale), ops.cast(key, query.dtype),
+        None if mask is None else ops.cast(mask, "bool"), flash_attention,
+    )
     if normalization == "single":
         return attend.softmax(value), ops.convert_to_tensor(True)
     double, trusted = _double(attend, value, null_query_logits)
@@ -71,17 +87,17 @@ def fused_attention(
 
 
 class _Attend:
-    """One call's queries, keys and masks, and the fused calls made of them.
+    """One call's scaled queries, keys and mask, and the fused calls made of
+    them.
 
-    Queries are scaled once (the kernels then run with scale 1); masks
-    become additive biases, as the kernels take one bias and no separate
+    The kernels run with scale 1 and take one additive bias, no separate
     mask. Reference keys and marker channels ride along in extra rows and
     channels, all three head dimensions kept equal and a multiple of 8:
     kernels leave their fast path otherwise (on a CPU, a value width unequal
     to the key width cost 3.5x).
     """
 
-    def __init__(self, query, key, mask, scale, flash_attention):
+    def __init__(self, query, key, valid, flash_attention):
         self.dtype = query.dtype
         self.work_dtype = working_dtype(query.dtype)
         # The per-key read-out in float32 (its two channels rounded to
@@ -89,24 +105,54 @@ class _Attend:
         # where a float32 call stays on a fused kernel.
         fused_in_float32 = not flash_attention and not half_precision_kernels_only()
         self.read_out_dtype = self.work_dtype if fused_in_float32 else self.dtype
-        # A Python scale stays weakly typed: `ops.cast` would round it
-        # through float32.
-        self.query = ops.multiply(query, scale)
-        self.key = ops.cast(key, query.dtype)
+        self.heads = query.shape[2]
         self.flash_attention = flash_attention
-        self.valid = None if mask is None else ops.cast(mask, "bool")
+        self.valid = valid
         self.negative = _large_negative(query.dtype)
-        if self.valid is None:
+        if valid is None:
             self.row_valid = self.key_valid = self.valid_keys = None
-        else:
-            # (b, n, T) and (b, n, S), the batch and heads possibly 1.
-            self.row_valid = ops.any(self.valid, axis=-1)
-            self.key_valid = ops.any(self.valid, axis=-2)
-            # (b, S, n): laid out as the per-key normalizers.
-            self.valid_keys = _per_position(self.key_valid)[..., 0]
+            self.query, self.key = query, key
+            return
+        # (b, n, T) and (b, n, S), the batch and heads possibly 1.
+        self.row_valid = ops.any(valid, axis=-1)
+        self.key_valid = ops.any(valid, axis=-2)
+        # (b, S, n): laid out as the per-key normalizers.
+        self.valid_keys = _per_position(self.key_valid)[..., 0]
+        # A NaN in a query or key that nothing sees would still reach every
+        # output: the kernels add the masked scores' bias to it, and the
+        # mean query sums every query.
+        self.query = self.zero_invalid_rows(query)
+        self.key = self.zero_invalid_keys(key)
 
-    def call(self, query, key, value, bias):
-        """`softmax(query key^T + bias) value`, all in `(B, L, N, W)`."""
+    def call(self, query, key, value, key_bias=None, transposed=False, reference=False):
+        """`softmax(query key^T + bias) value`, all in `(B, L, N, W)`.
+
+        The bias is `key_bias` (`(B, columns, N)`, or `None` for 0) where
+        the mask (`transposed`: keys as rows) lets a row see a column,
+        large negative elsewhere. With `reference`, `key` has one last row
+        more, seen by every row.
+        """
+        valid = self.valid
+        if valid is not None and transposed:
+            valid = ops.transpose(valid, (0, 1, 3, 2))
+        if valid is not None and valid.shape[-1] == 1:
+            # A mask of whole rows: their outputs are replaced, and keeping
+            # it would write a bias of every row and column.
+            valid = None
+        if valid is not None and reference:
+            valid = ops.concatenate([valid, ops.ones_like(valid[..., :1])], axis=-1)
+        if key_bias is not None and _shared_by_heads(valid, self.heads):
+            # Combined with a mask of rows and columns shared by the heads,
+            # a per-head bias would write a float of every head, row and
+            # column (a padded batch's masks, (B, 1, T, S)); folded into one
+            # more channel, `q' = [q, 1]`, `k' = [k, bias]`, it writes
+            # nothing score-sized.
+            query = ops.concatenate([query, ops.ones_like(query[..., :1])], axis=-1)
+            key = ops.concatenate([key, ops.expand_dims(ops.cast(key_bias, key.dtype), -1)], axis=-1)
+            key_bias = None
+        bias = None if key_bias is None else _as_key_bias(key_bias, query.dtype)
+        if valid is not None:
+            bias = ops.cast(ops.where(valid, 0.0 if bias is None else bias, self.negative), query.dtype)
         value_width = value.shape[-1]
         width = _width(query.shape[-1], key.shape[-1], value_width)
         query, key, value = (_padded(x, width) for x in (query, key, value))
@@ -115,39 +161,25 @@ class _Attend:
         )
         return output[..., :value_width]
 
-    def bias(self, key_bias=None, transposed=False, reference=False):
-        """`(b, n, rows, columns)` bias: `key_bias` (`(B, N, 1, columns)`)
-        where valid, large negative where masked, and a last column of 0 for
-        a reference key."""
-        valid = self.valid
-        if valid is not None and transposed:
-            valid = ops.transpose(valid, (0, 1, 3, 2))
-        if valid is not None and valid.shape[-1] == 1:
-            # A mask of whole rows: their outputs are replaced, and keeping
-            # it would write a bias of every row and column.
-            valid = None
-        if valid is None:
-            bias = key_bias
-        else:
-            bias = ops.where(valid, 0.0 if key_bias is None else key_bias, self.negative)
-            bias = ops.cast(bias, self.dtype)
-        if not reference or bias is None:
-            return bias
-        columns = ops.shape(self.query if transposed else self.key)[1]
-        shape = tuple(ops.shape(bias)[:-1]) + (columns,)
-        bias = ops.broadcast_to(bias, shape)
-        return ops.concatenate([bias, ops.zeros(shape[:-1] + (1,), bias.dtype)], axis=-1)
-
     def softmax(self, value):
         """Softmax attention (what `MultiHeadAttention` computes)."""
-        output = self.call(self.query, self.key, ops.cast(value, self.dtype), self.bias())
-        return self.zero_invalid_rows(output)
+        return self.zero_invalid_rows(self.call(self.query, self.key, self.values(value)))
+
+    def values(self, value):
+        """`value` in the kernels' dtype, zero where no query sees its key."""
+        return self.zero_invalid_keys(ops.cast(value, self.dtype))
 
     def zero_invalid_rows(self, output):
         """`output` with zeros for the queries that see no key."""
         if self.row_valid is None:
             return output
         return ops.where(_per_position(self.row_valid), output, 0.0)
+
+    def zero_invalid_keys(self, per_key):
+        """`(B, S, N, W)` with zeros for the keys no query sees."""
+        if self.key_valid is None:
+            return per_key
+        return ops.where(_per_position(self.key_valid), per_key, 0.0)
 
 
 def _double(attend, value, null_query_logits):
@@ -156,25 +188,23 @@ def _double(attend, value, null_query_logits):
     if attend.valid_keys is not None:
         # Keys no query sees have c0 = -inf; any finite c keeps them out.
         key_lse = ops.where(attend.valid_keys, key_lse, 0.0)
-    normalizer = _key_normalizer(attend, key_lse)
-    if null_query_logits is None:
-        key_normalizer = normalizer(attend.query, attend.key)
-    else:
+    beta = None
+    if null_query_logits is not None:
         beta = ops.reshape(ops.cast(null_query_logits, attend.work_dtype), (1, 1, -1))
-        key_normalizer = normalizer(attend.query, attend.key, beta)
+    key_normalizer = _key_normalizer(attend, key_lse, beta)
     # Shifted by their mean over the keys, which no softmax over keys sees,
     # the biases are small: in bfloat16, c itself rounded 4x worse than the
     # softmax kernel's own error.
     constant = ops.stop_gradient(key_normalizer)
     shifted = constant - _mean_over_valid_keys(attend, constant)
-    bias = attend.bias(_as_key_bias(-shifted, attend.dtype))
-    value = ops.cast(value, attend.dtype)
+    value = attend.values(value)
     if not records_gradients(attend.query, attend.key, value):
         # Without a gradient, the values need no channel more (which widens
         # every operand of the kernel to the next multiple of 8).
-        return attend.zero_invalid_rows(attend.call(attend.query, attend.key, value, bias)), trusted
+        output = attend.call(attend.query, attend.key, value, -shifted)
+        return attend.zero_invalid_rows(output), trusted
     values = _with_normalizer_channel(value, key_normalizer)
-    output = attend.call(attend.query, attend.key, values, bias)
+    output = attend.call(attend.query, attend.key, values, -shifted)
     return attend.zero_invalid_rows(_without_last_channel(output)), trusted
 
 
@@ -224,12 +254,10 @@ def _without_last_channel(output):
 
 
 def _mean_over_valid_keys(attend, per_key):
-    """`(B, 1, N, ...)`: the mean of `(B, S, N, ...)` over each head's
-    valid keys."""
+    """`(B, 1, N)`: the mean of `(B, S, N)` over each head's valid keys."""
     weights = ops.ones_like(per_key)
-    if attend.key_valid is not None:
-        valid = _per_position(attend.key_valid)
-        weights = weights * ops.cast(valid if len(per_key.shape) == 4 else valid[..., 0], per_key.dtype)
+    if attend.valid_keys is not None:
+        weights = weights * ops.cast(attend.valid_keys, per_key.dtype)
     count = ops.maximum(ops.sum(weights, axis=1, keepdims=True), 1.0)
     return ops.sum(weights * per_key, axis=1, keepdims=True) / count
 
@@ -239,7 +267,7 @@ def key_logsumexp(attend):
 
     Read out of one fused call with the keys as queries, the queries as
     keys and the mean valid query as a reference key; see the module
-    docstring. Also returns whether no read-out underflowed.
+    docstring. Also returns whether every read-out is exact enough.
     """
     query, key = (ops.cast(ops.stop_gradient(x), attend.read_out_dtype) for x in (attend.query, attend.key))
     weights = ops.ones_like(query[..., :1])
@@ -248,59 +276,74 @@ def key_logsumexp(attend):
     count = ops.maximum(ops.sum(weights, axis=1, keepdims=True), 1.0)
     mean_query = ops.sum(weights * query, axis=1, keepdims=True) / count
     keys = ops.concatenate([query, mean_query], axis=1)
-    output = attend.call(
-        key, keys, _with_reference(ops.ones_like(weights)), attend.bias(transposed=True, reference=True)
+    output = attend.call(key, keys, _with_reference(ops.ones_like(weights)), transposed=True, reference=True)
+    real, reference = output[..., 0], output[..., 1]
+    trusted = _above_floor((real, reference), attend.key_valid, smallest_normal(output))
+    # The kernel's score of the reference key, as it sums it: from the
+    # rounded operands, in float32. Summed in float16, it put 0.04 on c.
+    reference_score = ops.sum(
+        ops.cast(key, attend.work_dtype) * ops.cast(mean_query, attend.work_dtype), axis=-1
     )
-    real, reference = (ops.cast(output[..., i], attend.work_dtype) for i in (0, 1))
-    reference_score = ops.cast(ops.sum(key * mean_query, axis=-1), attend.work_dtype)
-    key_lse = reference_score + ops.log(real) - ops.log(reference)
-    return key_lse, _above_floor((real, reference), attend.key_valid)
+    real, reference = (ops.cast(x, attend.work_dtype) for x in (real, reference))
+    return reference_score + ops.log(real) - ops.log(reference), trusted
 
 
-def _key_normalizer(attend, key_lse):
-    """`c = logaddexp(c0, beta)` (or `c0`) as a function of the scaled
-    queries, the keys and beta, with the gradient through step 1 in two
-    fused calls: `dk[j] = dc[j] exp(c0[j] - c[j]) sum_i softmax over i of
-    s[i, j] q[i]` and `dq[i] = sum_j B[i, j] dc[j] k[j]`."""
-    key_valid = attend.valid_keys
+def _key_normalizer(attend, key_lse, beta):
+    """`c = logaddexp(c0, beta)` (or `c0` where `beta` is `None`) as a
+    function of the scaled queries, the keys and beta, with the gradient
+    through step 1 in two fused calls: `dk[j] = dc[j] exp(c0[j] - c[j])
+    sum_i softmax over i of s[i, j] q[i]` and `dq[i] = sum_j B[i, j] dc[j]
+    k[j]`.
 
-    def where_valid(x):
-        return x if key_valid is None else ops.where(key_valid, x, 0.0)
+    The mask and `c0` enter as arguments, not from the enclosing scope:
+    JAX cannot differentiate a `jax.jit`-compiled call whose custom gradient
+    closes over values traced by the compilation ("No constant handler").
+    """
+    masked = attend.valid is not None
 
     @ops.custom_gradient
-    def normalizer(query, key, *null):
-        normalizer = logaddexp(key_lse, null[0]) if null else key_lse
+    def normalizer(query, key, key_lse, *optional):
+        inner = _Attend(query, key, optional[0] if masked else None, attend.flash_attention)
+        null = optional[-1] if beta is not None else None
+        normalizer = key_lse if null is None else logaddexp(key_lse, null)
+
+        def where_valid(x):
+            return x if inner.valid_keys is None else ops.where(inner.valid_keys, x, 0.0)
 
         def grad(*args, upstream=None):
             upstream = where_valid(args[0] if upstream is None else upstream)
-            share = where_valid(ops.exp(key_lse - normalizer)) if null else 1.0
-            mean_query = attend.call(key, query, query, attend.bias(transposed=True))
-            key_grad = ops.expand_dims(upstream * share, -1) * ops.cast(mean_query, attend.work_dtype)
-            shift = _mean_over_valid_keys(attend, normalizer)
-            query_grad = _weighted_keys(attend, query, key, normalizer - shift, upstream * ops.exp(-shift))
-            grads = (ops.cast(query_grad, query.dtype), ops.cast(key_grad, key.dtype))
-            if not null:
+            share = 1.0 if null is None else where_valid(ops.exp(key_lse - normalizer))
+            mean_query = inner.call(key, query, query, transposed=True)
+            key_grad = ops.expand_dims(upstream * share, -1) * ops.cast(mean_query, inner.work_dtype)
+            query_grad = _weighted_keys(inner, query, key, normalizer, upstream)
+            grads = (ops.cast(query_grad, query.dtype), ops.cast(key_grad, key.dtype), None)
+            grads += (None,) if masked else ()
+            if null is None:
                 return grads
-            null_share = where_valid(ops.exp(null[0] - normalizer))
-            null_grad = ops.sum(upstream * null_share, axis=(0, 1), keepdims=True)
-            return grads + (null_grad,)
+            null_share = where_valid(ops.exp(null - normalizer))
+            return grads + (ops.sum(upstream * null_share, axis=(0, 1), keepdims=True),)
 
         return normalizer, grad
 
-    return normalizer
+    optional = ([attend.valid] if masked else []) + ([] if beta is None else [beta])
+    return normalizer(attend.query, attend.key, key_lse, *optional)
 
 
 def _weighted_keys(attend, query, key, key_normalizer, upstream):
     """`sum_j B[i, j] dc[j] k[j]`, `B = m exp(s - c)`, read out against a
-    reference key of score 0 (weight `1 / (1 + sum_j B[i, j])`, never tiny).
-    Called with `c` less a shift and `dc` times its exponential, which
-    leaves the sum as it is and the bias small."""
+    reference key whose score is the mean `c`, rounded to the kernels'
+    dtype so that it cancels exactly: each key's bias is `c`'s distance
+    from it, small, and every score is below the reference's (`s <= c`),
+    so its weight is at least `1 / (1 + S)` at any score offset."""
+    shift = _mean_over_valid_keys(attend, key_normalizer)
+    shift = ops.cast(ops.cast(shift, attend.dtype), shift.dtype)
     width = key.shape[-1]
     output = attend.call(
         query,
         _with_zero_row(key),
         _with_reference(ops.expand_dims(ops.cast(upstream, key.dtype), -1) * key),
-        attend.bias(_as_key_bias(-key_normalizer, attend.dtype), reference=True),
+        ops.concatenate([shift - key_normalizer, shift], axis=1),
+        reference=True,
     )
     output = ops.cast(output, attend.work_dtype)
     return attend.zero_invalid_rows(output[..., :width] / output[..., width : width + 1])
@@ -330,15 +373,20 @@ def _per_position(per_head_positions):
     return ops.expand_dims(ops.transpose(per_head_positions, (0, 2, 1)), -1)
 
 
-def _above_floor(read_outs, position_valid):
-    """Whether every read-out is a normal float wherever its position is valid."""
-    floor = smallest_normal(read_outs[0])
+def _above_floor(read_outs, position_valid, floor):
+    """Whether every read-out is at least `floor` wherever its position is
+    valid."""
     trusted = ops.convert_to_tensor(True)
     for read_out in read_outs:
         if position_valid is not None:
             read_out = ops.where(_per_position(position_valid)[..., 0], read_out, 1.0)
         trusted = ops.logical_and(trusted, ops.all(read_out >= floor))
     return trusted
+
+
+def _shared_by_heads(valid, heads):
+    """Whether `valid` masks rows and columns alike for several heads."""
+    return valid is not None and valid.shape[1] == 1 and valid.shape[2] != 1 and heads != 1
 
 
 def _width(*widths):

@@ -71,7 +71,15 @@ def max_along(x, axis):
 
 
 def smallest_normal(x):
-    return 1e-307 if _is_float64(x) else 1e-37
+    """A floor about 8x above the smallest normal number of `x`'s dtype:
+    values above it keep the dtype's full relative precision, where
+    subnormals lose it digit by digit. bfloat16 shares float32's range;
+    float16's normals end near 6.1e-5."""
+    if _is_float64(x):
+        return 1e-307
+    if keras.backend.standardize_dtype(x.dtype) == "float16":
+        return 5e-4
+    return 1e-37
 
 
 def at_least(x, floor):
