@@ -63,7 +63,7 @@ pytest=(python -m pytest -q -n 2 --dist loadscope)
 # The tests that do not depend on the backend: the oracle, the properties of
 # DNA, gradients, masks, Keras's own MultiHeadAttention tests, fused kernels,
 # and the uses of Keras's internals (which differ by backend).
-neutral=(tests/test_backends.py tests/test_keras_suite.py tests/test_fuzz.py tests/test_fused.py
+neutral=(tests/test_backends.py tests/test_keras_suite.py tests/test_fuzz.py tests/test_fused.py tests/test_implementation.py
   tests/test_compat.py)
 # keras-hub's tests of the cache, the layers and generation; the conversion of
 # backbones and classifiers (BERT, GPT-2 keeping its class) runs on TensorFlow

@@ -10,6 +10,7 @@ import keras
 from keras_dna.layers.masks import is_per_head
 from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.checks import check_chunk_size
+from keras_dna.ops.checks import check_flash_attention
 from keras_dna.ops.checks import check_match
 from keras_dna.ops.checks import check_normalization
 from keras_dna.ops.checks import check_null_query_normalization
@@ -19,11 +20,7 @@ from keras_dna.ops.checks import same_static_shape
 def flash_attention_setting(flash_attention, dropout):
     """The layer's `flash_attention`: the argument, or the global setting
     (`keras.config.disable_flash_attention()`) where it is `None`."""
-    if flash_attention is not None and not isinstance(flash_attention, bool):
-        raise TypeError(
-            "Argument `flash_attention` must be None, True or False. "
-            f"Received: flash_attention={flash_attention!r}"
-        )
+    check_flash_attention(flash_attention)
     if flash_attention is None:
         flash_attention = keras.config.is_flash_attention_enabled()
     if flash_attention and dropout > 0.0:
@@ -36,9 +33,11 @@ def flash_attention_setting(flash_attention, dropout):
 
 
 def check_options(
-    normalization, jit_compile, chunk_size, dropout, causal_normalization, null_query
+    normalization, jit_compile, chunk_size, dropout, causal_normalization, null_query,
+    attention_axes,
 ):
-    """Raises on the arguments `MultiHeadAttention` does not have."""
+    """Raises on the arguments `MultiHeadAttention` does not have, and on
+    `attention_axes` that an integer `chunk_size` cannot take."""
     check_normalization(normalization)
     if jit_compile not in ("auto", True, False):
         raise ValueError(
@@ -52,6 +51,16 @@ def check_options(
             "matrix, which `chunk_size` never holds. Pass dropout=0 or "
             f"chunk_size=None. Received: dropout={dropout!r}, "
             f"chunk_size={chunk_size!r}"
+        )
+    if isinstance(chunk_size, int) and isinstance(attention_axes, (list, tuple)) and (
+        len(attention_axes) > 1
+    ):
+        raise ValueError(
+            "`chunk_size` takes blocks of queries along one attention axis; "
+            "several axes are normalized jointly over their product, which "
+            "needs the whole weight matrix. Pass one attention axis or "
+            f"chunk_size=None. Received: chunk_size={chunk_size!r}, "
+            f"attention_axes={tuple(attention_axes)}"
         )
     for name, flag in (("causal_normalization", causal_normalization), ("null_query", null_query)):
         if not isinstance(flag, bool):
@@ -104,21 +113,15 @@ def check_causal_mask_call(use_causal_mask, attention_axes):
         )
 
 
-def check_chunked_call(chunk_size, return_attention_scores, attention_axes):
-    """Raises if a call asks a layer with an integer `chunk_size` for what
-    blocks of queries cannot give."""
-    if not isinstance(chunk_size, int):
-        return
-    if return_attention_scores:
+def check_chunked_call(chunk_size, return_attention_scores):
+    """Raises if a call asks a layer with an integer `chunk_size` for the
+    weights, which blocks of queries never hold."""
+    if isinstance(chunk_size, int) and return_attention_scores:
         raise ValueError(
             "A layer with `chunk_size` never holds the whole attention "
             "weight matrix, so it cannot return it. Pass "
             "return_attention_scores=False or build the layer with "
             "chunk_size=None."
-        )
-    if len(attention_axes) != 1:
-        raise ValueError(
-            f"`chunk_size` needs a single attention axis. Received: attention_axes={attention_axes}"
         )
 
 

@@ -19,13 +19,11 @@ from keras_dna.layers.argument_checks import check_options
 from keras_dna.layers.argument_checks import flash_attention_setting
 from keras_dna.layers.masks import with_heads_axis
 from keras_dna.layers.mha_base import MultiHeadAttentionBase
-from keras_dna.ops import auto_chunk_size
 from keras_dna.ops import doubly_normalized_attention
 from keras_dna.ops import normalize_attention_scores
 from keras_dna.ops.backend import compiled
 from keras_dna.ops.backend import einsum
-from keras_dna.ops.backend import uses_fused_kernels
-from keras_dna.ops.checks import check_flash_attention
+from keras_dna.ops.implementation import implementation_for
 
 # The null query's initial log-mass: the best of -2, 0, 2 and 4 on the
 # grapheme-to-phoneme example (benchmarks/null_query_init.py). With scores of
@@ -240,7 +238,7 @@ class DoublyNormalizedAttention(MultiHeadAttentionBase):
         into DNA)."""
         check_options(
             normalization, jit_compile, chunk_size, self._dropout, causal_normalization,
-            null_query,
+            null_query, self._attention_axes,
         )
         # Logits of earlier options (a layer converted again) leave with them.
         for logits in (getattr(self, "_mixing_logits", None), getattr(self, "_null_query_logits", None)):
@@ -352,19 +350,25 @@ class DoublyNormalizedAttention(MultiHeadAttentionBase):
                 )
             },
         }
-        if self._runs_fused(query, causal_normalization, return_attention_scores):
-            output = doubly_normalized_attention(
-                query, key, value, attention_mask, flash_attention=self._flash_attention,
-                **options,
+        flat = _OneBatchAxis(query, key, value, attention_mask, self._attention_axes)
+        implementation, chunk_size = implementation_for(
+            flat.query, flat.key, normalization=self._normalization,
+            causal=causal_normalization, flash_attention=self._flash_attention,
+            chunk_size=self._chunk_size, num_attention_axes=num_axes, dropout=self._dropout,
+            return_weights=return_attention_scores,
+        )
+        if implementation != "whole":
+            # Fused kernels run as they are; `compiled` would trace their
+            # calls into an XLA function of its own.
+            attention = doubly_normalized_attention
+            if implementation == "blockwise":
+                attention = compiled(doubly_normalized_attention, self._jit_compile)
+            output = attention(
+                flat.query, flat.key, flat.value, flat.mask,
+                causal_normalization=causal_normalization, flash_attention=self._flash_attention,
+                implementation=implementation, chunk_size=chunk_size, **options,
             )
-            return ops.cast(output, value.dtype), None
-        chunk_size = self._chunk_size_for(query, key, return_attention_scores)
-        if chunk_size is not None:
-            output = compiled(doubly_normalized_attention, self._jit_compile)(
-                query, key, value, attention_mask, causal_normalization=causal_normalization,
-                chunk_size=chunk_size, **options,
-            )
-            return ops.cast(output, value.dtype), None
+            return ops.cast(flat.restore(output), value.dtype), None
         # MultiHeadAttention's path, with DNA's normalization for its softmax.
         # A Python float keeps the query's dtype; `ops.cast` of one would
         # round it through float32 first.
@@ -379,7 +383,7 @@ class DoublyNormalizedAttention(MultiHeadAttentionBase):
 
     def _check_call_options(self, return_attention_scores, use_causal_mask):
         check_flash_call(self._flash_attention, return_attention_scores)
-        check_chunked_call(self._chunk_size, return_attention_scores, self._attention_axes)
+        check_chunked_call(self._chunk_size, return_attention_scores)
         super()._check_call_options(return_attention_scores, use_causal_mask)
 
     def _causal_argument(self, causal):
@@ -402,26 +406,44 @@ class DoublyNormalizedAttention(MultiHeadAttentionBase):
             )
         return {"causal_normalization": True}
 
-    def _runs_fused(self, query, causal_normalization, return_attention_scores):
-        """Whether this call runs on fused kernels (`keras_dna.ops.fused`),
-        where `MultiHeadAttention` would: no dropout, no weights returned,
-        one attention axis."""
-        if self._flash_attention and causal_normalization and self._normalization != "single":
-            check_flash_attention(True, causal=True)
-        if self._dropout > 0.0 or return_attention_scores or len(query.shape) != 4:
-            return False
-        causal = causal_normalization and self._normalization != "single"
-        return uses_fused_kernels(self._flash_attention, query.dtype, causal)
 
-    def _chunk_size_for(self, query, key, return_attention_scores):
-        """This call's blocks of queries, or `None` to hold the whole weights."""
-        # Asked for the weights (as `keras_dna.analysis` asks), a chunked layer
-        # computes them whole: `call` refuses to return them, not this.
-        if self._chunk_size is None or return_attention_scores:
-            return None
-        if self._chunk_size != "auto":
-            return self._chunk_size
-        # Dropout and several attention axes need the whole weight matrix.
-        if self._dropout or len(self._attention_axes) != 1:
-            return None
-        return auto_chunk_size(query.shape, key.shape)
+class _OneBatchAxis:
+    """A call's projections with one batch axis, `(B, T, num_heads, dim)`,
+    as `keras_dna.ops.doubly_normalized_attention` takes them.
+
+    With one attention axis but more than one batch axis (4-D inputs and
+    `attention_axes=(1,)` or `(2,)`, as `MultiHeadAttention` takes them), the
+    other axes join the batch; `restore` puts them back. Several attention
+    axes stay as they are (only `"whole"` runs them).
+    """
+
+    def __init__(self, query, key, value, mask, attention_axes):
+        self.query, self.key, self.value, self.mask = query, key, value, mask
+        self._shape = None
+        rank = len(query.shape)
+        if len(attention_axes) != 1 or rank == 4:
+            return
+        (axis,) = attention_axes
+        # The batch axes, then the attention axis, heads and features.
+        self._order = [a for a in range(rank - 2) if a != axis] + [axis, rank - 2, rank - 1]
+        self._shape = ops.shape(query)
+        self.query, self.key, self.value = (self._flattened(x) for x in (query, key, value))
+        if mask is not None:
+            # (batch axes, heads, T, S), as the scores; the batch axes
+            # broadcast to the query's.
+            batch = tuple(ops.shape(query)[a] for a in self._order[:-3])
+            mask = ops.broadcast_to(mask, batch + tuple(ops.shape(mask)[-3:]))
+            self.mask = ops.reshape(mask, (-1,) + tuple(ops.shape(mask)[-3:]))
+
+    def _flattened(self, x):
+        x = ops.transpose(x, self._order)
+        return ops.reshape(x, (-1,) + tuple(ops.shape(x)[-3:]))
+
+    def restore(self, output):
+        """`output`, `(B, T, num_heads, dim)`, in the layout of the query."""
+        if self._shape is None:
+            return output
+        batch = tuple(self._shape[a] for a in self._order[:-3])
+        output = ops.reshape(output, batch + tuple(ops.shape(output)[-3:]))
+        inverse = [self._order.index(a) for a in range(len(self._order))]
+        return ops.transpose(output, inverse)

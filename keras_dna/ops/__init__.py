@@ -14,7 +14,10 @@ The functions here are what `keras_dna.DoublyNormalizedAttention` runs; they
 can also be used on their own, in the style of
 `keras.ops.dot_product_attention`. One module per concern:
 
-- `dispatch`: the public functions (checks, masks, dispatch);
+- `dispatch`: the public functions (checks, masks, and the call of the
+  implementation chosen);
+- `implementation`: which implementation runs a call, decided once
+  (`choose_implementation`, `implementation_for`);
 - `normalization`: softmax and double normalization, with gradients;
 - `causal`: prefix log-sum-exps for causal normalization;
 - `blockwise`: the `chunk_size` path, blocks of queries;
@@ -34,14 +37,20 @@ from keras_dna.ops.dispatch import doubly_normalized_attention_weights
 from keras_dna.ops.dispatch import normalize_attention_scores
 from keras_dna.ops.blockwise import auto_chunk_size
 from keras_dna.ops.checks import NORMALIZATIONS
+from keras_dna.ops.implementation import IMPLEMENTATIONS
+from keras_dna.ops.implementation import choose_implementation
+from keras_dna.ops.implementation import implementation_for
 from keras_dna.ops.incremental import causal_block_weights
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "NORMALIZATIONS",
     "auto_chunk_size",
     "causal_block_weights",
     "causal_mask",
+    "choose_implementation",
     "doubly_normalized_attention",
     "doubly_normalized_attention_weights",
+    "implementation_for",
     "normalize_attention_scores",
 ]

@@ -258,33 +258,6 @@ def cumulative_logsumexp(x, axis, reverse=False):
     return np.logaddexp.accumulate(x, axis=axis)
 
 
-def uses_fused_kernels(flash_attention, dtype, causal):
-    """Whether attention runs on the backend's fused kernels
-    (`keras_dna.ops.fused`): `flash_attention` if it is a bool, else where
-    a fused kernel runs for `keras.ops.dot_product_attention` and beats
-    writing the scores out.
-
-    That is PyTorch (`scaled_dot_product_attention` is fused on CPUs too:
-    whole non-causal layers took 1.6-2.0x `MultiHeadAttention` forward and
-    backward this way, against 2.3-6.4x through the scores,
-    `benchmarks/results/fused.md`), and JAX on GPUs and TPUs in
-    half precision, where Keras runs cuDNN and Pallas flash kernels.
-    TensorFlow has no fused kernel. Never for float64, which Keras's kernels
-    round to float32 outside TensorFlow, nor causal normalization.
-    """
-    if causal:
-        return False
-    if flash_attention is not None:
-        return flash_attention
-    dtype = keras.backend.standardize_dtype(dtype)
-    backend = keras.backend.backend()
-    if backend == "torch":
-        return dtype != "float64"
-    if backend == "jax" and dtype in ("float16", "bfloat16"):
-        return half_precision_kernels_only()
-    return False
-
-
 def half_precision_kernels_only():
     """Whether the backend's fused attention kernels take half precision
     only: JAX on GPUs and TPUs (cuDNN, Pallas), where Keras computes a

@@ -43,20 +43,23 @@ AUTO_CHUNK_SIZE = 512
 AUTO_CHUNK_SCORES = 2**30
 
 
-def auto_chunk_size(query_shape, key_shape):
+def auto_chunk_size(query_shape, key_shape, min_scores=None):
     """The `chunk_size` that `"auto"` picks, or `None` for the whole matrix.
 
     `query_shape` is `(batch, query_length, num_heads, ...)` and `key_shape`
     `(batch, key_length, ...)`. Blocks where the scores of all heads would
-    hold at least `AUTO_CHUNK_SCORES` entries (an unknown batch counts as
-    1); unknown lengths, or queries that fit in one block, give `None`.
+    hold at least `min_scores` entries (default `AUTO_CHUNK_SCORES`; an
+    unknown batch counts as 1); unknown lengths, or queries that fit in one
+    block, give `None`.
     """
     batch, query_length, num_heads = query_shape[:3]
     key_length = key_shape[1]
     if query_length is None or key_length is None or query_length <= AUTO_CHUNK_SIZE:
         return None
     scores = (batch or 1) * (num_heads or 1) * query_length * key_length
-    return AUTO_CHUNK_SIZE if scores >= AUTO_CHUNK_SCORES else None
+    if min_scores is None:
+        min_scores = AUTO_CHUNK_SCORES
+    return AUTO_CHUNK_SIZE if scores >= min_scores else None
 
 
 def chunked_attention(

@@ -12,8 +12,6 @@ import math
 from keras import ops
 
 from keras_dna.ops.backend import einsum
-from keras_dna.ops.backend import uses_fused_kernels
-from keras_dna.ops.blockwise import auto_chunk_size
 from keras_dna.ops.blockwise import chunked_attention
 from keras_dna.ops.causal import causal_double_normalization
 from keras_dna.ops.checks import check_broadcastable
@@ -22,10 +20,13 @@ from keras_dna.ops.checks import check_flash_attention
 from keras_dna.ops.checks import check_mask_values
 from keras_dna.ops.checks import check_match
 from keras_dna.ops.checks import check_normalization
+from keras_dna.ops.checks import check_per_head
 from keras_dna.ops.checks import check_null_query_normalization
 from keras_dna.ops.checks import check_rank4
 from keras_dna.ops.checks import checked_query_and_key
 from keras_dna.ops.fused import fused_attention
+from keras_dna.ops.implementation import check_implementation
+from keras_dna.ops.implementation import implementation_for
 from keras_dna.ops.normalization import double_normalization
 from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.numerics import working_dtype
@@ -130,14 +131,7 @@ def normalize_attention_scores(
 def per_head(name, logits, heads, dtype):
     """`logits` checked to hold one value per head, shaped `(heads, 1, 1)`."""
     logits = ops.convert_to_tensor(logits)
-    # Traced with relaxed shapes, the number of heads can be unknown.
-    if len(logits.shape) != 1 or None not in (heads, logits.shape[0]) and (
-        logits.shape[0] != heads
-    ):
-        raise ValueError(
-            f"Argument `{name}` must have shape ({heads},), one value per "
-            f"head. Received: {name}.shape={logits.shape}"
-        )
+    check_per_head(name, logits, heads)
     return ops.reshape(ops.cast(logits, dtype), (-1, 1, 1))
 
 
@@ -262,6 +256,7 @@ def doubly_normalized_attention(
     null_query_logits=None,
     chunk_size=None,
     flash_attention=None,
+    implementation=None,
 ):
     """Doubly-normalized attention, a counterpart of `keras.ops.dot_product_attention`.
 
@@ -287,78 +282,110 @@ def doubly_normalized_attention(
         flash_attention: Whether to run on the backend's fused attention
             kernels (`keras.ops.dot_product_attention`), in memory linear in
             the lengths (`keras_dna.ops.fused`); non-causal only. `None`:
-            where the backend has a fused kernel that is faster
-            (`keras_dna.ops.backend.uses_fused_kernels`); `True`: always,
-            passing `flash_attention=True` on to the kernels, which then
-            must be flash kernels (an error where they cannot be, as for
-            `keras.ops.dot_product_attention`); `False`: never. Where the
-            fused path's read-outs underflow (scores about a hundred apart
-            in float32), the call takes the exact path instead.
+            where the backend has a fused kernel that takes DNA's per-key
+            bias and is faster, unless `keras.config.disable_flash_attention()`
+            was called; `True`: always, passing `flash_attention=True` on to
+            the kernels, which then must be flash kernels (an error where
+            they cannot be); `False`: never. Where the fused path's
+            read-outs underflow (scores about a hundred apart in float32),
+            the call takes the exact path instead, by blocks of queries
+            where the lengths are large.
+        implementation: `None` (chosen from the other arguments, the
+            backend and the platform by
+            `keras_dna.ops.implementation.implementation_for`), or one of
+            `"whole"` (the whole weight matrix), `"blockwise"` (blocks of
+            `chunk_size` queries, an integer) and `"fused"` (fused kernels;
+            `chunk_size` then gives the blocks of its exact fallback), as
+            `jax.nn.dot_product_attention` takes one.
 
     Returns:
         Shape `(batch, query_length, num_heads, value_dim)`.
     """
     check_chunk_size(chunk_size)
-    check_flash_attention(flash_attention, is_causal or causal_normalization)
+    check_flash_attention(flash_attention)
+    check_normalization(normalization)
+    if null_query_logits is not None:
+        check_null_query_normalization(normalization)
+    query, key = checked_query_and_key(query, key)
     value = ops.convert_to_tensor(value)
     check_rank4("value", value)
-    key = ops.convert_to_tensor(key)
     for axis, what in ((0, "batch size"), (1, "length"), (2, "number of heads")):
         check_match(what, "key", key.shape[axis], "value", value.shape[axis])
-    query = ops.convert_to_tensor(query)
+    if mask is not None:
+        check_mask_values("mask", mask)
+        mask = ops.cast(mask, "bool")
+        check_broadcastable("mask", mask.shape, _scores_shape(query, key))
+    causal = bool(is_causal or causal_normalization)
+    if implementation is None:
+        implementation, chunk_size = implementation_for(
+            query, key, normalization=normalization, causal=causal,
+            flash_attention=flash_attention, chunk_size=chunk_size,
+        )
+    else:
+        check_implementation(
+            implementation, query, chunk_size=chunk_size, normalization=normalization,
+            causal=causal, flash_attention=flash_attention,
+        )
     options = dict(
         normalization=normalization, is_causal=is_causal,
         causal_normalization=causal_normalization, scale=scale,
         mixing_logits=mixing_logits, null_query_logits=null_query_logits,
     )
-    if not uses_fused_kernels(flash_attention, query.dtype, is_causal or causal_normalization):
-        return _exact_attention(query, key, value, mask, chunk_size, **options)
-    query, key = checked_query_and_key(query, key)
-    check_mask_values("mask", mask)
-    check_normalization(normalization)
-    if null_query_logits is not None:
-        check_null_query_normalization(normalization)
-    output, trusted = fused_attention(
-        query, key, value, _rank4(mask), normalization=normalization,
-        scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
-        mixing_logits=mixing_logits, null_query_logits=null_query_logits,
-        flash_attention=flash_attention,
-    )
-    return ops.cond(
-        trusted,
-        lambda: output,
-        lambda: ops.cast(_exact_attention(query, key, value, mask, chunk_size, **options), output.dtype),
-    )
+    if implementation == "whole":
+        return _whole_attention(query, key, value, mask, **options)
+    if implementation == "blockwise":
+        return _blockwise_attention(query, key, value, mask, chunk_size, **options)
+    return _fused_attention(query, key, value, mask, chunk_size, flash_attention, **options)
 
 
-def _exact_attention(query, key, value, mask, chunk_size, **options):
-    """Attention without fused kernels: by blocks of queries (`chunk_size`)
-    or through the whole weight matrix."""
-    if chunk_size is not None:
-        query, key = checked_query_and_key(query, key)
-        if chunk_size == "auto":
-            chunk_size = auto_chunk_size(query.shape, key.shape)
-    if chunk_size is None:
-        weights = doubly_normalized_attention_weights(query, key, mask, **options)
-        return einsum("bnts,bsnh->btnh", weights, ops.cast(value, weights.dtype))
-    check_mask_values("mask", mask)
-    normalization = options["normalization"]
-    check_normalization(normalization)
+def _scores_shape(query, key):
+    """`(batch, num_heads, query_length, key_length)` of rank-4 projections."""
+    return (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+
+
+def _whole_attention(query, key, value, mask, **options):
+    """Attention through the whole weight matrix."""
+    weights = doubly_normalized_attention_weights(query, key, mask, **options)
+    return einsum("bnts,bsnh->btnh", weights, ops.cast(value, weights.dtype))
+
+
+def _blockwise_attention(query, key, value, mask, chunk_size, **options):
+    """Attention over blocks of `chunk_size` queries."""
     dtype = working_dtype(query.dtype)
     heads = query.shape[2]
     mixing_logits, null_query_logits = options["mixing_logits"], options["null_query_logits"]
     if mixing_logits is not None:
         mixing_logits = per_head("mixing_logits", mixing_logits, heads, dtype)
     if null_query_logits is not None:
-        check_null_query_normalization(normalization)
         null_query_logits = per_head("null_query_logits", null_query_logits, heads, dtype)
     scale = options["scale"]
     return chunked_attention(
-        query, key, value, mask, normalization=normalization, is_causal=options["is_causal"],
-        causal_normalization=options["causal_normalization"],
+        query, key, value, mask, normalization=options["normalization"],
+        is_causal=options["is_causal"], causal_normalization=options["causal_normalization"],
         scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
         mixing_logits=mixing_logits, null_query_logits=null_query_logits, chunk_size=chunk_size,
     )
+
+
+def _fused_attention(query, key, value, mask, chunk_size, flash_attention, **options):
+    """Attention on fused kernels; where their read-outs underflow, the
+    exact path: by blocks of `chunk_size` queries, or whole."""
+    scale = options["scale"]
+    output, trusted = fused_attention(
+        query, key, value, _rank4(mask), normalization=options["normalization"],
+        scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
+        mixing_logits=options["mixing_logits"], null_query_logits=options["null_query_logits"],
+        flash_attention=flash_attention,
+    )
+
+    def exact():
+        if chunk_size is None:
+            exact_output = _whole_attention(query, key, value, mask, **options)
+        else:
+            exact_output = _blockwise_attention(query, key, value, mask, chunk_size, **options)
+        return ops.cast(exact_output, output.dtype)
+
+    return ops.cond(trusted, lambda: output, exact)
 
 
 def _rank4(mask):

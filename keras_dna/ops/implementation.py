@@ -1,0 +1,231 @@
+"""Which implementation runs an attention call: decided once, here.
+
+`choose_implementation` is a pure function of everything that decides it;
+`implementation_for` reads the backend, the platform and Keras's global flash
+setting and calls it. The layer calls `implementation_for` once per call and
+hands the answer to `keras_dna.ops.doubly_normalized_attention`, which never
+decides again. The implementations (the algebra of each is in
+`docs/algorithms.md`):
+
+- `"whole"`: the whole `(query_length, key_length)` weight matrix, as
+  `MultiHeadAttention` computes it; the only one that can return the weights
+  or drop some out, and the one for several attention axes.
+- `"blockwise"`: blocks of `chunk_size` queries; memory linear in the
+  lengths.
+- `"fused"`: the backend's fused softmax kernels
+  (`keras.ops.dot_product_attention`) with DNA's per-key bias; non-causal
+  only, memory linear in the lengths.
+
+The rules, in order (`tests/test_implementation.py` holds the table):
+
+1. Weights returned, dropout or several attention axes: `"whole"`.
+2. `flash_attention=True` (or `None` while Keras's global setting is on)
+   asks for `"fused"`, and raises where it cannot be had: causal double
+   normalization (no per-key bias expresses it), TensorFlow (no fused
+   kernel), float64 (the kernels compute in float32 outside TensorFlow), and
+   JAX on TPUs, where Keras's splash kernel takes no bias and keeps only the
+   first example's mask (`keras/src/backend/jax/nn.py`, Keras 3.15), so DNA
+   would silently become softmax.
+3. `flash_attention=False`, or Keras's global setting off: never `"fused"`.
+4. `flash_attention=None`: `"fused"` where a fused kernel takes DNA's bias
+   and is faster than writing the scores out: PyTorch (CPU and CUDA) below
+   float64, and JAX on GPUs in half precision (cuDNN); never causal double
+   normalization, never TPUs.
+5. Otherwise `chunk_size`: an integer is `"blockwise"`; `"auto"` is
+   `"blockwise"` where the scores would be large (`auto_chunk_size`),
+   else `"whole"`; `None` is `"whole"`.
+"""
+
+import collections
+
+import keras
+from keras import ops
+
+from keras_dna.ops.blockwise import auto_chunk_size
+
+IMPLEMENTATIONS = ("whole", "blockwise", "fused")
+
+Implementation = collections.namedtuple("Implementation", ["name", "chunk_size"])
+Implementation.__doc__ = """An implementation and its blocks of queries.
+
+`name` is one of `IMPLEMENTATIONS`; `chunk_size` is the number of queries per
+block for `"blockwise"` (and for the exact path a `"fused"` call falls back
+to, where its read-outs underflow), else `None`."""
+
+_HALF = ("float16", "bfloat16")
+
+
+def choose_implementation(
+    *, backend, platform, dtype, normalization, causal, flash_attention, flash_enabled,
+    chunk_size, query_shape, key_shape, num_attention_axes=1, dropout=0.0,
+    return_weights=False,
+):
+    """The implementation of one attention call.
+
+    Args:
+        backend: `"tensorflow"`, `"jax"` or `"torch"`.
+        platform: The device the backend runs on: `"cpu"`, `"gpu"` (JAX),
+            `"cuda"` (PyTorch) or `"tpu"`.
+        dtype: The dtype of the projected queries.
+        normalization: `"double"`, `"single"` or `"hybrid"`.
+        causal: Whether the call normalizes causally.
+        flash_attention: The call's (or layer's) `flash_attention`: `None`,
+            `True` or `False`.
+        flash_enabled: Keras's global setting,
+            `keras.config.is_flash_attention_enabled()` (`None` if never set).
+        chunk_size: `None`, `"auto"` or a positive integer.
+        query_shape: `(batch, query_length, num_heads, head_dim)`, dims
+            possibly `None`.
+        key_shape: `(batch, key_length, num_heads, head_dim)`.
+        num_attention_axes: How many query (and key) axes attention runs
+            over.
+        dropout: The dropout rate on the weights.
+        return_weights: Whether the call returns the weights.
+
+    Returns:
+        An `Implementation`.
+
+    Raises:
+        ValueError: Where `flash_attention` asks for fused kernels that
+            cannot run this call.
+    """
+    if flash_attention is None:
+        flash_attention = flash_enabled
+    if return_weights or dropout or num_attention_axes != 1:
+        return Implementation("whole", None)
+    causal_double = causal and normalization != "single"
+    fallback_chunk_size = _exact_chunk_size(chunk_size, query_shape, key_shape)
+    if flash_attention:
+        _check_fused_possible(backend, platform, dtype, causal_double)
+        return Implementation("fused", _fallback_chunk_size(query_shape, key_shape))
+    if flash_attention is None and _fused_pays(backend, platform, dtype, causal_double):
+        return Implementation("fused", _fallback_chunk_size(query_shape, key_shape))
+    if fallback_chunk_size is None:
+        return Implementation("whole", None)
+    return Implementation("blockwise", fallback_chunk_size)
+
+
+def _exact_chunk_size(chunk_size, query_shape, key_shape):
+    """The blocks of queries of a call without fused kernels, or `None`."""
+    if chunk_size == "auto":
+        return auto_chunk_size(query_shape, key_shape)
+    return chunk_size
+
+
+def _fallback_chunk_size(query_shape, key_shape):
+    """The blocks a fused call's exact fallback takes: the fused path holds
+    no score-sized tensor, so neither does its fallback (under XLA, both
+    branches of a conditional hold their memory)."""
+    return auto_chunk_size(query_shape, key_shape, min_scores=0)
+
+
+def _fused_pays(backend, platform, dtype, causal_double):
+    """Rule 4 of the module docstring."""
+    if causal_double:
+        return False
+    dtype = keras.backend.standardize_dtype(dtype)
+    if backend == "torch":
+        return dtype != "float64"
+    return backend == "jax" and platform == "gpu" and dtype in _HALF
+
+
+def _check_fused_possible(backend, platform, dtype, causal_double):
+    """Raises where `flash_attention=True` cannot run on fused kernels."""
+    if causal_double:
+        raise ValueError(
+            "Causal normalization has no fused-kernel path: each query's "
+            "per-key normalizer sums over a different prefix of the queries, "
+            "which is not a per-key bias a fused kernel takes. Pass "
+            "flash_attention=None or False for causal calls (use_causal_mask, "
+            "causal_normalization, decoders)."
+        )
+    reason = None
+    if backend == "tensorflow":
+        reason = "the TensorFlow backend has no fused attention kernel"
+    elif backend == "jax" and platform == "tpu":
+        reason = (
+            "Keras's TPU flash kernel (splash attention) takes no bias and "
+            "keeps only the first example's mask, so DNA's per-key "
+            "normalizer and per-example padding would be dropped silently"
+        )
+    elif keras.backend.standardize_dtype(dtype) == "float64":
+        reason = "fused kernels compute float64 in float32"
+    if reason is not None:
+        raise ValueError(
+            f"`flash_attention=True` cannot run this call: {reason}. Pass "
+            f"flash_attention=None or False. Received: backend={backend!r}, "
+            f"platform={platform!r}, dtype={keras.backend.standardize_dtype(dtype)!r}"
+        )
+
+
+def check_implementation(implementation, query, *, chunk_size, normalization, causal, flash_attention):
+    """Raises unless `implementation` is one of `IMPLEMENTATIONS` and can
+    run a call with these arguments and the projected `query`."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            "Argument `implementation` must be None or one of "
+            f"{', '.join(repr(name) for name in IMPLEMENTATIONS)}. "
+            f"Received: implementation={implementation!r}"
+        )
+    if implementation == "blockwise" and not isinstance(chunk_size, int):
+        raise ValueError(
+            "implementation='blockwise' takes its blocks of queries from "
+            "`chunk_size`, which must then be a positive integer. "
+            f"Received: chunk_size={chunk_size!r}"
+        )
+    if implementation == "fused":
+        if flash_attention is False:
+            raise ValueError(
+                "implementation='fused' runs on fused kernels, which "
+                "flash_attention=False rules out. Received: "
+                f"implementation={implementation!r}, flash_attention=False"
+            )
+        if chunk_size == "auto":
+            raise ValueError(
+                "implementation='fused' takes `chunk_size` as the blocks of "
+                "its exact fallback: None or a positive integer. "
+                f"Received: chunk_size={chunk_size!r}"
+            )
+        _check_fused_possible(
+            keras.backend.backend(), platform(query), query.dtype,
+            causal and normalization != "single",
+        )
+
+
+def platform(tensor):
+    """The device the backend computes on, as `choose_implementation` takes
+    it: JAX's first device's platform (what Keras's `dot_product_attention`
+    reads), PyTorch's tensor's device type, `"cpu"` for TensorFlow (whose
+    choice the platform does not change)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].platform
+    if backend == "torch":
+        return ops.convert_to_tensor(tensor).device.type
+    return "cpu"
+
+
+def implementation_for(
+    query, key, *, normalization, causal, flash_attention, chunk_size, num_attention_axes=1,
+    dropout=0.0, return_weights=False,
+):
+    """`choose_implementation` for projected `query` and `key` tensors
+    (`(batch, length, num_heads, head_dim)`), on this backend and platform,
+    under Keras's global flash setting."""
+    return choose_implementation(
+        backend=keras.backend.backend(),
+        platform=platform(query),
+        dtype=query.dtype,
+        normalization=normalization,
+        causal=causal,
+        flash_attention=flash_attention,
+        flash_enabled=keras.config.is_flash_attention_enabled(),
+        chunk_size=chunk_size,
+        query_shape=tuple(query.shape),
+        key_shape=tuple(key.shape),
+        num_attention_axes=num_attention_axes,
+        dropout=dropout,
+        return_weights=return_weights,
+    )
