@@ -85,12 +85,15 @@ class DoublyNormalizedAttention(MultiHeadAttentionBase):
             keys within `sliding_window - 1` positions of it.
         flash_attention: As in `MultiHeadAttention`: `None` runs
             non-causal calls on the backend's fused attention kernels where
-            they are faster (PyTorch; JAX on GPUs and TPUs in half
-            precision), in memory linear in the lengths
-            (`keras_dna.ops.fused`); `True` requires flash kernels (an error
-            for causal normalization, dropout or returned scores, and where
-            the backend has none); `False` never uses fused kernels. `None`
-            follows `keras.config.disable_flash_attention()`.
+            they take DNA's per-key bias and are faster (PyTorch; JAX on
+            GPUs in half precision), in memory linear in the lengths
+            (`keras_dna.ops.fused`); `True` requires fused kernels (an error
+            for causal normalization, dropout or returned scores, on
+            TensorFlow, for float64, and on TPUs, whose flash kernel drops
+            the bias); `False` never uses fused kernels. `None` follows
+            `keras.config.disable_flash_attention()`. Which implementation
+            runs a call is decided once, by
+            `keras_dna.ops.implementation.choose_implementation`.
         kernel_initializer: Initializer of the projections' kernels.
         bias_initializer: Initializer of the projections' biases.
         kernel_regularizer: Regularizer of the projections' kernels.

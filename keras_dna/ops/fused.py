@@ -22,8 +22,8 @@ The forward read-out is not: far apart scores can underflow a channel
 (float32: a key's best query above the mean query by about 87; float16,
 the read-out's dtype on accelerators, about 7). The call returns whether
 its read-out can be trusted, and the caller then takes the exact path, as
-the fast causal path does. The algebra is written out in the project's
-`FUSED.md` design note.
+the fast causal path does. The algebra is written out in
+`docs/algorithms.md`, "Fused path".
 """
 
 import keras
