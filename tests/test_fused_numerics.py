@@ -8,6 +8,8 @@ import pytest
 from keras import ops
 
 import keras_dna.ops.fused as fused
+from keras_dna import DoublyNormalizedAttention
+from keras_dna import ops as dna_ops
 from keras_dna.ops.fused import fused_attention
 from tests.test_fused import _oracle_output
 from tests.common import value_and_gradients
@@ -187,3 +189,73 @@ def test_fused_attention_names_arguments_of_the_wrong_shape():
     for name in ("mixing_logits", "null_query_logits"):
         with pytest.raises(ValueError, match=rf"`{name}` must have shape \(2,\)"):
             fused_attention(x, key, key, None, **options, **{name: np.zeros(3, "float32")})
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow has no fused kernel")
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_gradients_where_a_fused_call_falls_back_equal_the_exact_paths(rng, with_mask, chunk_size):
+    # A query about 200 above the others underflows the read-out: the call
+    # computes the exact result, and its gradient must be that result's.
+    # The fused output's own backward (zero upstream) sent NaN, and on JAX
+    # a masked fallback failed to differentiate.
+    q, k, v = (rng.normal(size=(2, 5, 2, 4)).astype("float32") for _ in range(3))
+    q[:, 0] *= 60.0
+    mask = ops.convert_to_tensor(rng.random((2, 1, 5, 5)) < 0.8) if with_mask else None
+    logits = rng.normal(size=(2, 2)).astype("float32")
+
+    def loss(implementation, q, k, v, mixing, null):
+        output = dna_ops.doubly_normalized_attention(
+            q, k, v, mask, normalization="hybrid", mixing_logits=mixing,
+            null_query_logits=null, implementation=implementation, chunk_size=chunk_size,
+        )
+        return ops.sum(output * output)
+
+    arrays = (q, k, v, logits[0], logits[1])
+    read_out = fused.key_logsumexp(
+        fused._Attend(ops.convert_to_tensor(q) * 0.5, ops.convert_to_tensor(k), None, None)
+    )
+    assert not bool(ops.convert_to_numpy(read_out[1])), "the case must fall back"
+    expected, expected_grads = value_and_gradients(
+        lambda *x: loss("whole" if chunk_size is None else "blockwise", *x), *arrays
+    )
+    got, grads = value_and_gradients(lambda *x: loss("fused", *x), *arrays)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    if BACKEND == "jax":
+        import jax
+
+        compiled = jax.jit(jax.grad(lambda *x: loss("fused", *x), argnums=(0, 1, 2, 3, 4)))
+        for g, e in zip(compiled(*arrays), expected_grads):
+            np.testing.assert_allclose(np.asarray(g), e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the route JAX GPUs take by default, simulated")
+def test_fit_on_the_fused_route_with_keras_masks_in_bfloat16(rng, monkeypatch):
+    # On a JAX GPU, bfloat16 calls run fused; here the selector is told the
+    # platform is a GPU, and Keras's kernel is its XLA form.
+    import keras_dna.ops.implementation as implementation
+
+    monkeypatch.setattr(implementation, "platform", lambda tensor: "gpu")
+    assert implementation.implementation_for(
+        ops.zeros((1, 4, 2, 4), "bfloat16"), ops.zeros((1, 4, 2, 4), "bfloat16"),
+        normalization="double", causal=False, flash_attention=None, chunk_size="auto",
+    ).name == "fused"
+    tokens = keras.Input((None,), dtype="int32")
+    # Mixed precision, as users train: bfloat16 calls, float32 weights.
+    x = keras.layers.Embedding(20, 8, mask_zero=True, dtype="mixed_bfloat16")(tokens)
+    attention = DoublyNormalizedAttention(2, 4, null_query=True, dtype="mixed_bfloat16")
+    x = attention(x, x)
+    outputs = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(x))
+    model = keras.Model(tokens, outputs)
+    model.compile("adam", "mse")
+    data = rng.integers(1, 20, size=(8, 6))
+    data[:4, 4:] = 0  # padding
+    before = [ops.convert_to_numpy(w) for w in (attention.key_dense.kernel, attention.null_query_logits)]
+    history = model.fit(data, rng.normal(size=(8, 1)), epochs=2, batch_size=4, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    for weight, old in zip((attention.key_dense.kernel, attention.null_query_logits), before):
+        new = ops.convert_to_numpy(weight)
+        # Step 1's gradient reaches the keys and the null query.
+        assert np.all(np.isfinite(new)) and not np.allclose(new, old), weight.path

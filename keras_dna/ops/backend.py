@@ -228,6 +228,28 @@ def _jax_differentiable_jit(function):
     return differentiable
 
 
+def differentiable_in_branch(function, **static):
+    """`function(*arrays, **static)` as a function of the arrays that JAX can
+    differentiate inside a branch of `ops.cond`.
+
+    There the custom gradients of `keras_dna.ops` close over values the
+    branch's trace made (a mask's per-row reductions), which
+    `jax.custom_gradient` cannot take ("No constant handler"). Wrapped, the
+    function runs as it is forward, and its gradient differentiates it
+    again in a trace of its own (`_jax_differentiable_jit`). Other
+    backends run `function` as it is. One wrapper per function and static
+    arguments, shared by all calls.
+    """
+    if keras.backend.backend() != "jax":
+        return functools.partial(function, **static)
+    key = ("in_branch", function, tuple(sorted(static.items())))
+    if key not in _compiled_functions:
+        bound = functools.partial(_call_with, functools.partial(function, **static))
+        _compiled_functions[key] = _jax_differentiable_jit(bound)
+    differentiable = _compiled_functions[key]
+    return lambda *arrays: differentiable((arrays, {}))
+
+
 def cumulative_logsumexp(x, axis, reverse=False):
     """Inclusive prefix (with `reverse`, suffix) log-sum-exp along `axis`.
 

@@ -11,6 +11,7 @@ import math
 
 from keras import ops
 
+from keras_dna.ops.backend import differentiable_in_branch
 from keras_dna.ops.backend import einsum
 from keras_dna.ops.blockwise import chunked_attention
 from keras_dna.ops.causal import causal_double_normalization
@@ -370,22 +371,29 @@ def _blockwise_attention(query, key, value, mask, chunk_size, **options):
 def _fused_attention(query, key, value, mask, chunk_size, flash_attention, **options):
     """Attention on fused kernels; where their read-outs underflow, the
     exact path: by blocks of `chunk_size` queries, or whole."""
-    scale = options["scale"]
+    scale = options.pop("scale")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    mixing_logits, null_query_logits = options.pop("mixing_logits"), options.pop("null_query_logits")
     output, trusted = fused_attention(
-        query, key, value, _rank4(mask), normalization=options["normalization"],
-        scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
-        mixing_logits=options["mixing_logits"], null_query_logits=options["null_query_logits"],
+        query, key, value, _rank4(mask), normalization=options["normalization"], scale=scale,
+        mixing_logits=mixing_logits, null_query_logits=null_query_logits,
         flash_attention=flash_attention,
     )
+    exact = differentiable_in_branch(_exact_attention, chunk_size=chunk_size, scale=scale, **options)
 
-    def exact():
-        if chunk_size is None:
-            exact_output = _whole_attention(query, key, value, mask, **options)
-        else:
-            exact_output = _blockwise_attention(query, key, value, mask, chunk_size, **options)
+    def fallback():
+        exact_output = exact(query, key, value, mask, mixing_logits, null_query_logits)
         return ops.cast(exact_output, output.dtype)
 
-    return ops.cond(trusted, lambda: output, exact)
+    return ops.cond(trusted, lambda: output, fallback)
+
+
+def _exact_attention(query, key, value, mask, mixing_logits, null_query_logits, *, chunk_size, **options):
+    """The fused path's fallback: blocks of `chunk_size` queries, or whole."""
+    options.update(mixing_logits=mixing_logits, null_query_logits=null_query_logits)
+    if chunk_size is None:
+        return _whole_attention(query, key, value, mask, **options)
+    return _blockwise_attention(query, key, value, mask, chunk_size, **options)
 
 
 def _rank4(mask):

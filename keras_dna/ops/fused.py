@@ -185,9 +185,14 @@ class _Attend:
 def _double(attend, value, null_query_logits):
     """Doubly-normalized attention and whether its read-out holds."""
     key_lse, trusted = key_logsumexp(attend)
+    # Keys no query sees have c0 = -inf, and a read-out that underflowed
+    # gives +-inf: any finite c keeps the former out, and keeps the latter's
+    # output finite, and so its gradient, which reaches the inputs (as zeros)
+    # even where the caller's fallback replaces the output.
+    usable = ops.isfinite(key_lse)
     if attend.valid_keys is not None:
-        # Keys no query sees have c0 = -inf; any finite c keeps them out.
-        key_lse = ops.where(attend.valid_keys, key_lse, 0.0)
+        usable = ops.logical_and(usable, attend.valid_keys)
+    key_lse = ops.where(usable, key_lse, 0.0)
     beta = None
     if null_query_logits is not None:
         beta = ops.reshape(ops.cast(null_query_logits, attend.work_dtype), (1, 1, -1))
@@ -346,7 +351,13 @@ def _weighted_keys(attend, query, key, key_normalizer, upstream):
         reference=True,
     )
     output = ops.cast(output, attend.work_dtype)
-    return attend.zero_invalid_rows(output[..., :width] / output[..., width : width + 1])
+    # The reference's weight is positive wherever `c` is exact; where a
+    # read-out underflowed (the caller's fallback then replaces the output),
+    # 0 / 0 would send NaN into the inputs' gradients.
+    reference = output[..., width : width + 1]
+    positive = reference > 0
+    weighted = ops.where(positive, output[..., :width] / ops.where(positive, reference, 1.0), 0.0)
+    return attend.zero_invalid_rows(weighted)
 
 
 def _with_reference(rows):
