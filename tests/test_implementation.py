@@ -241,3 +241,39 @@ def test_a_simulated_tpu_never_hands_dna_to_the_splash_kernel(rng, monkeypatch):
     assert splash_calls == [1]
     with pytest.raises(ValueError, match="splash attention"):
         DoublyNormalizedAttention(2, 4, flash_attention=True)(x, x)
+
+
+@pytest.mark.parametrize("implementation, chunk_size", [("whole", None), ("blockwise", 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float64_stays_float64_on_every_route_whatever_floatx(rng, implementation, chunk_size, causal):
+    # PyTorch rounded the Python scale through float32: 1e-8 off the oracle.
+    # (Fused kernels compute in float32: float64 never runs on them.)
+    q, k, v = (rng.normal(size=(2, 6, 2, 8)) for _ in range(3))
+    mask = rng.random((2, 1, 6, 6)) < 0.8
+    valid = mask & np.tril(np.ones((6, 6), bool)) if causal else mask
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(8)
+    weights = oracle.attention_weights(scores, valid, "hybrid", causal, np.array([0.3, -0.2]), np.array([1.0, 2.0]))
+    expected = np.einsum("bnts,bsnh->btnh", weights, v)
+    for floatx in ("float32", "float16"):
+        keras.config.set_floatx(floatx)
+        try:
+            got = dna_ops.doubly_normalized_attention(
+                q, k, v, mask, normalization="hybrid", is_causal=causal,
+                mixing_logits=np.array([0.3, -0.2]), null_query_logits=np.array([1.0, 2.0]),
+                implementation=implementation, chunk_size=chunk_size,
+            )
+        finally:
+            keras.config.set_floatx("float32")
+        got = keras.ops.convert_to_numpy(got)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_float64_layer_equals_the_oracle(rng, causal):
+    x = rng.normal(size=(2, 6, 8))
+    layer = DoublyNormalizedAttention(2, 4, dtype="float64", null_query=True)
+    got = keras.ops.convert_to_numpy(layer(x, x, use_causal_mask=causal))
+    valid = np.broadcast_to(np.tril(np.ones((6, 6), bool)) if causal else np.ones((6, 6), bool), (2, 6, 6))
+    expected, _ = oracle.layer_forward(layer, x, x, valid=valid, causal=causal)
+    np.testing.assert_allclose(got, expected, atol=1e-12, rtol=0)

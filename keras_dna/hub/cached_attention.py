@@ -13,6 +13,7 @@ from keras_dna.layers.masks import with_heads_axis
 from keras_dna.layers.masks import without_keras_mask
 from keras_dna.ops.backend import compiled
 from keras_dna.ops.backend import known_int
+from keras_dna.ops.backend import scaled
 from keras_dna.ops.checks import check_match
 from keras_dna.ops.incremental import cached_attention
 
@@ -123,7 +124,7 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
         key = value if key is None else key
         query, key, value = (without_keras_mask(x) for x in (query, key, value))
         gate = self._gate_dense(query) if self._use_gate else None
-        query = ops.multiply(self._query_dense(query), self._inverse_sqrt_key_dim)
+        query = scaled(self._query_dense(query), self._inverse_sqrt_key_dim)
         rows = (None, None)
         if cache_update_index is not None:
             rows = (self._key_dense(key), self._value_dense(value))

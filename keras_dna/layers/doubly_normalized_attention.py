@@ -23,6 +23,7 @@ from keras_dna.ops import doubly_normalized_attention
 from keras_dna.ops import normalize_attention_scores
 from keras_dna.ops.backend import compiled
 from keras_dna.ops.backend import einsum
+from keras_dna.ops.backend import scaled
 from keras_dna.ops.implementation import implementation_for
 
 # The null query's initial log-mass: the best of -2, 0, 2 and 4 on the
@@ -373,9 +374,7 @@ class DoublyNormalizedAttention(MultiHeadAttentionBase):
             )
             return ops.cast(flat.restore(output), value.dtype), None
         # MultiHeadAttention's path, with DNA's normalization for its softmax.
-        # A Python float keeps the query's dtype; `ops.cast` of one would
-        # round it through float32 first.
-        query = ops.multiply(query, options.pop("scale"))
+        query = scaled(query, options.pop("scale"))
         scores = einsum(self._query_first_equation(), query, key)
         weights = compiled(normalize_attention_scores, self._jit_compile)(
             scores, attention_mask, causal_normalization=causal_normalization,

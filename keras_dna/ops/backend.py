@@ -74,6 +74,19 @@ def cumsum(x, axis):
     return ops.cumsum(x, axis=axis)
 
 
+def scaled(x, scale):
+    """`x * scale` in the dtype of `x`, for a Python or tensor `scale`.
+
+    `ops.multiply(x, 0.125)` rounds the Python float through float32 on
+    PyTorch (float64 attention was 1e-8 off the oracle), and `ops.cast` of
+    a Python float does on every backend; converting it straight to the
+    dtype of `x` rounds it once, as a weakly typed scalar would.
+    """
+    if isinstance(scale, (int, float)):
+        return ops.multiply(x, ops.convert_to_tensor(scale, dtype=x.dtype))
+    return ops.multiply(x, ops.cast(scale, x.dtype))
+
+
 def einsum(equation, *operands):
     """`keras.ops.einsum`, but `tf.einsum` on the TensorFlow backend.
 

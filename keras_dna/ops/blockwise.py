@@ -23,6 +23,7 @@ from keras import ops
 
 from keras_dna.ops.backend import einsum
 from keras_dna.ops.backend import result_dtype
+from keras_dna.ops.backend import scaled
 from keras_dna.ops.causal import prefix_logsumexp
 from keras_dna.ops.causal import prefix_logsumexp_transpose
 from keras_dna.ops.checks import check_broadcastable
@@ -77,7 +78,7 @@ def chunked_attention(
     query, key, value = (
         ops.transpose(ops.cast(x, dtype), (0, 2, 1, 3)) for x in (query, key, value)
     )
-    query = ops.multiply(query, scale)
+    query = scaled(query, scale)
     if mask is not None:
         mask = ops.cast(mask, "bool")
         check_broadcastable("mask", mask.shape, tuple(query.shape[:3]) + (key.shape[2],))

@@ -13,6 +13,7 @@ from keras import ops
 
 from keras_dna.ops.backend import differentiable_in_branch
 from keras_dna.ops.backend import einsum
+from keras_dna.ops.backend import scaled
 from keras_dna.ops.blockwise import chunked_attention
 from keras_dna.ops.causal import causal_double_normalization
 from keras_dna.ops.checks import check_broadcastable
@@ -21,8 +22,8 @@ from keras_dna.ops.checks import check_flash_attention
 from keras_dna.ops.checks import check_mask_values
 from keras_dna.ops.checks import check_match
 from keras_dna.ops.checks import check_normalization
-from keras_dna.ops.checks import check_per_head
 from keras_dna.ops.checks import check_null_query_normalization
+from keras_dna.ops.checks import check_per_head
 from keras_dna.ops.checks import check_rank4
 from keras_dna.ops.checks import checked_query_and_key
 from keras_dna.ops.fused import fused_attention
@@ -227,8 +228,7 @@ def doubly_normalized_attention_weights(
         mask = ops.cast(mask, "bool")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    # A Python scale stays a weak type: no float32 rounding of float64 work.
-    scores = ops.multiply(einsum("btnh,bsnh->bnts", query, key), scale)
+    scores = scaled(einsum("btnh,bsnh->bnts", query, key), scale)
     if is_causal:
         causal = causal_mask(ops.shape(query)[1], ops.shape(key)[1])
         mask = causal if mask is None else ops.logical_and(mask, causal)

@@ -31,6 +31,7 @@ from keras import ops
 
 from keras_dna.ops.backend import half_precision_kernels_only
 from keras_dna.ops.backend import records_gradients
+from keras_dna.ops.backend import scaled
 from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.checks import check_per_head
 from keras_dna.ops.numerics import logaddexp
@@ -69,10 +70,8 @@ def fused_attention(
     for name, logits in (("mixing_logits", mixing_logits), ("null_query_logits", null_query_logits)):
         if logits is not None:
             check_per_head(name, logits, heads)
-    # A Python scale stays weakly typed: `ops.cast` would round it through
-    # float32.
     attend = _Attend(
-        ops.multiply(query, scale), ops.cast(key, query.dtype),
+        scaled(query, scale), ops.cast(key, query.dtype),
         None if mask is None else ops.cast(mask, "bool"), flash_attention,
     )
     if normalization == "single":
