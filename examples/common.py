@@ -21,6 +21,11 @@ EXAMPLE_SITES = {
 DEFAULT_CHOICE = "double"
 SCHEDULES = ("cosine", "constant")
 WARMUP_FRACTION = 0.05
+WEIGHT_DECAY = 1e-4
+# DNA's per-head logits, which weight decay would pull to 0: not a neutral
+# value for them (a null query of log-mass 0; a 50/50 hybrid mix), only an
+# arbitrary point. Keras matches these against variable names.
+NOT_WEIGHT_DECAYED = ("null_query_logits", "mixing_logits")
 NULL_SUFFIX = "+null"
 
 
@@ -209,6 +214,14 @@ def learning_rate_schedule(schedule, peak, total_steps):
     )
 
 
+def adamw(learning_rate):
+    """The examples' optimizer: AdamW, decaying every weight but DNA's
+    per-head logits (`NOT_WEIGHT_DECAYED`)."""
+    optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=WEIGHT_DECAY)
+    optimizer.exclude_from_weight_decay(var_names=list(NOT_WEIGHT_DECAYED))
+    return optimizer
+
+
 def compile_and_fit(run, build, train_data, validation_data, loss=None, metrics=("accuracy",)):
     """Builds the model in the strategy's scope and trains it with `fit` at
     `--learning-rate` under `--schedule`; the loss defaults to cross-entropy
@@ -220,7 +233,7 @@ def compile_and_fit(run, build, train_data, validation_data, loss=None, metrics=
         model = build()
         schedule = learning_rate_schedule(run.args.schedule, run.args.learning_rate, total_steps)
         model.compile(
-            optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+            optimizer=adamw(schedule),
             # Keras masks (padding) leave padded positions out of the loss.
             loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=list(metrics),

@@ -124,6 +124,21 @@ def intercepted_attention(layer, compute_attention):
         object.__delattr__(layer, "_compute_attention")
 
 
+def weight_decay_exclusions(optimizer, variables):
+    """What `optimizer.exclude_from_weight_decay` was given: the ones of
+    `variables` it excludes by identity (`var_list`), and the regular
+    expression its `var_names` became (`None` without names).
+
+    Keras keeps both in private attributes, out of the optimizer's config;
+    `keras_dna.convert` compiles a converted model with a new optimizer of
+    that config, and must exclude the same variables from weight decay.
+    """
+    excluded_keys = getattr(optimizer, "_exclude_from_weight_decay", set())
+    excluded_variables = [v for v in variables if optimizer._var_key(v) in excluded_keys]
+    pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
+    return excluded_variables, None if pattern is None else pattern.pattern
+
+
 def in_multi_worker_mode(strategy):
     """Whether a `tf.distribute.MultiWorkerMirroredStrategy` runs on several
     workers (TensorFlow has no public accessor for it)."""

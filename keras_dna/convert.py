@@ -25,6 +25,7 @@ import keras
 from keras_dna._compat import child_layers
 from keras_dna._compat import flatten_layers
 from keras_dna._compat import swap_class
+from keras_dna._compat import weight_decay_exclusions
 from keras_dna.layers import DoublyNormalizedAttention
 from keras_dna.ops.checks import check_normalization
 
@@ -68,7 +69,9 @@ def to_doubly_normalized(
         subclass, see `converted_class`; a converted keras-hub causal LM
         generates through the DNA cache) sharing no variables with `model`;
         all weights equal. Mixing and null query logits a layer already had
-        are kept; new ones start at their initial values.
+        are kept; new ones start at their initial values. A compiled `model`
+        gives a copy compiled the same way, with a new optimizer (same
+        config and weight-decay exclusions, no state).
     """
     if not isinstance(model, keras.Model) or not model.built:
         raise TypeError(
@@ -96,6 +99,8 @@ def to_doubly_normalized(
         )
     if converted and not _is_plain_container(copy):
         _become_converted(copy, options)
+    if model.compiled:
+        _compile_like(copy, model)
     return copy
 
 
@@ -106,9 +111,12 @@ def _copy(model):
         if _is_plain_container(model):
             copy = keras.models.clone_model(model, recursive=True)
         else:
-            copy = keras.saving.deserialize_keras_object(
-                keras.saving.serialize_keras_object(model), custom_objects=classes
-            )
+            config = keras.saving.serialize_keras_object(model)
+            # Compiled after the conversion (`_compile_like`): Keras's own
+            # compiling from this config would skip a class with its own
+            # `compile` (keras-hub's tasks) with a warning.
+            config.pop("compile_config", None)
+            copy = keras.saving.deserialize_keras_object(config, custom_objects=classes)
         copy.set_weights(model.get_weights())
         if getattr(model, "preprocessor", None) is not None:
             # keras-hub's preprocessors keep their vocabularies out of the
@@ -122,6 +130,37 @@ def _copy(model):
             f"DoublyNormalizedAttention directly. ({error})"
         ) from error
     return copy
+
+
+def _compile_like(copy, model):
+    """Compiles the converted `copy` with what `model` was compiled with: a
+    new optimizer of the same config, excluding the same variables from
+    weight decay, the same loss and metrics, and a keras-hub language
+    model's sampler (an argument of its `compile` that Keras's compile
+    config lacks).
+
+    Compiling after the conversion builds the optimizer for the copy's
+    variables, its new per-head logits included: an optimizer built before
+    knows only the variables it was built with, and `fit` fails.
+    """
+    arguments = keras.saving.deserialize_keras_object(model.get_compile_config())
+    optimizer = keras.optimizers.get(arguments["optimizer"])
+    excluded_variables, excluded_name_pattern = weight_decay_exclusions(
+        model.optimizer, model.variables
+    )
+    if excluded_variables or excluded_name_pattern:
+        # The copy's layers keep their names, so its variables have the
+        # paths of the ones they copy.
+        excluded_paths = {variable.path for variable in excluded_variables}
+        optimizer.exclude_from_weight_decay(
+            var_list=[variable for variable in copy.variables if variable.path in excluded_paths],
+            var_names=[excluded_name_pattern] if excluded_name_pattern else None,
+        )
+    arguments["optimizer"] = optimizer
+    sampler = getattr(model, "sampler", None)
+    if sampler is not None:
+        arguments["sampler"] = type(sampler).from_config(sampler.get_config())
+    copy.compile(**arguments)
 
 
 def checked_attention_options(name, options):

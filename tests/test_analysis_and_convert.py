@@ -243,6 +243,25 @@ def test_convert_copies_weights(rng, normalization):
         assert np.abs(converted_weights - original_weights).max() > 1e-2
 
 
+def test_convert_warns_nothing_and_compiles_the_copy_as_the_model_was(recwarn, rng):
+    assert not keras_dna.convert.to_doubly_normalized(_mha_model()).compiled
+    model = _mha_model()
+    optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.1)
+    optimizer.exclude_from_weight_decay(var_names=["null_query_logits"])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss)
+    converted = keras_dna.convert.to_doubly_normalized(model, null_query=True)
+    assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)]
+    assert converted.optimizer is not optimizer
+    assert converted.optimizer.get_config() == optimizer.get_config()
+    assert converted.loss.get_config() == loss.get_config()
+    null_query_logits = converted.get_layer("encoder").null_query_logits
+    assert not converted.optimizer._use_weight_decay(null_query_logits)
+    # The optimizer knows the new logits.
+    tokens = rng.integers(1, 20, size=(2, 9)).astype("int32")
+    converted.fit(tokens, np.zeros((2, 9), "int32"), verbose=0)
+
+
 def test_convert_rejects_what_it_cannot_convert():
     model = _mha_model()
     with pytest.raises(ValueError, match="not attention layers"):

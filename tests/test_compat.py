@@ -165,6 +165,17 @@ def test_intercepted_attention_sees_each_call_and_restores_the_method():
     assert "_compute_attention" not in vars(layer)
 
 
+def test_weight_decay_exclusions():
+    dense = keras.layers.Dense(2)
+    dense.build((1, 3))
+    optimizer = keras.optimizers.AdamW(weight_decay=0.1)
+    assert _compat.weight_decay_exclusions(optimizer, dense.variables) == ([], None)
+    optimizer.exclude_from_weight_decay(var_list=[dense.bias], var_names=["logits"])
+    excluded, pattern = _compat.weight_decay_exclusions(optimizer, dense.variables)
+    moved = MOVED.format("weight_decay_exclusions", "BaseOptimizer._exclude_from_weight_decay*")
+    assert [v.path for v in excluded] == [dense.bias.path] and pattern == "logits", moved
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's trainer")
 def test_in_multi_worker_mode():
     import tensorflow as tf

@@ -138,6 +138,27 @@ def test_cosine_schedule_warms_up_to_the_peak_and_decays_to_zero():
     assert common.learning_rate_schedule("constant", 1e-3, total) == 1e-3
 
 
+def _decayed_variables(optimizer):
+    """The names of a hybrid null-query layer's variables that one step of
+    `optimizer` changes with zero gradients (so by weight decay alone)."""
+    layer = keras_dna.DoublyNormalizedAttention(2, 4, normalization="hybrid", null_query=True)
+    x = np.ones((1, 3, 8), "float32")
+    layer(x, x)
+    for logits in (layer.null_query_logits, layer.mixing_logits):
+        logits.assign([1.5, -2.0])  # decay of logits at 0 would not show
+    variables = layer.trainable_variables
+    before = [variable.numpy() for variable in variables]
+    optimizer.apply([np.zeros(variable.shape, "float32") for variable in variables], variables)
+    return {v.name for v, old in zip(variables, before) if not np.array_equal(v.numpy(), old)}
+
+
+def test_examples_optimizer_does_not_decay_dna_logits():
+    assert _decayed_variables(common.adamw(1.0)) == {"kernel"}  # biases start at 0
+    # AdamW's own default decays them too.
+    plain = keras.optimizers.AdamW(1.0, weight_decay=common.WEIGHT_DECAY)
+    assert {"null_query_logits", "mixing_logits"} <= _decayed_variables(plain)
+
+
 def test_g2p_builds_each_site_with_its_own_attention():
     model = grapheme_to_phoneme.build_model(
         "encoder=double,decoder=single,cross=hybrid", letters=10, phonemes=12, width=16, heads=2,

@@ -128,6 +128,29 @@ def test_converted_bert_ignores_padding(bert_classifier, rng, normalization):
     assert np.abs(original - sequences[0]).max() > 1e-3
 
 
+def test_converting_keras_hub_models_warns_nothing_and_keeps_their_compile(
+    bert_classifier, recwarn
+):
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50, num_layers=1, num_heads=HEADS, hidden_dim=DIM, intermediate_dim=16,
+        max_sequence_length=16,
+    )
+    causal_lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+    optimizer = keras.optimizers.AdamW(1e-3, weight_decay=0.1)
+    optimizer.exclude_from_weight_decay(var_names=["mixing_logits"])
+    causal_lm.compile(optimizer=optimizer, sampler="greedy")
+    converted = [
+        convert.to_doubly_normalized(model, normalization="hybrid")
+        for model in (backbone, causal_lm, bert_classifier)
+    ]
+    assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)]
+    converted_lm = converted[1]
+    assert converted_lm.optimizer.get_config() == optimizer.get_config()
+    assert isinstance(converted_lm.sampler, keras_hub.samplers.GreedySampler)
+    mixing_logits = converted_lm.backbone.transformer_layers[0]._self_attention_layer.mixing_logits
+    assert not converted_lm.optimizer._use_weight_decay(mixing_logits)
+
+
 @pytest.fixture(scope="module")
 def gpt2_backbone():
     keras.utils.set_random_seed(1)
