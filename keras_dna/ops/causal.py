@@ -5,15 +5,22 @@ and earlier queries, `c[i, j] = logsumexp over valid i' <= i of s[i', j]`,
 and `A[i, j] = softmax over valid j of (s[i, j] - c[i, j])`, so no weight
 depends on a later query. This module owns that prefix log-sum-exp:
 
-- a fast path in exponential space, against each key's maximum, with prefix
-  sums in short blocks (`prefix_sum`);
+- a fast path in exponential space, against each key's score at its first
+  valid query (a causal shift: every valid prefix sum is at least 1, and
+  no later query changes an earlier output, to the bit), with prefix sums
+  in short blocks (`prefix_sum`, causal too: a block adds only the totals
+  of the blocks before it);
 - an exact prefix log-sum-exp in log space (`exact_prefix_logsumexp`), a
-  loop over blocks of queries, taken only where the fast sums would
-  underflow (scores rising by more than about 40 along the queries);
+  loop over blocks of queries, taken only for blocks of keys whose valid
+  scores rise by more than `overflow_log_margin` (60 in float32) above
+  their first one;
 - its transpose (`prefix_logsumexp_transpose`), the analytic gradient, so
   neither path is differentiated through;
 - `causal_double_normalization`, which combines them with one exponential
   per score, a null query (`c[i, j] = logaddexp(c[i, j], beta)`) included.
+
+`prefix_logsumexp` (the chunked path's, against each key's maximum over the
+block) is not used by the whole-matrix path.
 """
 
 import math
@@ -27,12 +34,10 @@ from keras_dna.ops.backend import maximum
 from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.normalization import softmax_part_of_gradient
 from keras_dna.ops.numerics import at_least
-from keras_dna.ops.numerics import fast_path_trusted
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import max_along
-from keras_dna.ops.numerics import positive_where_valid
 from keras_dna.ops.numerics import reduce_or_fill
 from keras_dna.ops.numerics import smallest_normal
 from keras_dna.ops.numerics import sum_like
@@ -315,33 +320,179 @@ def _over_key_blocks(keywise, num_results, scores, *others):
     return ops.fori_loop(0, num_blocks, body, results)
 
 
-def _causal_key_logsumexp(scores, valid, null):
+def overflow_log_margin(x):
+    """How far a key's valid scores may rise above its first valid score
+    (in log space) for the fast causal path: 60 (float32), 600 (float64).
+
+    The fast path's prefix sums are then at most `exp(margin)` (float32:
+    1e26), so neither they nor their products with the row sums (at most
+    the number of keys; XLA may multiply the two, as it rewrites
+    `a / b / c` to `a / (b * c)`) can overflow.
+    """
+    float64 = keras.backend.standardize_dtype(x.dtype) == "float64"
+    return 600.0 if float64 else 60.0
+
+
+def _shifted_prefix_sums(masked, shift, null):
+    """`E = exp(masked - shift)`, its prefix sums over the queries plus the
+    null query's term (`P`, before 1 replaces its invalid entries), and
+    that term (`None` without a null query)."""
+    terms = ops.exp(masked - shift)
+    raw = prefix_sum(terms, axis=-2)
+    null_terms = None
+    if null:
+        null_terms = ops.exp(null[0] - shift)
+        raw = raw + null_terms
+    return terms, raw, null_terms
+
+
+def _where_valid(sums, valid):
+    """`sums` where `valid`, 1 elsewhere (invalid entries have zero terms)."""
+    return sums if valid is None else ops.where(valid, sums, ops.ones_like(sums))
+
+
+def _causal_shift(scores, valid, null):
+    """Each key's score at its first valid query (0 for a key without
+    one), and the null logits where those are larger.
+
+    A causal quantity: nothing after the first valid query enters it, so
+    no later query can change the rounding of an earlier output. Every
+    valid prefix sum against it is at least 1 (it holds `exp(0)`, or the
+    null query's `exp(0)`): no valid sum can underflow.
+    """
+    first, key_seen = _first_valid_terms(scores, valid)
+    shift = first if key_seen is None else ops.where(key_seen, first, ops.zeros_like(first))
+    return maximum(shift, null[0]) if null else shift
+
+
+def _fast_causal_parts(scores, valid, null):
+    """The fast path: `(shift, P, totals, R, weights, null_terms)`.
+
+    `E = exp(s - shift)` with the causal shift, `P` its prefix sums over
+    the queries (1 at invalid entries), `totals` the last row of the raw
+    prefix sums (each key's largest), `R` the row sums of `B = E / P`, and
+    the weights `B / R`. Row `i` of every score-sized result depends on
+    rows `i' <= i` of `scores` only.
+    """
+    shift = _causal_shift(scores, valid, null)
+    # Masked in the exponent (exp(masked_value - shift) = 0), so that XLA
+    # writes one tensor of terms, not the exponentials and a masked copy.
+    terms, raw, null_terms = _shifted_prefix_sums(mask_scores(scores, valid), shift, null)
+    totals = raw[..., -1:, :]
+    key_sums = _where_valid(raw, valid)
+    key_weights = terms / key_sums
+    query_sums = ops.sum(key_weights, axis=-1, keepdims=True)
+    weights = key_weights / at_least(query_sums, math.exp(underflow_log_threshold(scores)))
+    return shift, key_sums, totals, query_sums, weights, null_terms
+
+
+def _rows_trusted(query_sums, row_valid):
+    """Rows whose sum `R` of `B` is large enough that the terms `exp()`
+    flushed to zero (below about `exp(-87)` in float32, each at most that
+    in `B` since `P >= 1`) are beyond float resolution of the weights;
+    rows without a valid key too."""
+    rows = query_sums >= math.exp(underflow_log_threshold(query_sums))
+    return rows if row_valid is None else ops.logical_or(rows, ops.logical_not(row_valid))
+
+
+def _keys_bounded(sums):
+    """`sums <= exp(overflow_log_margin)` (False where a sum overflowed)."""
+    return sums <= math.exp(overflow_log_margin(sums))
+
+
+def causal_fast_path_trusted(totals, query_sums, row_valid):
+    """Whether the fast causal path is exact for the whole call.
+
+    With the causal shift (`_causal_shift`) every valid prefix sum is at
+    least 1, so only two things can go wrong: a key's valid scores rising
+    by more than `overflow_log_margin` above its first valid score (its
+    largest prefix sum, the last, `totals`, above `exp(margin)`), or a
+    row whose sum `R` of `B` is so small that flushed terms would matter
+    (`_rows_trusted`). Masked scores enter neither (their terms are 0).
+    """
+    rows = _rows_trusted(query_sums, row_valid)
+    return ops.logical_and(ops.all(_keys_bounded(totals)), ops.all(rows))
+
+
+def causal_path_trusted(scores, valid=None, null_logits=None):
+    """`causal_fast_path_trusted` for `scores` (masked entries any value)
+    and `null_logits` of shape `(num_heads,)`: whether
+    `causal_double_normalization` takes its fast path (tests, benchmarks)."""
+    scores = ops.convert_to_tensor(scores)
+    if valid is not None:
+        valid = ops.cast(valid, "bool")
+    null = ()
+    if null_logits is not None:
+        null = (ops.reshape(ops.cast(null_logits, scores.dtype), (-1, 1, 1)),)
+    _, _, totals, query_sums, _, _ = _fast_causal_parts(scores, valid, null)
+    row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
+    return causal_fast_path_trusted(totals, query_sums, row_valid)
+
+
+def _exact_key_logsumexp(masked, null):
     """`c[i, j]` in log space, the null query joining it (`null` a tuple of 0 or 1)."""
-    key_lse = prefix_logsumexp(scores, valid)
+    key_lse = exact_prefix_logsumexp(masked)
     return logaddexp(key_lse, null[0]) if null else key_lse
 
 
-def _exact_causal_weights(scores, valid, null):
-    """Causal double normalization in log space, for masked `scores`."""
+def _exact_causal_weights(masked, valid, null, shift, key_sums, key_exact):
+    """Causal double normalization in log space, for masked scores.
 
-    def keywise(scores, valid, *null):
-        return (_causal_key_logsumexp(scores, valid, null),)
+    `c = shift + log(P)` from the fast path's prefix sums, but for blocks
+    of keys with a key in `key_exact` (its sums overflow the margin),
+    which take the exact prefix log-sum-exp. Without such a key (only a
+    row sum `R` underflowed), no loop over the keys at all.
+    """
 
-    (key_lse,) = _over_key_blocks(keywise, 1, scores, valid, *null)
-    return row_softmax(scores - key_lse, valid)[0]
+    def keywise(masked, shift, key_sums, key_exact, *null):
+        return ops.cond(
+            ops.any(key_exact),
+            lambda: (_exact_key_logsumexp(masked, null),),
+            lambda: (shift + ops.log(key_sums),),
+        )
+
+    def by_key_blocks():
+        return _over_key_blocks(keywise, 1, masked, shift, key_sums, key_exact, *null)[0]
+
+    key_lse = ops.cond(ops.any(key_exact), by_key_blocks, lambda: shift + ops.log(key_sums))
+    return row_softmax(masked - key_lse, valid)[0]
 
 
-def _exact_causal_gradient(scores, valid, null, softmax_part):
-    """Gradients of masked `scores` (and null logits), in log space."""
+def _bounded_gradient(masked, valid, softmax_part, shift, null):
+    """The gradient's prefix-sum form, `D - E * (reverse prefix sum of
+    D / P)`, with `E` and `P` recomputed from the masked scores (keys whose
+    sums stay within the margin)."""
+    terms, raw, null_terms = _shifted_prefix_sums(masked, shift, null)
+    key_sums = _where_valid(raw, valid)
+    grad = softmax_part - terms * prefix_sum(softmax_part / key_sums, -2, reverse=True)
+    return (grad,) if not null else (grad, -softmax_part * null_terms / key_sums)
 
-    def keywise(scores, valid, softmax_part, *null):
-        key_lse = _causal_key_logsumexp(scores, valid, null)
-        scores_grad = softmax_part - prefix_logsumexp_transpose(scores, key_lse, softmax_part)
-        if not null:
-            return (scores_grad,)
-        return scores_grad, -softmax_part * ops.exp(null[0] - key_lse)
 
-    grads = _over_key_blocks(keywise, 1 + len(null), scores, valid, softmax_part, *null)
+def _exact_causal_gradient(masked, valid, null, softmax_part, shift, key_exact):
+    """Gradients of masked scores (and null logits) where the fast path
+    was not trusted: blocks of keys with a key in `key_exact` in log
+    space, the others (all of them at once, if none is) from the shifted
+    prefix sums."""
+
+    def keywise(masked, valid, softmax_part, shift, key_exact, *null):
+        def exact():
+            key_lse = _exact_key_logsumexp(masked, null)
+            grad = softmax_part - prefix_logsumexp_transpose(masked, key_lse, softmax_part)
+            return (grad,) if not null else (grad, -softmax_part * ops.exp(null[0] - key_lse))
+
+        return ops.cond(
+            ops.any(key_exact),
+            exact,
+            lambda: _bounded_gradient(masked, valid, softmax_part, shift, null),
+        )
+
+    grads = ops.cond(
+        ops.any(key_exact),
+        lambda: _over_key_blocks(
+            keywise, 1 + len(null), masked, valid, softmax_part, shift, key_exact, *null
+        ),
+        lambda: _bounded_gradient(masked, valid, softmax_part, shift, null),
+    )
     if not null:
         return grads[0]
     return grads[0], sum_like(grads[1], null[0])
@@ -350,62 +501,60 @@ def _exact_causal_gradient(scores, valid, null, softmax_part):
 def causal_double_normalization(scores, valid, null_logits=None):
     """Double normalization with prefix sums over the queries.
 
-    With `E = exp(s - max over queries)` per key and `P` its prefix sum over
-    the queries, the first step is `B = E / P` and the second `A = B / R`
-    with `R` the sums of `B` over the keys: one exponential per score.
-    Should a valid `R` times a valid `P` underflow (`fast_path_trusted`:
-    scores rising by more than about 40, or masked scores far above the
-    valid ones, since the maximum is taken over all queries), the call
-    computes `softmax(s - c)` in log space with the exact
-    prefix log-sum-exp instead. The null
-    query (`null_logits`, one per head, broadcastable against the heads
-    axis) adds `exp(null_logits - max)` to every `P`; the maximum then
-    includes `null_logits`, so that term cannot overflow.
+    With `E = exp(s - shift)` per key, the shift each key's score at its
+    first valid query (`_causal_shift`), and `P` its prefix sum over the
+    queries, the first step is `B = E / P` and the second `A = B / R` with
+    `R` the sums of `B` over the keys: one exponential per score. The
+    shift is causal and `P >= 1` wherever valid, so no later query,
+    key or value changes an earlier output, to the bit; masked scores
+    enter neither the result nor the choice of path.
+
+    Should a key's valid scores rise by more than `overflow_log_margin`
+    above its first one, or a valid `R` underflow
+    (`causal_fast_path_trusted`), the call computes `softmax(s - c)` in
+    log space instead: with the exact prefix log-sum-exp for the blocks of
+    keys that rise that far, `c = shift + log(P)` for the others, and the
+    fast weights kept for the rows that the fast path got right (so those
+    rows stay the same to the bit). The null query (`null_logits`, one
+    per head, or per key, broadcastable against `(..., 1, S)`) adds
+    `exp(null_logits - shift)` to every `P`; the shift then includes
+    `null_logits`, so that term cannot overflow.
 
     The gradient is `D - E * (reverse prefix sum of D / P)` with `D` the
     softmax part; `E = A * R * P` comes from the saved weights, so the
     backward pass needs no exponential and no autodiff through the branch.
     The null logits get `-sum of D * exp(null_logits - c)`, with
-    `exp(null_logits - c) = exp(null_logits - max) / P`.
+    `exp(null_logits - c) = exp(null_logits - shift) / P`.
     """
-    threshold = math.exp(underflow_log_threshold(scores))
     row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
 
     # `scores` come unmasked: masking where they are read lets XLA fuse it
     # instead of writing a masked copy for the branches.
     @ops.custom_gradient
     def normalize(scores, *null):
-        # Shared by E and P, the shift cancels in B. Over all queries, as
-        # in `double_normalization`, masked ones too.
-        shift = max_along(scores, -2)
-        if null:
-            shift = maximum(shift, null[0])
-        # Masked in the exponent (exp(masked_value - shift) = 0), so that XLA
-        # writes one tensor of terms, not the exponentials and a masked copy.
-        terms = ops.exp(mask_scores(scores, valid) - shift)
-        key_sums = prefix_sum(terms, axis=-2)
-        if null:
-            null_terms = ops.exp(null[0] - shift)
-            key_sums = key_sums + null_terms
-        key_sums = positive_where_valid(key_sums, valid)
-        key_weights = terms / key_sums
-        query_sums = ops.sum(key_weights, axis=-1, keepdims=True)
-        smallest_key_sums, key_seen = _first_valid_terms(terms, valid)
-        if null:
-            smallest_key_sums = smallest_key_sums + null_terms
-        trusted = fast_path_trusted(smallest_key_sums, key_seen, query_sums, row_valid)
-        # Computed outside the branch: a branch that computes a
-        # score-sized result runs as one unfused, single-threaded task in
-        # XLA on CPU, while passing a tensor through costs nothing.
-        fast_weights = key_weights / at_least(query_sums, threshold)
+        shift, key_sums, totals, query_sums, fast_weights, null_terms = _fast_causal_parts(
+            scores, valid, null
+        )
+        trusted = causal_fast_path_trusted(totals, query_sums, row_valid)
+        key_exact = ops.logical_not(_keys_bounded(totals))
 
         def exact():
             masked = mask_scores(scores, valid)
-            return _exact_causal_weights(masked, valid, null), masked
+            weights = _exact_causal_weights(masked, valid, null, shift, key_sums, key_exact)
+            # Rows whose fast weights are right keep them, to the bit: a
+            # later row that sends the call here changes no earlier one.
+            rows = ops.logical_and(
+                _rows_trusted(query_sums, row_valid),
+                ops.all(_keys_bounded(key_sums), axis=-1, keepdims=True),
+            )
+            return ops.where(rows, fast_weights, weights), masked
 
         # What the gradient reads besides the weights: the key sums, or
         # the masked scores where the exact path ran. One score-sized
-        # tensor kept for the backward pass, not both.
+        # tensor kept for the backward pass, not both. (The fast weights
+        # are computed outside the branch: a branch that computes a
+        # score-sized result runs as one unfused, single-threaded task in
+        # XLA on CPU, while passing a tensor through costs nothing.)
         weights, saved = ops.cond(trusted, lambda: (fast_weights, key_sums), exact)
 
         def grad(*args, upstream=None):
@@ -423,7 +572,7 @@ def causal_double_normalization(scores, valid, null_logits=None):
             return ops.cond(
                 trusted,
                 lambda: fast_grad,
-                lambda: _exact_causal_gradient(saved, valid, null, softmax_part),
+                lambda: _exact_causal_gradient(saved, valid, null, softmax_part, shift, key_exact),
             )
 
         return weights, grad
