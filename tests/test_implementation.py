@@ -277,3 +277,23 @@ def test_a_float64_layer_equals_the_oracle(rng, causal):
     valid = np.broadcast_to(np.tril(np.ones((6, 6), bool)) if causal else np.ones((6, 6), bool), (2, 6, 6))
     expected, _ = oracle.layer_forward(layer, x, x, valid=valid, causal=causal)
     np.testing.assert_allclose(got, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("implementation, chunk_size", [("whole", None), ("blockwise", 8)])
+def test_a_later_token_changes_no_earlier_output_to_the_bit(rng, implementation, chunk_size):
+    # As for softmax. The blocks' prefix log-sum-exp shifted each key by its
+    # maximum over the block, so later rows of a block moved earlier ones.
+    q, k, v = (rng.normal(size=(2, 40, 2, 8)).astype("float32") for _ in range(3))
+
+    def attend(q, k, v):
+        return keras.ops.convert_to_numpy(dna_ops.doubly_normalized_attention(
+            q, k, v, is_causal=True, null_query_logits=np.array([0.5, 2.0], "float32"),
+            implementation=implementation, chunk_size=chunk_size,
+        ))
+
+    before = attend(q, k, v)
+    for factor in (4.0, 30.0):  # 30: scores rise past the fast path's margin
+        changed = [x.copy() for x in (q, k, v)]
+        for x in changed:
+            x[:, 30:] *= factor
+        assert np.array_equal(attend(*changed)[:, :30], before[:, :30])

@@ -19,8 +19,9 @@ depends on a later query. This module owns that prefix log-sum-exp:
 - `causal_double_normalization`, which combines them with one exponential
   per score, a null query (`c[i, j] = logaddexp(c[i, j], beta)`) included.
 
-`prefix_logsumexp` (the chunked path's, against each key's maximum over the
-block) is not used by the whole-matrix path.
+`prefix_logsumexp` (the chunked path's, each block continuing the last's
+prefix) shifts by the same causal quantity; the whole-matrix path does not
+use it.
 """
 
 import math
@@ -198,24 +199,26 @@ def _positive_part_log(x):
 
 
 def prefix_logsumexp(scores, valid):
-    """`c[i, j]`: log-sum-exp of key j's valid scores over queries i' <= i.
+    """`c[i, j]`: log-sum-exp of key j's valid scores over queries i' <= i,
+    for masked `scores` (the blocks of `keras_dna.ops.blockwise`).
 
-    Fast path: exponentials against each key's maximum over all queries and
-    a blocked prefix sum. A valid prefix whose sum underflows against that
-    maximum (scores rising by more than about 40 along the queries) switches
-    the call to the exact log-space scan. Not differentiable: callers write
-    the gradient out with `prefix_logsumexp_transpose`.
+    Fast path: exponentials against each key's score at its first valid
+    query (`_causal_shift`), which no later query changes, and a blocked
+    prefix sum. Entries whose sum passes `exp(overflow_log_margin)` (scores
+    rising that far along the queries) take the exact log-space scan
+    instead, entry by entry: the others keep the fast path's bits, so no
+    later query changes an earlier prefix. Not differentiable: callers
+    write the gradient out with `prefix_logsumexp_transpose`.
     """
-    # As in `_key_logsumexp`, masked entries add nothing to a valid prefix.
-    shift = max_along(scores, -2)
+    shift = _causal_shift(scores, valid, ())
     partial = prefix_sum(ops.exp(scores - shift), axis=-2)
-    trusted = partial >= math.exp(underflow_log_threshold(scores))
-    if valid is not None:
-        trusted = ops.logical_or(trusted, ops.logical_not(valid))
+    fast = shift + ops.log(at_least(partial, smallest_normal(scores)))
+    # Every entry, valid or not: the last row is the next block's carry.
+    bounded = partial <= math.exp(overflow_log_margin(scores))
     return ops.cond(
-        ops.all(trusted),
-        lambda: shift + ops.log(at_least(partial, smallest_normal(scores))),
-        lambda: exact_prefix_logsumexp(scores),
+        ops.all(bounded),
+        lambda: fast,
+        lambda: ops.where(bounded, fast, exact_prefix_logsumexp(scores)),
     )
 
 
