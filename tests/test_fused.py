@@ -346,18 +346,18 @@ def test_fused_path_writes_nothing_larger_than_the_softmax_kernel_does():
 
 
 def test_accelerator_benchmark_runs_and_catches_a_kernel_that_falls_back(tmp_path):
-    """`benchmarks/accelerators.py`, small, on this machine's backend; on
+    """`benchmarks/speed/accelerators.py`, small, on this machine's backend; on
     PyTorch, a `MultiHeadAttention` whose value width differs from its key
     width leaves the fused kernels, and the script must fail."""
     import pathlib
     import subprocess
     import sys
 
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "accelerators.py"
-    command = [sys.executable, str(script), "--backends", BACKEND, "--lengths", "32",
+    root = pathlib.Path(__file__).parents[1]
+    command = [sys.executable, "-m", "benchmarks.speed.accelerators", "--backends", BACKEND, "--lengths", "32",
                "--batch", "1", "--heads", "2", "--key-dim", "8", "--repeats", "1",
                "--output", str(tmp_path / "run")]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
     table = (tmp_path / "run.md").read_text()
     assert "DNA materialized" in table and "Failures" not in table
@@ -365,6 +365,6 @@ def test_accelerator_benchmark_runs_and_catches_a_kernel_that_falls_back(tmp_pat
     assert cell["DNA fused vs DNA materialized"] < 1e-4
     if BACKEND == "torch":
         assert "| fused |" in table
-        result = subprocess.run(command + ["--value-dim", "12"], capture_output=True, text=True)
+        result = subprocess.run(command + ["--value-dim", "12"], capture_output=True, text=True, cwd=root)
         assert result.returncode == 1
         assert "MHA: a fused kernel fell back" in (tmp_path / "run.md").read_text()

@@ -8,29 +8,35 @@ calls: load-independent), times the trace, the first call (XLA compiles
 it) and a later call. XLA compiles every branch of a conditional, so the
 causal layer's exact (log-space) path is compiled whether it runs or not.
 
-    python benchmarks/compile_time.py --lengths 16 128 512 --output benchmarks/results/compile_time
+    python -m benchmarks.compile.compile_time --lengths 16 128 512
 """
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 
-from _results import write_results
-from _steps import forward_backward_step
-from _steps import step_parser
+from benchmarks import harness
+from benchmarks.speed.layer_step import self_attention_step
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 LAYERS = ("mha", "dna")
 
 
+def step_parser(description, lengths, tokens, output):
+    """The options of a benchmark over one layer's compiled
+    forward+backward step (`compile_time.py`, `xla_memory.py`)."""
+    p = harness.parser(description, output)
+    p.add_argument("--lengths", type=int, nargs="+", default=lengths)
+    p.add_argument("--tokens", type=int, default=tokens, help="tokens per batch (batch = tokens / length)")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"])
+    return p
+
+
 def parse_args(argv=None):
-    p = step_parser(__doc__.splitlines()[0], lengths=[16, 128, 512], tokens=2048, output="benchmarks/results/compile_time")
-    # Internal: measure one layer in this process.
-    p.add_argument("--measure", nargs=3, metavar=("LAYER", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return step_parser(__doc__.splitlines()[0], [16, 128, 512], 2048,
+                       "compile/compile_time").parse_args(argv)
 
 
 def _graph_nodes(concrete):
@@ -38,37 +44,35 @@ def _graph_nodes(concrete):
     return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
 
 
-def measure_in_process(args, layer_name, length, causal):
-    forward_backward, x, batch = forward_backward_step(args, layer_name, length, causal)
-
+def measure(settings, layer_name, length, causal):
+    """Trace, first and later call of one layer's step; run in its own
+    process, so that nothing was traced or compiled before."""
+    step, x, batch = self_attention_step(argparse.Namespace(**settings), layer_name, length, causal)
+    call = harness.blocking(step)
     start = time.perf_counter()
-    concrete = forward_backward.get_concrete_function(x)
+    concrete = step.get_concrete_function(x, x)
     traced = time.perf_counter()
-    [g.numpy() for g in forward_backward(x)]
+    call(x, x)
     first = time.perf_counter()
-    [g.numpy() for g in forward_backward(x)]
+    call(x, x)
     later = time.perf_counter()
     return {"batch": batch, "nodes": _graph_nodes(concrete), "trace_s": traced - start,
             "first_call_s": first - traced, "later_call_s": later - first}
 
 
-def measure(args, layer_name, length, causal):
-    command = [sys.executable, __file__, "--measure", layer_name, str(length), causal,
-               "--tokens", str(args.tokens), "--width", str(args.width), "--heads", str(args.heads)]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def _measured(args, name, length, causal):
+    cell = harness.in_subprocess(measure, vars(args), name, length, causal, backend="tensorflow")
+    if "error" in cell:
+        raise RuntimeError(f"{name} at T={length}: {cell['error']}")
+    return cell
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.measure:
-        layer_name, length, causal = args.measure
-        print(json.dumps(measure_in_process(args, layer_name, int(length), causal == "yes")))
-        return
     rows = []
     for length in args.lengths:
         for causal in args.causal:
-            cells = {name: measure(args, name, length, causal) for name in LAYERS}
+            cells = {name: _measured(args, name, length, causal == "yes") for name in LAYERS}
             rows.append({"length": length, "causal": causal == "yes", "batch": cells["mha"]["batch"],
                          **{f"{n}_{k}": v for n in LAYERS for k, v in cells[n].items() if k != "batch"}})
     lines = ["| T | batch | causal | graph nodes MHA | graph nodes DNA | trace s MHA | trace s DNA | "
@@ -80,7 +84,7 @@ def main(argv=None):
             + " | ".join(f"{r[f'mha_{k}']:.2f} | {r[f'dna_{k}']:.2f}"
                          for k in ("trace_s", "first_call_s", "later_call_s")) + " |"
         )
-    write_results(args.output, "compile_time.py", argv, {"settings": vars(args), "rows": rows}, "\n".join(lines))
+    harness.write_results(args, {"rows": rows}, "\n".join(lines), argv)
 
 
 if __name__ == "__main__":

@@ -6,33 +6,28 @@ normalization: the key state, one column of the cache, is read, one score
 added per key, written back)
 and of `keras_hub.layers.CachedMultiHeadAttention`, each compiled with XLA as
 keras-hub's `generate` compiles it where Keras turns XLA on (not on CPUs:
-`benchmarks/generate.py` measures that case). Same process, the two
+`generate.py` measures that case). Same process, the two
 layers' calls interleaved, median over repeats; reported as the ratio
 DNA / MHA per cache length, with the ratio of the returned caches' sizes.
 
-    python benchmarks/decode.py --lengths 128 512 1024 2048 4096
+    python -m benchmarks.decoding.decode --lengths 128 512 1024 2048 4096
 """
 
-import argparse
 import json
 import os
-import statistics
-import time
 
-from _results import markdown_table
-from _results import write_results
+from benchmarks import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__.splitlines()[0], "decoding/decode")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=100)
-    p.add_argument("--output", default="benchmarks/results/decode")
     return p.parse_args(argv)
 
 
@@ -64,7 +59,7 @@ def measure(args, length):
 
     from keras_dna.hub import CachedDoublyNormalizedAttention
 
-    steps = {
+    calls = {
         "mha": _step_function(
             keras_hub.layers.CachedMultiHeadAttention(args.heads, args.head_dim), 0, args, length
         ),
@@ -73,26 +68,22 @@ def measure(args, length):
             1, args, length,
         ),
     }
-    times = {name: [] for name in steps}
-    cache_bytes = {}
-    for name, step in steps.items():
-        for _ in range(5):
-            output, cache = step()  # compile and warm up
-            output.numpy()
-        cache_bytes[name] = cache.shape.num_elements() * cache.dtype.size
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()[0].numpy()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    cache_bytes = {name: _size(call()[1]) for name, call in calls.items()}
+    # Only the output is read back: copying the caches would dominate.
+    steps = {name: harness.blocking(lambda call=call: call()[0]) for name, call in calls.items()}
+    timing = harness.time_interleaved(steps, args.repeats, {"DNA/MHA": ("dna", "mha")}, warmup=5)
+    median = {name: t["median_s"] for name, t in timing["steps"].items()}
     return {
         "cache_length": length,
         "mha_ms": 1e3 * median["mha"],
         "dna_ms": 1e3 * median["dna"],
-        "ratio": median["dna"] / median["mha"],
+        "ratio": timing["ratios"]["DNA/MHA"]["median"],
         "cache_bytes_ratio": cache_bytes["dna"] / cache_bytes["mha"],
     }
+
+
+def _size(cache):
+    return cache.shape.num_elements() * cache.dtype.size
 
 
 def main(argv=None):
@@ -101,7 +92,7 @@ def main(argv=None):
     for length in args.lengths:
         rows.append(measure(args, length))
         print(json.dumps(rows[-1]), flush=True)
-    table = markdown_table(
+    table = harness.markdown_table(
         f"Cached decoding step, batch {args.batch}, {args.heads} heads of {args.head_dim}, "
         f"XLA, float32, median of {args.repeats}",
         ["cache length", "MHA (ms)", "DNA (ms)", "DNA / MHA", "cache memory DNA / MHA"],
@@ -111,7 +102,7 @@ def main(argv=None):
             for r in rows
         ],
     )
-    write_results(args.output, "decode.py", argv, {"args": vars(args), "rows": rows}, table)
+    harness.write_results(args, {"rows": rows}, table, argv)
 
 
 if __name__ == "__main__":

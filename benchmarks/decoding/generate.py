@@ -12,23 +12,19 @@ padded length, the difference of the two times over `B - A` tokens is the
 cost of one token, without the prefill. Same process, the two models'
 calls interleaved, median over repeats; reported as DNA / MHA per length.
 
-    python benchmarks/generate.py --lengths 256 1024
+    python -m benchmarks.decoding.generate --lengths 256 1024
 """
 
-import argparse
 import json
 import os
-import statistics
-import time
 
-from _results import markdown_table
-from _results import write_results
+from benchmarks import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__.splitlines()[0], "decoding/generate")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024],
                    help="padded sequence lengths (the cache's length)")
     p.add_argument("--new-tokens", type=int, nargs=2, default=[16, 48])
@@ -37,7 +33,6 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--output", default="benchmarks/results/generate")
     return p.parse_args(argv)
 
 
@@ -72,18 +67,11 @@ def _prompts(args, length, new_tokens):
 def measure(args, length):
     models, mode = _models(args, length)
     prompts = {n: _prompts(args, length, n) for n in args.new_tokens}
-    times = {(name, n): [] for name in models for n in args.new_tokens}
-    for name, model in models.items():
-        for n in args.new_tokens:
-            model.generate(prompts[n], stop_token_ids=None)  # compile
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            for n in args.new_tokens:
-                start = time.perf_counter()
-                model.generate(prompts[n], stop_token_ids=None)
-                times[name, n].append(time.perf_counter() - start)
+    steps = {(name, n): lambda model=model, n=n: model.generate(prompts[n], stop_token_ids=None)
+             for name, model in models.items() for n in args.new_tokens}
+    timing = harness.time_interleaved(steps, args.repeats, warmup=1)
     fewer, more = args.new_tokens
-    median = {key: statistics.median(values) for key, values in times.items()}
+    median = {key: t["median_s"] for key, t in timing["steps"].items()}
     per_token = {
         name: (median[name, more] - median[name, fewer]) / (more - fewer) for name in models
     }
@@ -105,7 +93,7 @@ def main(argv=None):
         rows.append(measure(args, length))
         print(json.dumps(rows[-1]), flush=True)
     fewer, more = args.new_tokens
-    table = markdown_table(
+    table = harness.markdown_table(
         f"keras-hub GPT-2 `generate`, greedy, {rows[0]['mode']}, float32: {args.layers} layers "
         f"of {args.heads} heads of {args.head_dim}, batch {args.batch}; per token from "
         f"{fewer} and {more} new tokens, median of {args.repeats}",
@@ -117,7 +105,7 @@ def main(argv=None):
             for r in rows
         ],
     )
-    write_results(args.output, "generate.py", argv, {"args": vars(args), "rows": rows}, table)
+    harness.write_results(args, {"rows": rows}, table, argv)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ On a CPU, Keras's JAX kernel is `jax.nn.dot_product_attention`'s XLA form,
 which writes the scores itself; on GPUs the kernel is cuDNN's, and the
 fused rows less the kernel's row are what DNA adds.
 
-    KERAS_BACKEND=jax python benchmarks/fused_memory.py --lengths 4096 8192
+    python -m benchmarks.memory.fused_memory --lengths 4096 8192
 """
 
-import argparse
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -29,8 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 
-from _results import markdown_table  # noqa: E402
-from _results import write_results  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from keras_dna.ops import doubly_normalized_attention  # noqa: E402
 from keras_dna.ops.fused import fused_attention  # noqa: E402
 
@@ -62,13 +60,12 @@ def temp_bytes(variant, batch, length, heads, head_dim, dtype):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__.splitlines()[0], "memory/fused_memory")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--output", default="benchmarks/results/fused_memory")
     args = parser.parse_args(argv)
     rows, data = [], []
     for length in args.lengths:
@@ -81,7 +78,7 @@ def main(argv=None):
                 f"{sizes[variant] / scores:.2f}",
                 f"{(sizes[variant] - sizes['softmax kernel']) / scores:+.2f}",
             ])
-    table = markdown_table(
+    table = harness.markdown_table(
         f"JAX {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, "
         f"{args.heads} heads of {args.head_dim}, {args.dtype}, forward+backward under jax.jit; "
         "temporaries from XLA's memory_analysis(), in MiB and in float32 score matrices "
@@ -89,7 +86,7 @@ def main(argv=None):
         ["T", "variant", "temp MiB", "in score matrices", "beyond the softmax kernel"],
         rows,
     )
-    write_results(args.output, "fused_memory.py", argv, {"settings": vars(args), "rows": data}, table)
+    harness.write_results(args, {"rows": data}, table, argv)
 
 
 if __name__ == "__main__":

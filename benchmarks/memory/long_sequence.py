@@ -8,19 +8,14 @@ process, which reports its peak resident memory; a process that dies (for
 instance killed for lack of memory, or stopped by --memory-limit-gib) is
 reported as failed.
 
-    python benchmarks/long_sequence.py --lengths 4096 8192 16384
+    python -m benchmarks.memory.long_sequence --lengths 4096 8192 16384
 """
 
 import argparse
-import json
 import os
-import pathlib
-import resource
-import subprocess
-import sys
-import time
 
-from _steps import self_attention_steps
+from benchmarks import harness
+from benchmarks.speed import layer_step
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,7 +25,7 @@ def _chunk_size(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__.splitlines()[0], "memory/long_sequence")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -43,95 +38,48 @@ def parse_args(argv=None):
     p.add_argument("--memory-limit-gib", type=float, default=22.0,
                    help="address-space limit of each process, so that a layer that needs "
                         "more fails instead of exhausting the machine")
-    p.add_argument("--output", default="benchmarks/results/long_sequence")
-    p.add_argument("--run", nargs=2, metavar=("LAYER", "LENGTH"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def run_one(args, which, length):
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    import keras_dna
-
-    width = args.heads * args.head_dim
-    x = tf.constant(np.random.default_rng(0).normal(size=(1, length, width)), "float32")
-    if which == "mha":
-        layer = keras.layers.MultiHeadAttention(args.heads, args.head_dim)
-    else:
-        layer = keras_dna.DoublyNormalizedAttention(
-            args.heads, args.head_dim,
-            chunk_size=args.chunk_size if which == "dna_chunked" else None,
-        )
-    step = self_attention_steps(layer, args.causal)["forward_backward"]
-    layer(x[:, :8], x[:, :8])
-    times = []
-    for _ in range(args.repeats + 1):  # the first call compiles
-        start = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy(), step(x))
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"peak_gib": peak, "seconds": float(np.median(times[1:]))}
+def run_one(settings, which, length):
+    """Peak memory and median time of one layer's step; run in its own
+    process, which holds nothing else."""
+    settings = argparse.Namespace(**settings)
+    width = settings.heads * settings.head_dim
+    step_settings = argparse.Namespace(
+        tokens=length, width=width, heads=settings.heads, dtype="float32",
+        chunk_size=str(settings.chunk_size) if which == "dna_chunked" else None)
+    query, _, _ = layer_step.inputs(step_settings, length, "self")
+    layer, _ = layer_step.variants(step_settings, "tensorflow", "xla", False)[which]
+    harness.build_with_same_weights({which: layer}, query.shape)
+    step = layer_step.layer_steps(layer, "xla", {"use_causal_mask": settings.causal})
+    call = harness.blocking(lambda: step["forward_backward"](query, query))
+    timing = harness.time_interleaved({which: call}, settings.repeats, warmup=1)
+    return {"peak_gib": harness.peak_memory_gib(), "seconds": timing["steps"][which]["median_s"]}
 
 
-def _error(result):
-    """The exception's name and message, or how the process ended."""
-    for line in reversed(result.stderr.strip().splitlines()):
-        kind, _, message = line.partition(": ")
-        if kind.endswith(("Error", "Exception")):
-            return f"{kind.rsplit('.', 1)[-1]}: {message.split(' [Op:')[0]}"
-    if result.returncode < 0:
-        return f"killed by signal {-result.returncode}"
-    return f"exit code {result.returncode}"
-
-
-def _limit_memory(gib):
-    def apply():
-        limit = int(gib * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    return apply
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.run:
-        print(json.dumps(run_one(args, args.run[0], int(args.run[1]))))
-        return
-    rows = []
-    for length in args.lengths:
-        for which in args.layers:
-            command = [sys.executable, __file__, "--run", which, str(length),
-                       "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-                       "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats)]
-            if args.causal:
-                command.append("--causal")
-            result = subprocess.run(command, capture_output=True, text=True,
-                                    preexec_fn=_limit_memory(args.memory_limit_gib))
-            row = {"length": length, "layer": which}
-            if result.returncode == 0:
-                row.update(json.loads(result.stdout.strip().splitlines()[-1]))
-            else:
-                row["error"] = _error(result)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    lines = [
-        f"Command: `python benchmarks/long_sequence.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-        "",
-        "| T = S | layer | peak GiB | fwd+bwd s |",
-        "|---|---|---|---|",
-    ]
+def markdown(args, rows):
+    lines = ["| T = S | layer | peak GiB | fwd+bwd s |", "|---|---|---|---|"]
     for r in rows:
         name = r["layer"] + (f" (chunk_size={args.chunk_size})" if r["layer"] == "dna_chunked" else "")
         if "error" in r:
             lines.append(f"| {r['length']} | {name} | failed: {r['error']} | |")
         else:
             lines.append(f"| {r['length']} | {name} | {r['peak_gib']:.2f} | {r['seconds']:.2f} |")
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = []
+    for length in args.lengths:
+        for which in args.layers:
+            row = {"length": length, "layer": which}
+            row.update(harness.in_subprocess(run_one, vars(args), which, length, backend="tensorflow",
+                                             memory_limit_gib=args.memory_limit_gib))
+            rows.append(row)
+            print(markdown(args, rows[-1:]).splitlines()[-1], flush=True)
+    harness.write_results(args, {"rows": rows}, markdown(args, rows), argv)
 
 
 if __name__ == "__main__":

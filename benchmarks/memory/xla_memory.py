@@ -7,37 +7,32 @@ intermediates, including those of conditional branches that never run) and
 the scores' share of it. Compiles only; nothing is timed, so the numbers do
 not depend on the machine's load.
 
-    python benchmarks/xla_memory.py --lengths 512 2048 --output benchmarks/results/xla_memory
+    python -m benchmarks.memory.xla_memory --lengths 512 2048
 """
 
 import argparse
 import os
 import pathlib
 import re
-import subprocess
-import sys
 import tempfile
 
-from _results import write_results
-from _steps import forward_backward_step
-from _steps import step_parser
+from benchmarks import harness
+from benchmarks.compile.compile_time import step_parser
+from benchmarks.speed.layer_step import self_attention_step
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 LAYERS = ("mha", "dna")
 
 
 def parse_args(argv=None):
-    p = step_parser(__doc__.splitlines()[0], lengths=[512, 2048], tokens=8192, output="benchmarks/results/xla_memory")
-    # Internal: compile one layer's step in this process.
-    p.add_argument("--compile", nargs=3, metavar=("LAYER", "LENGTH", "CAUSAL"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return step_parser(__doc__.splitlines()[0], [512, 2048], 8192,
+                       "memory/xla_memory").parse_args(argv)
 
 
-def compile_step(args, layer_name, length, causal):
-    forward_backward, x, batch = forward_backward_step(args, layer_name, length, causal)
-
-    forward_backward.experimental_get_compiler_ir(x)(stage="optimized_hlo")
-    return batch
+def compile_step(settings, layer_name, length, causal):
+    """Compiles one layer's step; run in its own process, which dumps it."""
+    step, x, _ = self_attention_step(argparse.Namespace(**settings), layer_name, length, causal)
+    step.experimental_get_compiler_ir(x, x)(stage="optimized_hlo")
 
 
 def _temp_bytes(dump_dir):
@@ -54,25 +49,22 @@ def _temp_bytes(dump_dir):
 
 def measure(args, layer_name, length, causal):
     with tempfile.TemporaryDirectory() as dump_dir:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text")
-        command = [sys.executable, __file__, "--compile", layer_name, str(length), causal,
-                   "--tokens", str(args.tokens), "--width", str(args.width), "--heads", str(args.heads)]
-        subprocess.run(command, check=True, env=env, capture_output=True)
+        flags = f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+        done = harness.in_subprocess(compile_step, vars(args), layer_name, length, causal,
+                                     backend="tensorflow", environment={"XLA_FLAGS": flags})
+        if done is not None:
+            raise RuntimeError(f"{layer_name} at T={length}: {done['error']}")
         return _temp_bytes(dump_dir)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.compile:
-        layer_name, length, causal = args.compile
-        compile_step(args, layer_name, int(length), causal == "yes")
-        return
     rows = []
     for length in args.lengths:
         batch = max(1, args.tokens // length)
         score_bytes = 4 * batch * args.heads * length * length
         for causal in args.causal:
-            temp = {name: measure(args, name, length, causal) for name in LAYERS}
+            temp = {name: measure(args, name, length, causal == "yes") for name in LAYERS}
             rows.append({"length": length, "batch": batch, "causal": causal == "yes",
                          "score_bytes": score_bytes, **{f"{n}_temp_bytes": temp[n] for n in LAYERS}})
     lines = ["| T | batch | causal | MHA temp MiB | DNA temp MiB | DNA/MHA | DNA - MHA, in score matrices |",
@@ -81,7 +73,7 @@ def main(argv=None):
         mha, dna = r["mha_temp_bytes"], r["dna_temp_bytes"]
         lines.append(f"| {r['length']} | {r['batch']} | {r['causal']} | {mha / 2**20:.0f} | "
                      f"{dna / 2**20:.0f} | {dna / mha:.2f} | {(dna - mha) / r['score_bytes']:.1f} |")
-    write_results(args.output, "xla_memory.py", argv, {"settings": vars(args), "rows": rows}, "\n".join(lines))
+    harness.write_results(args, {"rows": rows}, "\n".join(lines), argv)
 
 
 if __name__ == "__main__":

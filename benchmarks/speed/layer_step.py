@@ -1,36 +1,53 @@
-"""Times DoublyNormalizedAttention against keras.layers.MultiHeadAttention.
+"""Times DoublyNormalizedAttention against keras.layers.MultiHeadAttention, per backend.
 
-Whole layers with the same weights, shapes and dtype, compiled with XLA
-(`tf.function(jit_compile=True)`), forward and forward+backward, self- and
-cross-attention, causal and not, over a grid of sequence lengths; with
---outer graph the steps run as plain (uncompiled) TensorFlow graphs, as Keras'
-`fit` does on CPUs, and DNA is timed with its normalization compiled
-(`jit_compile="auto"`, the default) and not. Batches hold
-a fixed number of tokens (--tokens), so long sequences fit in memory. Each
-cell runs in its own process: one process times both layers, interleaving
-their repetitions, and reports medians and the ratio DNA/MHA; two more
-processes (one per layer) measure the peak resident memory of a
-forward+backward step. Writes JSON and a markdown table.
+Whole layers with the same weights, shapes and dtype; forward and
+forward+backward (gradients of the summed squared output in the inputs and
+the weights), self- and cross-attention, causal and not, over a grid of
+sequence lengths. Batches hold a fixed number of tokens (--tokens), so long
+sequences fit in memory. Each backend runs its steps as its users do
+(--modes):
 
-    python benchmarks/attention_benchmark.py --lengths 128 512 2048 --output benchmarks/results/results
+- TensorFlow `xla`: each step in `tf.function(jit_compile=True)`; `graph`:
+  a plain graph, as Keras' `fit` runs on CPUs, with DNA also timed with its
+  normalization not compiled (`jit_compile=False`);
+- JAX `jit`: `jax.jit` of `layer.stateless_call`, as Keras' JAX trainer
+  compiles a step; `eager`: the same functions op by op;
+- PyTorch `eager`: `torch.no_grad` forward, `torch.autograd.grad` backward.
+
+On JAX and PyTorch `MHA with scores` (`return_attention_scores=True`) also
+runs: Keras hands MHA's attention to a fused kernel there, which never
+writes the score matrix that DNA must write. --chunk-size adds DNA by blocks
+of queries. Each cell is timed in its own process (both layers
+interleaved, ratios per repeat); peak resident memory of one
+forward+backward is measured per layer in a process of its own.
+
+    python -m benchmarks.speed.layer_step --lengths 128 512 2048
+    python -m benchmarks.speed.layer_step --backends jax torch --output benchmarks/results/speed/layer_step_backends
 """
 
 import argparse
 import itertools
-import json
 import os
-import resource
-import subprocess
-import sys
-import time
 
-from _results import write_results
+from benchmarks import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+MODES = {"tensorflow": ("xla", "graph"), "jax": ("jit", "eager"), "torch": ("eager",)}
+STEPS = ("forward", "forward_backward")
+# Each ratio's label, and the steps it divides; present where both ran.
+RATIOS = {
+    "DNA/MHA": ("dna", "mha"),
+    "DNA/MHA, normalization not compiled": ("dna_uncompiled", "mha"),
+    "DNA/MHA with scores": ("dna", "mha_with_scores"),
+    "chunked/MHA": ("dna_chunked", "mha"),
+}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__.splitlines()[0], "speed/layer_step")
+    p.add_argument("--backends", nargs="+", choices=sorted(MODES), default=["tensorflow"])
+    p.add_argument("--modes", nargs="+", choices=["xla", "graph", "jit", "eager"],
+                   default=["xla", "jit", "eager"], help="those of each backend's modes to run")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
     p.add_argument("--tokens", type=int, default=8192, help="tokens per batch (batch = tokens / length)")
     p.add_argument("--width", type=int, default=512)
@@ -39,218 +56,240 @@ def parse_args(argv=None):
     p.add_argument("--attention", nargs="+", choices=["self", "cross"], default=["self", "cross"])
     p.add_argument("--causal", nargs="+", choices=["no", "yes"], default=["no", "yes"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--outer", choices=["xla", "graph"], default="xla",
-                   help="compile each whole step with XLA, or run it as a plain graph")
     p.add_argument("--chunk-size", default=None,
                    help="also time DNA with this chunk_size (an integer or 'auto')")
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--output", default="benchmarks/results/results", help="writes OUTPUT.json and OUTPUT.md")
-    # Internal: run one cell in this process.
-    p.add_argument("--cell", nargs=3, metavar=("LENGTH", "ATTENTION", "CAUSAL"), help=argparse.SUPPRESS)
-    p.add_argument("--memory-of", choices=["mha", "dna", "dna_uncompiled", "dna_chunked"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def _layers_and_inputs(args, length, attention, causal):
+def variants(settings, backend, mode, causal_cross):
+    """`{name: (layer, return_attention_scores)}`, MHA first."""
     import keras
-    import numpy as np
-    import tensorflow as tf
 
     import keras_dna
 
-    batch = max(1, args.tokens // length)
-    rng = np.random.default_rng(0)
-    query = tf.constant(rng.normal(size=(batch, length, args.width)), args.dtype)
-    # Cross-attention reads a source of the same length, as in translation.
-    value = query if attention == "self" else tf.constant(
-        rng.normal(size=(batch, length, args.width)), args.dtype
-    )
-    head_dim = args.width // args.heads
-    mha = keras.layers.MultiHeadAttention(args.heads, head_dim, dtype=args.dtype)
-    mha(query, value)
-    layers = {"mha": mha}
-    for name, jit_compile in (("dna", "auto"), ("dna_uncompiled", False)):
-        # The whole score matrix: --chunk-size adds the layer with blocks.
-        layers[name] = keras_dna.DoublyNormalizedAttention(
-            args.heads, head_dim, dtype=args.dtype, jit_compile=jit_compile, chunk_size=None,
-            causal_normalization=(causal and attention == "cross"),
-        )
-        layers[name](query, value)
-        layers[name].set_weights(mha.get_weights())
-    if args.chunk_size is not None:
-        chunk_size = args.chunk_size if args.chunk_size == "auto" else int(args.chunk_size)
-        layers["dna_chunked"] = keras_dna.DoublyNormalizedAttention(
-            args.heads, head_dim, dtype=args.dtype, chunk_size=chunk_size,
-            causal_normalization=(causal and attention == "cross"),
-        )
-        layers["dna_chunked"](query, value)
-        layers["dna_chunked"].set_weights(mha.get_weights())
-    if args.outer == "xla":
-        del layers["dna_uncompiled"]  # inside XLA the setting makes no difference
+    options = dict(num_heads=settings.heads, key_dim=settings.width // settings.heads,
+                   dtype=settings.dtype)
     # Cross-attention in a decoder is not causally masked, only normalized.
-    use_causal_mask = causal and attention == "self"
-    return layers, query, value, use_causal_mask, batch
+    dna_options = dict(options, chunk_size=None, causal_normalization=causal_cross)
+    mha = keras.layers.MultiHeadAttention(**options)
+    layers = {"mha": (mha, False), "dna": (keras_dna.DoublyNormalizedAttention(**dna_options), False)}
+    if mode == "graph":
+        layers["dna_uncompiled"] = (
+            keras_dna.DoublyNormalizedAttention(jit_compile=False, **dna_options), False)
+    if backend != "tensorflow":
+        layers["mha_with_scores"] = (mha, True)
+    if settings.chunk_size is not None:
+        chunk_size = settings.chunk_size if settings.chunk_size == "auto" else int(settings.chunk_size)
+        layers["dna_chunked"] = (
+            keras_dna.DoublyNormalizedAttention(**dict(dna_options, chunk_size=chunk_size)), False)
+    return layers
 
 
-def _step_functions(layer, use_causal_mask, outer):
+def inputs(settings, length, attention):
+    """`(query, value, batch)`: random tensors of --tokens tokens."""
+    import keras
+    import numpy as np
+
+    batch = max(1, settings.tokens // length)
+    rng = np.random.default_rng(0)
+    query = rng.normal(size=(batch, length, settings.width))
+    # Cross-attention reads a source of the same length, as in translation.
+    value = query if attention == "self" else rng.normal(size=query.shape)
+    return (keras.ops.convert_to_tensor(query, settings.dtype),
+            keras.ops.convert_to_tensor(value, settings.dtype), batch)
+
+
+def layer_steps(layer, mode, call_options):
+    """`{"forward", "forward_backward"}`: functions of `(query, value)` on
+    the current backend, as `mode` runs them, not blocking."""
+    import keras
+
+    def output(query, value):
+        result = layer(query, value, **call_options)
+        return result[0] if call_options.get("return_attention_scores") else result
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _jax_steps(layer, mode, call_options)
+    if backend == "torch":
+        return _torch_steps(layer, output)
+    return _tensorflow_steps(layer, output, mode == "xla")
+
+
+def _loss(output):
+    import keras
+
+    return keras.ops.sum(keras.ops.square(keras.ops.cast(output, "float32")))
+
+
+def _tensorflow_steps(layer, output, jit_compile):
     import tensorflow as tf
 
-    @tf.function(jit_compile=outer == "xla")
+    @tf.function(jit_compile=jit_compile)
     def forward(query, value):
-        return layer(query, value, use_causal_mask=use_causal_mask)
+        return output(query, value)
 
-    @tf.function(jit_compile=outer == "xla")
+    @tf.function(jit_compile=jit_compile)
     def forward_backward(query, value):
         with tf.GradientTape() as tape:
             tape.watch([query, value])
-            loss = tf.reduce_sum(tf.square(layer(query, value, use_causal_mask=use_causal_mask)))
+            loss = _loss(output(query, value))
         return tape.gradient(loss, [query, value] + layer.trainable_weights)
 
     return {"forward": forward, "forward_backward": forward_backward}
 
 
-def _run(fn, query, value):
-    import tensorflow as tf
+def _jax_steps(layer, mode, call_options):
+    import jax
 
-    start = time.perf_counter()
-    tf.nest.map_structure(lambda t: t.numpy(), fn(query, value))
-    return time.perf_counter() - start
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def forward(weights, query, value):
+        result, _ = layer.stateless_call(weights, non_trainable, query, value, **call_options)
+        return result[0] if call_options.get("return_attention_scores") else result
+
+    steps = {"forward": forward,
+             "forward_backward": jax.grad(lambda *a: _loss(forward(*a)), argnums=(0, 1, 2))}
+    if mode == "jit":
+        steps = {name: jax.jit(step) for name, step in steps.items()}
+    return {name: lambda q, v, step=step: step(trainable, q, v) for name, step in steps.items()}
 
 
-def time_cell(args, length, attention, causal):
-    import numpy as np
+def _torch_steps(layer, output):
+    import torch
 
-    layers, query, value, use_causal_mask, batch = _layers_and_inputs(args, length, attention, causal)
-    result = {"length": length, "batch": batch, "attention": attention, "causal": causal}
-    for step in ("forward", "forward_backward"):
-        fns = {
-            name: _step_functions(layer, use_causal_mask, args.outer)[step]
-            for name, layer in layers.items()
-        }
-        for fn in fns.values():
-            _run(fn, query, value)  # compile and warm up
-            _run(fn, query, value)
-        times = {name: [] for name in fns}
-        for _ in range(args.repeats):
-            for name, fn in fns.items():  # interleaved: drift hits both alike
-                times[name].append(_run(fn, query, value))
-        medians = {name: float(np.median(t)) for name, t in times.items()}
-        result[step] = {f"{name}_s": seconds for name, seconds in medians.items()}
-        result[step]["ratio"] = medians["dna"] / medians["mha"]
-        for name in ("dna_uncompiled", "dna_chunked"):
-            if name in medians:
-                result[step][name.replace("dna_", "") + "_ratio"] = medians[name] / medians["mha"]
+    weights = [v.value for v in layer.trainable_variables]
+
+    def forward(query, value):
+        with torch.no_grad():
+            return output(query, value)
+
+    def forward_backward(query, value):
+        query, value = (x.detach().requires_grad_(True) for x in (query, value))
+        return torch.autograd.grad(_loss(output(query, value)), [query, value] + weights)
+
+    return {"forward": forward, "forward_backward": forward_backward}
+
+
+def _cell_layers(settings, mode, length, attention, causal):
+    settings = argparse.Namespace(**settings)
+    query, value, batch = inputs(settings, length, attention)
+    layers = variants(settings, _backend(), mode, causal and attention == "cross")
+    harness.build_with_same_weights(
+        {name: layer for name, (layer, _) in layers.items()}, query.shape, value.shape)
+    call_options = {"use_causal_mask": causal and attention == "self"}
+    steps = {name: layer_steps(layer, mode, dict(call_options, return_attention_scores=scores))
+             for name, (layer, scores) in layers.items()}
+    return steps, query, value, batch
+
+
+def self_attention_step(settings, name, length, causal, step="forward_backward", mode="xla"):
+    """`(function of (query, value), query, batch)`: one variant's step,
+    self-attention, not yet traced; `settings` as this script's options
+    (--width, --heads, --tokens)."""
+    settings = argparse.Namespace(**dict(vars(settings), dtype="float32", chunk_size=None))
+    query, _, batch = inputs(settings, length, "self")
+    layer, _ = variants(settings, _backend(), mode, False)[name]
+    harness.build_with_same_weights({name: layer}, query.shape)
+    return layer_steps(layer, mode, {"use_causal_mask": causal})[step], query, batch
+
+
+def _backend():
+    import keras
+
+    return keras.backend.backend()
+
+
+def time_cell(settings, mode, length, attention, causal):
+    """Both steps of every variant, interleaved; run in its own process."""
+    steps, query, value, batch = _cell_layers(settings, mode, length, attention, causal)
+    result = {"batch": batch}
+    for step in STEPS:
+        calls = {name: harness.blocking(lambda s=s[step]: s(query, value)) for name, s in steps.items()}
+        ratios = {label: pair for label, pair in RATIOS.items() if set(pair) <= set(calls)}
+        result[step] = harness.time_interleaved(calls, settings["repeats"], ratios)
     return result
 
 
-def memory_cell(args, length, attention, causal, which):
-    layers, query, value, use_causal_mask, _ = _layers_and_inputs(args, length, attention, causal)
-    # Measure only this layer: the other one was built but never run.
-    _run(_step_functions(layers[which], use_causal_mask, args.outer)["forward_backward"], query, value)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
+def memory_cell(settings, mode, length, attention, causal, variant):
+    """Peak resident GiB of a process that ran one forward+backward of
+    `variant` alone; run in its own process."""
+    steps, query, value, _ = _cell_layers(settings, mode, length, attention, causal)
+    harness.blocking(steps[variant]["forward_backward"])(query, value)
+    return harness.peak_memory_gib()
 
 
-def _subprocess(args, extra):
-    command = [sys.executable, __file__, *extra,
-               "--tokens", str(args.tokens), "--width", str(args.width), "--heads", str(args.heads),
-               "--dtype", args.dtype, "--repeats", str(args.repeats), "--outer", args.outer]
-    if args.chunk_size is not None:
-        command += ["--chunk-size", args.chunk_size]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        return {"error": _short_error(result.stderr)}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def measure(args, backend, mode, length, attention, causal):
+    settings = vars(args)
+    row = {"backend": backend, "mode": mode, "length": length, "attention": attention,
+           "causal": causal == "yes"}
+    cell = (mode, length, attention, causal == "yes")
+    row.update(harness.in_subprocess(time_cell, settings, *cell, backend=backend))
+    # Each layer alone: it may fit where the timing process, holding every
+    # variant's compiled steps, ran out of memory.
+    if not args.skip_memory:
+        measured = ["mha", "dna"] + (["dna_chunked"] if args.chunk_size else [])
+        row["peak_gib"] = {name: harness.in_subprocess(memory_cell, settings, *cell, name,
+                                                       backend=backend) for name in measured}
+    return row
 
 
-def _short_error(stderr):
-    """`ResourceExhaustedError: Out of memory ...` from a traceback."""
-    lines = stderr.strip().splitlines()
-    if not lines:
-        return "failed"
-    kind, _, message = lines[-1].partition(": ")
-    return f"{kind.rsplit('.', 1)[-1]}: {message.split(' [Op:')[0]}"
-
-
-def _ratio(value):
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _gib(value):
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if isinstance(value, float) else "failed"
+def cells(args):
+    for backend in args.backends:
+        modes = [m for m in MODES[backend] if m in args.modes]
+        yield from itertools.product([backend], modes, args.lengths, args.attention, args.causal)
 
 
 def _columns(rows):
     """(heading, value of a row) for the columns these rows have."""
-    def has(key):
-        return any(key in r.get("forward_backward", {}) for r in rows)
-
-    def ratio(step, key):
-        return lambda r: _ratio(r[step].get(key))
-
-    columns = [
-        ("forward DNA/MHA", ratio("forward", "ratio")),
-        ("fwd+bwd DNA/MHA", ratio("forward_backward", "ratio")),
-    ]
-    if has("uncompiled_ratio"):
-        columns.append(("fwd+bwd DNA/MHA, normalization not compiled",
-                        ratio("forward_backward", "uncompiled_ratio")))
-    if has("chunked_ratio"):
-        columns += [("forward chunked/MHA", ratio("forward", "chunked_ratio")),
-                    ("fwd+bwd chunked/MHA", ratio("forward_backward", "chunked_ratio"))]
-    columns.append(("fwd+bwd MHA ms", lambda r: f"{r['forward_backward']['mha_s'] * 1e3:.0f}"))
-    layers = ["mha", "dna"] + (["dna_chunked"] if has("chunked_ratio") else [])
-    for layer in layers:
-        columns.append((f"peak GiB {layer.upper().replace('_CHUNKED', ' chunked')}",
-                        lambda r, layer=layer: _gib(r.get("peak_gib", {}).get(layer))))
+    timed = [r for r in rows if "error" not in r]
+    labels = [label for label in RATIOS if any(label in r["forward"]["ratios"] for r in timed)]
+    columns = [(f"{'forward' if step == 'forward' else 'fwd+bwd'} {label}",
+                lambda r, s=step, label=label: _number(r[s]["ratios"].get(label, {}).get("median")))
+               for label in labels for step in STEPS]
+    columns += [(f"{'forward' if step == 'forward' else 'fwd+bwd'} MHA ms",
+                 lambda r, s=step: f"{r[s]['steps']['mha']['median_s'] * 1e3:.0f}") for step in STEPS]
+    measured = [name for name in ("mha", "dna", "dna_chunked")
+                if any(name in r.get("peak_gib", {}) for r in rows)]
+    columns += [(f"peak GiB {name.upper().replace('_CHUNKED', ' chunked')}",
+                 lambda r, name=name: _gib(r["peak_gib"].get(name))) for name in measured]
     return columns
 
 
+def _number(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _gib(value):
+    return f"{value:.2f}" if isinstance(value, float) else "failed"
+
+
 def markdown(rows):
-    columns = _columns([r for r in rows if "error" not in r])
-    lines = [
-        "| T | batch | attention | causal | " + " | ".join(h for h, _ in columns) + " |",
-        "|---|---|---|---|" + "---|" * len(columns),
-    ]
+    columns = _columns(rows)
+    header = ["backend", "mode", "T", "batch", "attention", "causal"] + [h for h, _ in columns]
+    table = []
     for r in rows:
+        cells = [r["backend"], r["mode"], str(r["length"]), str(r.get("batch", "")),
+                 r["attention"], str(r["causal"])]
         if "error" in r:
             # The timing failed; memory, measured apart, may not have.
-            cells = [value(r) if heading.startswith("peak") else "" for heading, value in columns]
-            cells[0] = r["error"]
+            values = [value(r) if heading.startswith("peak") else "" for heading, value in columns]
+            values[0] = r["error"]
         else:
-            cells = [value(r) for _, value in columns]
-        lines.append(f"| {r['length']} | {r.get('batch', '')} | {r['attention']} | {r['causal']} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            values = [value(r) for _, value in columns]
+        table.append(cells + values)
+    return harness.markdown_table("", header, table)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.cell:
-        length, attention, causal = int(args.cell[0]), args.cell[1], args.cell[2] == "yes"
-        if args.memory_of:
-            print(json.dumps(memory_cell(args, length, attention, causal, args.memory_of)))
-        else:
-            print(json.dumps(time_cell(args, length, attention, causal)))
-        return
     rows = []
-    for length, attention, causal in itertools.product(args.lengths, args.attention, args.causal):
-        cell = ["--cell", str(length), attention, causal]
-        row = _subprocess(args, cell)
-        row.update({"length": length, "attention": attention, "causal": causal == "yes"})
-        # Memory runs each layer alone, so it may succeed where the timing
-        # process, holding both layers' compiled steps, ran out of memory.
-        if not args.skip_memory:
-            layers = ("mha", "dna") + (("dna_chunked",) if args.chunk_size else ())
-            row["peak_gib"] = {
-                which: _subprocess(args, cell + ["--memory-of", which]) for which in layers
-            }
-        rows.append(row)
-        print(markdown([row]).splitlines()[-1], flush=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("cell", "memory_of", "output")}
-    write_results(args.output, "attention_benchmark.py", argv,
-                  {"settings": settings, "cells": rows}, markdown(rows))
+    for cell in cells(args):
+        rows.append(measure(args, *cell))
+        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    harness.write_results(args, {"cells": rows}, markdown(rows), argv)
 
 
 if __name__ == "__main__":

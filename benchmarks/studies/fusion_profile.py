@@ -9,9 +9,9 @@ keras-hub's `CachedMultiHeadAttention`) and DNA, so that the two HLO
 programs can be compared where they spend time. Events on the two threads
 of this CPU's pool overlap, so the sum exceeds the step's wall time.
 
-    python benchmarks/fusion_profile.py --step forward --length 512 --causal
-    python benchmarks/fusion_profile.py --step forward_backward --length 512 --outer graph
-    python benchmarks/fusion_profile.py --step decode --length 4096
+    python -m benchmarks.studies.fusion_profile --step forward --length 512 --causal
+    python -m benchmarks.studies.fusion_profile --step forward_backward --length 512 --outer graph
+    python -m benchmarks.studies.fusion_profile --step decode --length 4096
 """
 
 import argparse
@@ -21,7 +21,8 @@ import os
 import re
 import tempfile
 
-from _steps import self_attention_steps
+from benchmarks import harness
+from benchmarks.speed.layer_step import self_attention_step
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
@@ -36,7 +37,7 @@ _RUNTIME_EVENTS = (
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__.splitlines()[0], "studies/fusion_profile")
     p.add_argument("--step", choices=["forward", "forward_backward", "decode"], default="forward")
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--tokens", type=int, default=8192, help="tokens per batch (not decode)")
@@ -51,22 +52,10 @@ def parse_args(argv=None):
 
 
 def _layer_steps(args, name):
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    import keras_dna
-
-    if name == "mha":
-        layer = keras.layers.MultiHeadAttention(8, 64)
-    else:
-        layer = keras_dna.DoublyNormalizedAttention(8, 64, chunk_size=None)
-    batch = max(1, args.tokens // args.length)
-    x = tf.constant(np.random.default_rng(0).normal(size=(batch, args.length, 512)), "float32")
-    layer(x[:, :2], x[:, :2])
-
-    step = self_attention_steps(layer, args.causal, jit_compile=args.outer == "xla")[args.step]
-    return lambda: step(x)
+    settings = argparse.Namespace(tokens=args.tokens, width=512, heads=8)
+    step, x, _ = self_attention_step(settings, name, args.length, args.causal, args.step,
+                                     mode=args.outer)
+    return lambda: step(x, x)
 
 
 def _decode_step(args, name):
@@ -101,13 +90,13 @@ def profile(args, name):
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    step = (_decode_step if args.step == "decode" else _layer_steps)(args, name)
+    step = harness.blocking((_decode_step if args.step == "decode" else _layer_steps)(args, name))
     for _ in range(3):
-        tf.nest.map_structure(lambda t: t.numpy(), step())
+        step()
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         for _ in range(args.repeats):
-            tf.nest.map_structure(lambda t: t.numpy(), step())
+            step()
         tf.profiler.experimental.stop()
         (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
         space = xplane_pb2.XSpace()
@@ -145,14 +134,14 @@ def main(argv=None):
     what = f"{args.step}, length {args.length}" + (", causal" if args.causal else "")
     if args.step != "decode":
         what += f", {args.outer}"
+    tables, profiles = [], {}
     for name in ("mha", "dna"):
-        times = profile(args, name)
-        print(f"\n{name.upper()} ({what}): {sum(times.values()):.1f} ms per step over "
-              f"{len(times)} events")
-        for kind, (ms, count) in sorted(grouped(times).items(), key=lambda item: -item[1][0])[
-            : args.top
-        ]:
-            print(f"  {ms:9.2f} ms  {kind}" + (f" ({count} of them)" if count > 1 else ""))
+        profiles[name] = times = profile(args, name)
+        kinds = sorted(grouped(times).items(), key=lambda item: -item[1][0])[: args.top]
+        tables.append(harness.markdown_table(
+            f"{name.upper()} ({what}): {sum(times.values()):.1f} ms per step over {len(times)} events",
+            ["ms per step", "kind", "events"], [[f"{ms:.2f}", kind, str(count)] for kind, (ms, count) in kinds]))
+    harness.write_results(args, {"events_ms": profiles}, "\n\n".join(tables), argv)
 
 
 if __name__ == "__main__":

@@ -4,25 +4,23 @@ the DNA cache against rerunning the whole decoder for every phoneme.
 The example's model (width 64, 4 heads, 2 blocks, untrained: the time does
 not depend on the weights, every word decodes MAX_PHONEMES - 1 steps) and
 its SavedModel's `serve` function, on CMU dictionary words, batches of 1024;
-both decodings in one process, alternating, median over repeats.
+both decodings in one process, interleaved, median over repeats.
 
-    python benchmarks/g2p_decoding.py --attention double --words 4096 --repeats 5
+    python -m benchmarks.studies.g2p_decoding --attention double --words 4096 --repeats 5
 """
 
-import argparse
-import json
 import os
-import pathlib
-import statistics
 import sys
-import time
+
+from benchmarks import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+# The examples are scripts, not a package.
+sys.path.insert(0, str(harness.ROOT / "examples"))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__.splitlines()[0], "studies/g2p_decoding")
     p.add_argument("--attention", default="double")
     p.add_argument("--words", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
@@ -37,18 +35,17 @@ def main(argv=None):
     model = g2p.build_model(args.attention, len(letters) + 2, len(phonemes) + 2)
     spellers = {d: g2p.Speller(model, letters, phonemes, d) for d in g2p.DECODINGS}
     words = [word for word, _ in pairs]
-    times = {d: [] for d in spellers}
-    for speller in spellers.values():
-        speller.serve(tf.constant(words[:2]))  # trace
-    for _ in range(args.repeats):
-        for decoding, speller in spellers.items():
-            start = time.perf_counter()
-            for first in range(0, len(words), 1024):
-                speller.serve(tf.constant(words[first : first + 1024])).numpy()
-            times[decoding].append(1e3 * (time.perf_counter() - start) / len(words))
-    result = {d: statistics.median(t) for d, t in times.items()}
-    result["rerun / cached"] = result["rerun"] / result["cached"]
-    print(json.dumps({"args": vars(args), "ms_per_word": result}, indent=1))
+    batches = [tf.constant(words[first : first + 1024]) for first in range(0, len(words), 1024)]
+    steps = {d: lambda speller=speller: [speller.serve(b).numpy() for b in batches]
+             for d, speller in spellers.items()}
+    timing = harness.time_interleaved(steps, args.repeats, {"rerun / cached": ("rerun", "cached")},
+                                      warmup=1)
+    ms_per_word = {d: 1e3 * t["median_s"] / len(words) for d, t in timing["steps"].items()}
+    table = harness.markdown_table(
+        f"Greedy decoding, {args.attention}, {len(words)} words", ["decoding", "ms per word"],
+        [[d, f"{ms:.3f}"] for d, ms in ms_per_word.items()]
+        + [["rerun / cached", f"{timing['ratios']['rerun / cached']['median']:.2f}"]])
+    harness.write_results(args, {"ms_per_word": ms_per_word, "ratios": timing["ratios"]}, table, argv)
 
 
 if __name__ == "__main__":

@@ -4,26 +4,25 @@ Runs the layer on random inputs under each dtype policy, with padding, an
 attention mask and causal masking, and compares outputs and weights with the
 NumPy float64 transcription in tests/oracle.py.
 
-    python benchmarks/oracle_error.py
+    python -m benchmarks.studies.oracle_error
 """
 
 import os
-import pathlib
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from keras_dna import DoublyNormalizedAttention  # noqa: E402
 from tests import oracle  # noqa: E402
 
 POLICIES = ["float64", "float32", "mixed_float16", "mixed_bfloat16"]
 
 
-def main():
+def main(argv=None):
+    args = harness.parser(__doc__.splitlines()[0], "studies/oracle_error").parse_args(argv)
     # Seeded weights too, so that two runs (or two versions) print the same.
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -31,8 +30,7 @@ def main():
     query = rng.normal(size=(batch, length, width))
     key_mask = np.arange(length)[None] < rng.integers(length // 2, length + 1, size=(batch, 1))
     attention_mask = rng.random((batch, length, length)) < 0.8
-    print("| dtype policy | normalization | masks | max output error | max weight error |")
-    print("|---|---|---|---|---|")
+    errors = []
     for normalization, null_query in (
         ("double", False), ("hybrid", False), ("single", False), ("double", True),
     ):
@@ -58,7 +56,10 @@ def main():
                 rows = valid.any(-1)
                 out_error = np.abs(np.asarray(out, np.float64)[rows] - want_out[rows]).max()
                 weight_error = np.abs(np.asarray(weights, np.float64) - want_weights).max()
-                print(f"| {policy} | {label} | {name} | {out_error:.2e} | {weight_error:.2e} |")
+                errors.append([policy, label, name, f"{out_error:.2e}", f"{weight_error:.2e}"])
+    table = harness.markdown_table(
+        "", ["dtype policy", "normalization", "masks", "max output error", "max weight error"], errors)
+    harness.write_results(args, {"rows": errors}, table, argv)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,18 @@ reduction), and a copy (`2 * x`), the least any of them must do. Same
 process, interleaved, median over repeats; errors against a float64 NumPy
 cumulative sum.
 
-    python benchmarks/prefix_sum.py --lengths 512
+    python -m benchmarks.studies.prefix_sum --lengths 512
 """
 
-import argparse
 import os
-import statistics
-import time
+
+from benchmarks import harness
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__.splitlines()[0], "studies/prefix_sum")
     p.add_argument("--lengths", type=int, nargs="+", default=[512])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--heads", type=int, default=8)
@@ -57,8 +56,7 @@ def main(argv=None):
         "tf.cumsum": lambda x: tf.cumsum(x, axis=-2),
         "copy (2 * x)": lambda x: 2.0 * x,
     }
-    print("| T | variant | ms | / copy | max relative error |")
-    print("|---|---|---|---|---|")
+    rows = []
     for length in args.lengths:
         shape = (args.batch, args.heads, length, length)
         x = tf.constant(np.random.default_rng(0).random(shape), "float32")
@@ -68,17 +66,15 @@ def main(argv=None):
             name: np.abs(f(x).numpy() - expected).max() / expected.max()
             for name, f in functions.items() if not name.startswith("copy")
         }
-        times = {name: [] for name in functions}
-        for _ in range(args.repeats):
-            for name, f in functions.items():
-                start = time.perf_counter()
-                f(x).numpy()
-                times[name].append(time.perf_counter() - start)
-        median = {name: statistics.median(values) for name, values in times.items()}
-        for name, seconds in median.items():
-            error = f"{errors[name]:.1e}" if name in errors else "-"
-            print(f"| {length} | {name} | {1e3 * seconds:.1f} | "
-                  f"{seconds / median['copy (2 * x)']:.2f} | {error} |", flush=True)
+        steps = {name: harness.blocking(lambda f=f: f(x)) for name, f in functions.items()}
+        ratios = {name: (name, "copy (2 * x)") for name in functions}
+        timing = harness.time_interleaved(steps, args.repeats, ratios)
+        rows += [[str(length), name, f"{1e3 * timing['steps'][name]['median_s']:.1f}",
+                  f"{timing['ratios'][name]['median']:.2f}",
+                  f"{errors[name]:.1e}" if name in errors else "-"] for name in functions]
+    table = harness.markdown_table(
+        "", ["T", "variant", "ms", "/ copy", "max relative error"], rows)
+    harness.write_results(args, {"rows": rows}, table, argv)
 
 
 if __name__ == "__main__":

@@ -187,15 +187,13 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
             _check_update_index(cache_update_index, value.shape[1], cache.shape[2])
 
     def _cached_attention(self, training):
-
         """`cached_attention`, compiled as a whole where the layer compiles.
 
         Keras runs keras-hub's `generate` uncompiled on CPUs; compiled
-        whole, a converted GPT-2 (4 layers, 8 heads of 64, batch 4) took
-        0.97x keras-hub's time per token at length 128, 1.04x at 1024,
-        against 1.33x and 1.57x with only the normalization compiled
-        (`benchmarks/generate.py`). With dropout active it runs as it is,
-        the layer's dropout between weights and values.
+        whole, a converted GPT-2 decodes at about keras-hub's own time per
+        token, and markedly slower with only the normalization compiled
+        (`benchmarks/results/decoding/generate.md`). With dropout active it
+        runs as it is, the layer's dropout between weights and values.
         """
         if self._dropout and training:
             return functools.partial(

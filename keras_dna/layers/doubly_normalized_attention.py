@@ -27,7 +27,7 @@ from keras_dna.ops.backend import scaled
 from keras_dna.ops.implementation import implementation_for
 
 # The null query's initial log-mass: the best of -2, 0, 2 and 4 on the
-# grapheme-to-phoneme example (benchmarks/null_query_init.py). With scores of
+# grapheme-to-phoneme example (`python -m benchmarks.studies.null_query_init`). With scores of
 # order 1 over tens of queries, it starts each key about halfway between
 # double normalization and softmax.
 NULL_QUERY_INIT = 4.0

@@ -191,9 +191,10 @@ class MultiHeadAttentionBase(keras.layers.MultiHeadAttention):
         """`MultiHeadAttention`'s score equation with the query first.
 
         Its equation takes the key first; under XLA on a CPU that product
-        was 1.3x (batch 16, T=512) to 3x (batch 1, T=4096) slower than with
-        the query first, as `keras.ops.dot_product_attention` (and so
-        `MultiHeadAttention` itself) computes it.
+        was slower than with the query first, as
+        `keras.ops.dot_product_attention` (and so `MultiHeadAttention`
+        itself) computes it (`benchmarks/results/speed/layer_step_query_first.md`,
+        `layer_step_query_first_batch1.md`).
         """
         operands, scores = self._dot_product_equation.split("->")
         key, query = operands.split(",")

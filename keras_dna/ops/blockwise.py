@@ -38,8 +38,8 @@ from keras_dna.ops.numerics import working_dtype
 
 # What `chunk_size="auto"` picks (`auto_chunk_size`): blocks of 512 queries
 # once all heads' scores would take 4 GiB in float32. Below that the whole
-# matrix was as fast or faster under XLA on a CPU (docs/long-sequences.md:
-# at batch 1, T=4096, blocks read the scores twice forward).
+# matrix was as fast or faster under XLA on a CPU, as blocks read the scores
+# twice forward (`benchmarks/results/speed/layer_step_auto.md`).
 AUTO_CHUNK_SIZE = 512
 AUTO_CHUNK_SCORES = 2**30
 

@@ -162,9 +162,10 @@ def exact_prefix_logsumexp(scores, reverse=False):
     exact for any spread.
 
     In log space, a block of `_PREFIX_BLOCK` queries at a time (a loop
-    carrying the running log-sum-exp): the graph stays small (the first
-    call of the compiled causal forward+backward at T=512 took 12 s, 25 s
-    with the whole axis unrolled) and the temporaries a block's size.
+    carrying the running log-sum-exp): the graph stays small (unrolled
+    over the whole axis, the first compiled call took twice as long,
+    `benchmarks/results/compile/compile_time.md`) and the temporaries a
+    block's size.
     Unknown lengths take the backend's cumulative log-sum-exp. Only taken
     when the fast path would lose precision, and never differentiated (the
     gradient is analytic).

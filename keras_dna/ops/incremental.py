@@ -134,8 +134,8 @@ def cached_attention(
         keys = ops.slice_update(keys, start, ops.cast(key_rows, keys.dtype))
         values = ops.slice_update(values, start, ops.cast(value_rows, values.dtype))
     # A decoding step's scores are a product of the keys with a vector:
-    # under XLA on a CPU the key-first equation was 1.6x faster for it
-    # (batch 4, S=4096), the query-first one faster for longer blocks.
+    # under XLA on a CPU the key-first equation was faster for it, the
+    # query-first one for longer blocks (`benchmarks/results/decoding/decode.md`).
     if query.shape[1] == 1:
         scores = einsum("bsnh,btnh->bnts", keys, query)
     else:
