@@ -14,7 +14,10 @@ backend; what differs lives here, so that a backend has one place to go:
   maximum and a cumulative sum that keep float64 (Keras turns float64 into
   float32 outside TensorFlow);
 - `known_int`: the value of an integer scalar where it is known before the
-  computation runs (Python numbers, eager tensors), for argument checks.
+  computation runs (Python numbers, eager tensors), for argument checks;
+- `pad_last_axis`, `kernel_flash_attention` and `unless_trusted`: a zero
+  padding, the fused kernels' flash setting and the fused path's fallback,
+  written so that `torch.compile` traces them once (see each).
 """
 
 import functools
@@ -316,3 +319,78 @@ def records_gradients(*tensors):
     return torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
     )
+
+
+def torch_compiling():
+    """Whether `torch.compile` is tracing the current call."""
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
+def pad_last_axis(x, extra):
+    """`x` with `extra` zeros appended along its last axis.
+
+    Not `ops.pad` on PyTorch: it builds a `keras.Operation` at every call,
+    whose name counter (`pad_1`, `pad_2`, ...) `torch.compile` guards on,
+    so that every call of a compiled fused layer recompiled.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.nn.functional.pad(x, (0, extra))
+    return ops.pad(x, [(0, 0)] * (len(x.shape) - 1) + [(0, extra)])
+
+
+def kernel_flash_attention(flash_attention):
+    """The `flash_attention` to pass to `keras.ops.dot_product_attention`.
+
+    Under `torch.compile`, `None` becomes `False`: with `None`, Keras asks
+    PyTorch whether a flash kernel can run (`SDPAParams`, which Dynamo
+    cannot trace), splitting the graph at every fused call; with `False`
+    it calls `scaled_dot_product_attention` as it is, and PyTorch's own
+    dispatcher takes a flash kernel wherever one can run.
+    """
+    if flash_attention is None and torch_compiling():
+        return False
+    return flash_attention
+
+
+def unless_trusted(trusted, output, fallback, *arrays):
+    """`output` where the boolean scalar `trusted` holds, else
+    `fallback(*arrays)` in the dtype of `output`; only the branch taken
+    runs (where the backend can tell).
+
+    `ops.cond` everywhere but under `torch.compile`, where Keras's `cond`
+    (a Python `if` on a tensor, and a `keras.Operation` whose name counter
+    Dynamo guards on) split the graph and recompiled at every call. There
+    the choice runs outside the graph, in one function Dynamo leaves alone:
+    the graph splits once, there, and the fallback runs eagerly only when
+    it is taken. (The fused path's own choice is a custom operation that
+    splits nothing, `keras_dna.ops.dispatch`; this is its general
+    fallback, for a tensor `scale`.)
+    """
+    if torch_compiling():
+        return _torch_unless_trusted(trusted, output, fallback, *arrays)
+
+    def exact():
+        return ops.cast(fallback(*arrays), output.dtype)
+
+    return ops.cond(trusted, lambda: output, exact)
+
+
+def _unless_trusted_eagerly(trusted, output, fallback, *arrays):
+    if bool(trusted):
+        return output
+    return ops.cast(fallback(*arrays), output.dtype)
+
+
+# Made once, here: decorating it while Dynamo traces would make a new
+# function at every trace.
+_torch_unless_trusted = _unless_trusted_eagerly
+if keras.backend.backend() == "torch":
+    import torch
+
+    _torch_unless_trusted = torch.compiler.disable(_unless_trusted_eagerly)

@@ -9,11 +9,14 @@ Hybrid attention mixes softmax and double normalization per head:
 
 import math
 
+import keras
 from keras import ops
 
 from keras_dna.ops.backend import differentiable_in_branch
 from keras_dna.ops.backend import einsum
 from keras_dna.ops.backend import scaled
+from keras_dna.ops.backend import torch_compiling
+from keras_dna.ops.backend import unless_trusted
 from keras_dna.ops.blockwise import chunked_attention
 from keras_dna.ops.causal import causal_double_normalization
 from keras_dna.ops.checks import check_broadcastable
@@ -374,18 +377,31 @@ def _fused_attention(query, key, value, mask, chunk_size, flash_attention, **opt
     scale = options.pop("scale")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     mixing_logits, null_query_logits = options.pop("mixing_logits"), options.pop("null_query_logits")
+    if options["is_causal"]:
+        # Softmax with `is_causal` (the one causal call fused kernels run):
+        # the kernels see the causal mask in the call's mask.
+        causal = causal_mask(ops.shape(query)[1], ops.shape(key)[1])
+        mask = causal if mask is None else ops.logical_and(mask, causal)
     output, trusted = fused_attention(
         query, key, value, _rank4(mask), normalization=options["normalization"], scale=scale,
         mixing_logits=mixing_logits, null_query_logits=null_query_logits,
         flash_attention=flash_attention,
     )
+    arrays = (query, key, value, mask, mixing_logits, null_query_logits)
+    if torch_compiling() and isinstance(scale, (int, float)):
+        # One operation of the compiled graph, which runs the exact path
+        # eagerly only where the read-out underflowed: no graph break (at
+        # each of the call's nested frames, Dynamo traced the whole fused
+        # path again up to one: 66 s for a layer's first call, against 27 s
+        # for `MultiHeadAttention`), and the costly exact path is never
+        # traced nor compiled.
+        arrays = tuple(None if x is None else ops.convert_to_tensor(x) for x in arrays)
+        return _torch_exact_unless_trusted(
+            trusted, output, *arrays, chunk_size, float(scale), options["normalization"],
+            bool(options["is_causal"]), bool(options["causal_normalization"]),
+        )
     exact = differentiable_in_branch(_exact_attention, chunk_size=chunk_size, scale=scale, **options)
-
-    def fallback():
-        exact_output = exact(query, key, value, mask, mixing_logits, null_query_logits)
-        return ops.cast(exact_output, output.dtype)
-
-    return ops.cond(trusted, lambda: output, fallback)
+    return unless_trusted(trusted, output, exact, *arrays)
 
 
 def _exact_attention(query, key, value, mask, mixing_logits, null_query_logits, *, chunk_size, **options):
@@ -404,3 +420,129 @@ def _rank4(mask):
     while len(mask.shape) < 4:
         mask = ops.expand_dims(mask, 0)
     return mask
+
+
+def _exact_gradients(upstream, trusted, *arrays_and_options):
+    """The gradients of `_torch_exact_unless_trusted` in its output and in
+    the differentiable arrays (query, key, value and the logits given):
+    `upstream` and zeros where the read-out held, else zeros and the exact
+    path's, recomputed."""
+    import torch
+
+    arrays, options = arrays_and_options[:6], arrays_and_options[6:]
+    if bool(trusted):
+        return [_contiguous_copy(upstream)] + [_contiguous_zeros(x) for x in _differentiable(arrays)]
+    arrays = [None if x is None else x.detach() for x in arrays]
+    inputs = _differentiable(arrays)
+    with _recording_autograd(), torch.enable_grad():
+        for x in inputs:
+            x.requires_grad_(True)
+        exact = _exact_call(arrays, options)
+        grads = torch.autograd.grad(exact, inputs, upstream.to(exact.dtype), allow_unused=True)
+    grads = [_contiguous_zeros(x) if g is None else g.to(x.dtype).contiguous() for x, g in zip(inputs, grads)]
+    return [_contiguous_zeros(upstream)] + grads
+
+
+def _differentiable(arrays):
+    """The arrays of `_torch_exact_unless_trusted` that take a gradient:
+    the floating ones but the mask."""
+    return [x for i, x in enumerate(arrays) if i != 3 and x is not None and x.is_floating_point()]
+
+
+# The custom operations return contiguous tensors, as their fake versions
+# say (Inductor checks the strides).
+def _contiguous_copy(x):
+    import torch
+
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _contiguous_zeros(x):
+    import torch
+
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _recording_autograd():
+    """A context in which PyTorch records autograd again: a custom
+    operation runs below autograd (its keys excluded from dispatch), and
+    the exact path's gradient needs it. Private API (`torch._C`), checked by
+    `tests/test_torch_compile.py`."""
+    import torch
+
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor"):
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _exact_call(arrays, options):
+    """`_exact_attention` of the custom operations' arguments."""
+    chunk_size, scale, normalization, is_causal, causal_normalization = options
+    return _exact_attention(
+        *arrays, chunk_size=chunk_size, scale=scale, normalization=normalization,
+        is_causal=is_causal, causal_normalization=causal_normalization,
+    )
+
+
+if keras.backend.backend() == "torch":
+    import torch
+
+    # Under `torch.compile`, the fused path's choice between its output and
+    # the exact path, as one custom operation (Dynamo neither traces nor
+    # splits the graph at it) with a custom operation as its gradient.
+    # Eager calls keep `ops.cond`. Registered once per process.
+    @torch.library.custom_op("keras_dna::exact_unless_trusted", mutates_args=())
+    def _torch_exact_unless_trusted(
+        trusted: torch.Tensor, output: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+        value: torch.Tensor, mask: torch.Tensor | None, mixing_logits: torch.Tensor | None,
+        null_query_logits: torch.Tensor | None, chunk_size: int | None, scale: float,
+        normalization: str, is_causal: bool, causal_normalization: bool,
+    ) -> torch.Tensor:
+        if bool(trusted):
+            return _contiguous_copy(output)
+        arrays = (query, key, value, mask, mixing_logits, null_query_logits)
+        options = (chunk_size, scale, normalization, is_causal, causal_normalization)
+        with torch.no_grad():
+            return _exact_call(arrays, options).to(output.dtype).contiguous()
+
+    @_torch_exact_unless_trusted.register_fake
+    def _(trusted, output, *arrays_and_options):
+        return _contiguous_zeros(output)
+
+    @torch.library.custom_op("keras_dna::exact_unless_trusted_backward", mutates_args=())
+    def _torch_exact_gradients(
+        upstream: torch.Tensor, trusted: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+        value: torch.Tensor, mask: torch.Tensor | None, mixing_logits: torch.Tensor | None,
+        null_query_logits: torch.Tensor | None, chunk_size: int | None, scale: float,
+        normalization: str, is_causal: bool, causal_normalization: bool,
+    ) -> list[torch.Tensor]:
+        return _exact_gradients(
+            upstream, trusted, query, key, value, mask, mixing_logits, null_query_logits,
+            chunk_size, scale, normalization, is_causal, causal_normalization,
+        )
+
+    @_torch_exact_gradients.register_fake
+    def _(upstream, trusted, *arrays_and_options):
+        arrays = arrays_and_options[:6]
+        return [_contiguous_zeros(upstream)] + [_contiguous_zeros(x) for x in _differentiable(arrays)]
+
+    def _setup_context(ctx, inputs, output):
+        # Not the fused output (index 1): the gradient needs none of it.
+        tensors = [None if i == 1 else x for i, x in enumerate(inputs[:8])]
+        ctx.save_for_backward(*(x for x in tensors if x is not None))
+        ctx.given = [x is not None for x in tensors]
+        ctx.differentiable = [x is not None and x.is_floating_point() and i != 3
+                              for i, x in enumerate(inputs[2:8])]
+        ctx.options = inputs[8:]
+
+    def _backward(ctx, upstream):
+        saved = iter(ctx.saved_tensors)
+        tensors = [next(saved) if given else None for given in ctx.given]
+        trusted, _, *arrays = tensors
+        grads = iter(_torch_exact_gradients(upstream, trusted, *arrays, *ctx.options))
+        output_grad = next(grads)
+        array_grads = [next(grads) if d else None for d in ctx.differentiable]
+        return (None, output_grad, *array_grads) + (None,) * len(ctx.options)
+
+    _torch_exact_unless_trusted.register_autograd(_backward, setup_context=_setup_context)

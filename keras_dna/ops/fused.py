@@ -30,6 +30,8 @@ import keras
 from keras import ops
 
 from keras_dna.ops.backend import half_precision_kernels_only
+from keras_dna.ops.backend import kernel_flash_attention
+from keras_dna.ops.backend import pad_last_axis
 from keras_dna.ops.backend import records_gradients
 from keras_dna.ops.backend import scaled
 from keras_dna.ops.checks import check_broadcastable
@@ -156,7 +158,8 @@ class _Attend:
         width = _width(query.shape[-1], key.shape[-1], value_width)
         query, key, value = (_padded(x, width) for x in (query, key, value))
         output = ops.dot_product_attention(
-            query, key, value, bias=bias, scale=1.0, flash_attention=self.flash_attention
+            query, key, value, bias=bias, scale=1.0,
+            flash_attention=kernel_flash_attention(self.flash_attention),
         )
         return output[..., :value_width]
 
@@ -363,7 +366,7 @@ def _with_reference(rows):
     """`(B, L, N, W)` -> `(B, L + 1, N, W + 1)`: a channel of zeros, and a
     reference row of zeros but for a 1 in that channel."""
     width = rows.shape[-1] + 1
-    rows = ops.pad(rows, [(0, 0), (0, 0), (0, 0), (0, 1)])
+    rows = pad_last_axis(rows, 1)
     marker = ops.cast(ops.arange(width) == width - 1, rows.dtype)
     return ops.concatenate([rows, ops.zeros_like(rows[:, :1]) + marker], axis=1)
 
@@ -408,7 +411,7 @@ def _padded(x, width):
     extra = width - x.shape[-1]
     if extra == 0:
         return x
-    return ops.pad(x, [(0, 0)] * 3 + [(0, extra)])
+    return pad_last_axis(x, extra)
 
 
 def _large_negative(dtype):
