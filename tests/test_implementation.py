@@ -297,3 +297,18 @@ def test_a_later_token_changes_no_earlier_output_to_the_bit(rng, implementation,
         for x in changed:
             x[:, 30:] *= factor
         assert np.array_equal(attend(*changed)[:, :30], before[:, :30])
+
+
+def test_softmax_with_is_causal_on_every_route_masks_the_future(rng):
+    # Fused kernels run causal softmax: the causal mask must reach them.
+    q, k, v = _inputs(rng)
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    weights = oracle.attention_weights(scores, np.tril(np.ones((9, 9), bool)), "single")
+    expected = np.einsum("bnts,bsnh->btnh", weights, v)
+    routes = [("whole", None), ("blockwise", 4)] + ([("fused", None)] if BACKEND != "tensorflow" else [])
+    for implementation, chunk_size in routes:
+        got = dna_ops.doubly_normalized_attention(
+            q, k, v, normalization="single", is_causal=True, implementation=implementation,
+            chunk_size=chunk_size,
+        )
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(got), expected, atol=2e-5, err_msg=implementation)
