@@ -27,6 +27,7 @@ from keras_dna.ops.backend import scaled
 from keras_dna.ops.causal import prefix_logsumexp
 from keras_dna.ops.causal import prefix_logsumexp_transpose
 from keras_dna.ops.checks import check_broadcastable
+from keras_dna.ops.normalization import hybrid_mix
 from keras_dna.ops.normalization import key_logsumexp
 from keras_dna.ops.normalization import null_logits_gradient
 from keras_dna.ops.normalization import row_softmax
@@ -100,11 +101,7 @@ def chunked_attention(
     elif normalization == "double":
         output = attend(True)
     else:
-        if mixing_logits is None:
-            softmax_share = 0.5
-        else:
-            softmax_share = ops.reshape(ops.sigmoid(ops.cast(mixing_logits, dtype)), (1, -1, 1, 1))
-        output = softmax_share * attend(False) + (1.0 - softmax_share) * attend(True)
+        output = hybrid_mix(attend(False), attend(True), mixing_logits, heads_axis=-3)
     return ops.cast(ops.transpose(output, (0, 2, 1, 3)), out_dtype)
 
 

@@ -48,6 +48,23 @@ def row_softmax(logits, valid):
     return terms / row_sums, ops.exp(row_max + ops.log(row_sums))
 
 
+def hybrid_mix(softmax, double, mixing_logits, heads_axis):
+    """`"hybrid"` normalization (docs/math.md, "Hybrid"): per head `h`,
+    `sigmoid(mixing_logits[h]) * softmax + (1 - sigmoid(...)) * double`.
+
+    `softmax` and `double` are weights or outputs with the heads on the
+    negative axis `heads_axis`; `mixing_logits` holds one logit per head
+    (any shape with that many entries), or is `None` for an equal mix.
+    Every implementation mixes here, whatever it mixes.
+    """
+    if mixing_logits is None:
+        share = 0.5
+    else:
+        shape = (-1,) + (1,) * (-heads_axis - 1)
+        share = ops.reshape(ops.sigmoid(ops.cast(mixing_logits, double.dtype)), shape)
+    return share * ops.cast(softmax, double.dtype) + (1.0 - share) * double
+
+
 def softmax_part_of_gradient(weights, upstream):
     """The gradient of a softmax over keys: `A * (g - sum over keys of A * g)`."""
     return weights * (upstream - ops.sum(weights * upstream, axis=-1, keepdims=True))
