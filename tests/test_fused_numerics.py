@@ -212,7 +212,7 @@ def test_gradients_where_a_fused_call_falls_back_equal_the_exact_paths(rng, with
         return ops.sum(output * output)
 
     arrays = (q, k, v, logits[0], logits[1])
-    read_out = fused.key_logsumexp(
+    read_out = fused.read_out_key_logsumexp(
         fused._Attend(ops.convert_to_tensor(q) * 0.5, ops.convert_to_tensor(k), None, None)
     )
     assert not bool(ops.convert_to_numpy(read_out[1])), "the case must fall back"

@@ -26,7 +26,6 @@ from keras_dna.ops.backend import result_dtype
 from keras_dna.ops.backend import scaled
 from keras_dna.ops.causal import prefix_logsumexp
 from keras_dna.ops.causal import prefix_logsumexp_transpose
-from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.normalization import hybrid_mix
 from keras_dna.ops.normalization import key_logsumexp
 from keras_dna.ops.normalization import null_logits_gradient
@@ -70,8 +69,9 @@ def chunked_attention(
 ):
     """`doubly_normalized_attention` over blocks of `chunk_size` queries.
 
-    Same arguments, checked by the caller (with `scale` given); the output
-    has the dtype of the query and key.
+    Same arguments, checked by the caller (with `scale` given, and `mask`
+    `None` or a rank-4 boolean tensor); the output has the dtype of the
+    query and key.
     """
     out_dtype = result_dtype(query.dtype, key.dtype)
     dtype = working_dtype(out_dtype)
@@ -80,11 +80,6 @@ def chunked_attention(
         ops.transpose(ops.cast(x, dtype), (0, 2, 1, 3)) for x in (query, key, value)
     )
     query = scaled(query, scale)
-    if mask is not None:
-        mask = ops.cast(mask, "bool")
-        check_broadcastable("mask", mask.shape, tuple(query.shape[:3]) + (key.shape[2],))
-        while len(mask.shape) < 4:
-            mask = ops.expand_dims(mask, 0)
     causal = bool(causal_normalization or is_causal)
     null_logits = None
     if null_query_logits is not None:

@@ -33,6 +33,7 @@ from keras_dna.ops.fused import fused_attention
 from keras_dna.ops.implementation import check_implementation
 from keras_dna.ops.implementation import implementation_for
 from keras_dna.ops.normalization import double_normalization
+from keras_dna.ops.normalization import hybrid_mix
 from keras_dna.ops.normalization import row_softmax
 from keras_dna.ops.numerics import working_dtype
 from keras_dna.ops.symbolic import symbolic_inputs_allowed
@@ -184,8 +185,12 @@ def with_softmax_share(double, scores, valid, normalization, mixing_logits):
     `"double"`, mixed with the softmax of `scores` per head for `"hybrid"`."""
     if normalization == "double":
         return double
-    softmax_share = 0.5 if mixing_logits is None else ops.sigmoid(mixing_logits)
-    return softmax_share * row_softmax(scores, valid)[0] + (1.0 - softmax_share) * double
+    return hybrid_mix(row_softmax(scores, valid)[0], double, mixing_logits, heads_axis=-3)
+
+
+def default_scale(query):
+    """`1 / sqrt(head_dim)` of `(..., head_dim)` queries, as a Python float."""
+    return 1.0 / math.sqrt(query.shape[-1])
 
 
 @symbolic_inputs_allowed
@@ -230,7 +235,7 @@ def doubly_normalized_attention_weights(
         check_mask_values("mask", mask)
         mask = ops.cast(mask, "bool")
     if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
+        scale = default_scale(query)
     scores = scaled(einsum("btnh,bsnh->bnts", query, key), scale)
     if is_causal:
         causal = causal_mask(ops.shape(query)[1], ops.shape(key)[1])
@@ -320,6 +325,8 @@ def doubly_normalized_attention(
         mask = ops.cast(mask, "bool")
         check_broadcastable("mask", mask.shape, _scores_shape(query, key))
     causal = bool(is_causal or causal_normalization)
+    if scale is None:
+        scale = default_scale(query)
     if implementation is None:
         implementation, chunk_size = implementation_for(
             query, key, normalization=normalization, causal=causal,
@@ -362,12 +369,11 @@ def _blockwise_attention(query, key, value, mask, chunk_size, **options):
         mixing_logits = per_head("mixing_logits", mixing_logits, heads, dtype)
     if null_query_logits is not None:
         null_query_logits = per_head("null_query_logits", null_query_logits, heads, dtype)
-    scale = options["scale"]
     return chunked_attention(
-        query, key, value, mask, normalization=options["normalization"],
+        query, key, value, _rank4(mask), normalization=options["normalization"],
         is_causal=options["is_causal"], causal_normalization=options["causal_normalization"],
-        scale=1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
-        mixing_logits=mixing_logits, null_query_logits=null_query_logits, chunk_size=chunk_size,
+        scale=options["scale"], mixing_logits=mixing_logits, null_query_logits=null_query_logits,
+        chunk_size=chunk_size,
     )
 
 
@@ -375,7 +381,6 @@ def _fused_attention(query, key, value, mask, chunk_size, flash_attention, **opt
     """Attention on fused kernels; where their read-outs underflow, the
     exact path: by blocks of `chunk_size` queries, or whole."""
     scale = options.pop("scale")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     mixing_logits, null_query_logits = options.pop("mixing_logits"), options.pop("null_query_logits")
     if options["is_causal"]:
         # Softmax with `is_causal` (the one causal call fused kernels run):

@@ -5,7 +5,7 @@ Built from `keras.ops.dot_product_attention` calls (PyTorch's
 linear in the lengths: no score-sized tensor is written, forward or backward,
 beyond the caller's own mask. One head, scores `s[i, j]`, validity `m[i, j]`:
 
-- forward, step 1 (`key_logsumexp`): each key's log-sum-exp over the queries,
+- forward, step 1 (`read_out_key_logsumexp`): each key's log-sum-exp over the queries,
   `c0[j]`, read out of an attention with keys and queries swapped, plus one
   reference key whose score `b[j]` is known (the mean valid query's):
   `c0[j] = b[j] + log(out_real[j] / out_ref[j])`. With a null query,
@@ -36,6 +36,7 @@ from keras_dna.ops.backend import records_gradients
 from keras_dna.ops.backend import scaled
 from keras_dna.ops.checks import check_broadcastable
 from keras_dna.ops.checks import check_per_head
+from keras_dna.ops.normalization import hybrid_mix
 from keras_dna.ops.numerics import logaddexp
 from keras_dna.ops.numerics import smallest_normal
 from keras_dna.ops.numerics import working_dtype
@@ -80,10 +81,7 @@ def fused_attention(
         return attend.softmax(value), ops.convert_to_tensor(True)
     double, trusted = _double(attend, value, null_query_logits)
     if normalization == "hybrid":
-        share = 0.5 if mixing_logits is None else ops.reshape(
-            ops.sigmoid(ops.cast(mixing_logits, double.dtype)), (1, 1, -1, 1)
-        )
-        double = share * ops.cast(attend.softmax(value), double.dtype) + (1.0 - share) * double
+        double = hybrid_mix(attend.softmax(value), double, mixing_logits, heads_axis=-2)
     return ops.cast(double, query.dtype), trusted
 
 
@@ -186,7 +184,7 @@ class _Attend:
 
 def _double(attend, value, null_query_logits):
     """Doubly-normalized attention and whether its read-out holds."""
-    key_lse, trusted = key_logsumexp(attend)
+    key_lse, trusted = read_out_key_logsumexp(attend)
     # Keys no query sees have c0 = -inf, and a read-out that underflowed
     # gives +-inf: any finite c keeps the former out, and keeps the latter's
     # output finite, and so its gradient, which reaches the inputs (as zeros)
@@ -269,7 +267,7 @@ def _mean_over_valid_keys(attend, per_key):
     return ops.sum(weights * per_key, axis=1, keepdims=True) / count
 
 
-def key_logsumexp(attend):
+def read_out_key_logsumexp(attend):
     """`c0[j]`, `(B, S, N)` float32: key `j`'s log-sum-exp over its queries.
 
     Read out of one fused call with the keys as queries, the queries as
