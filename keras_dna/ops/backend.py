@@ -95,8 +95,8 @@ def einsum(equation, *operands):
 
     Keras' TensorFlow einsum rewrites attention-shaped equations into
     transposes and batched matmuls (for its quantized kernels); under XLA
-    on a CPU that made a layer's forward+backward step about 1.3x slower
-    than `tf.einsum`, which `keras.ops.dot_product_attention` (and so
+    on a CPU that made a layer's forward+backward step slower than
+    `tf.einsum` (`benchmarks/results/speed/layer_step_query_first.md`), which `keras.ops.dot_product_attention` (and so
     `MultiHeadAttention`) uses.
     """
     operands = [ops.convert_to_tensor(x) for x in operands]
@@ -147,8 +147,8 @@ def _tensorflow_compiled(function):
         # would reuse their general trace for later static calls, which then
         # lose the code paths that need static lengths (LiteRT conversion).
         # No AutoGraph: the code branches with `keras.ops`, and converting
-        # it took most of a causal layer's trace (2.3 s -> 0.6 s without, at
-        # T=16, `benchmarks/compile_time.py`).
+        # it took most of a causal layer's trace
+        # (`benchmarks/results/compile/compile_time.md`).
         key = (function, _static_shapes((args, kwargs)))
         if key not in _compiled_functions:
             import tensorflow as tf
@@ -165,7 +165,7 @@ def _in_xla_trace():
     There the outer compilation covers the normalization; a compiled
     function nested in it made XLA take the gradient step's inputs and
     weights as compile-time constants, recompiling every step of a chunked
-    layer's `fit(jit_compile=True)` (2 s a step for a 6-token model).
+    layer's `fit(jit_compile=True)`, even for a 6-token model.
     `tf.function` itself asks this way whether to compile a nested call.
     """
     import tensorflow as tf
@@ -179,7 +179,7 @@ def _jax_compiled(function):
 
     def call(*args, **kwargs):
         # Eager calls on arrays are compiled: op by op, each call would trace
-        # the conditionals anew (an eager causal layer was about 70x slower
+        # the conditionals anew (an eager causal layer was many times slower
         # than softmax). Inside `jax.jit` (or `vmap`) it would make no
         # difference: traced calls run as they are. Options that are not
         # arrays are static.

@@ -44,9 +44,9 @@ def causal_mask(query_length, key_length):
 
     From two index ranges, not from cumulative sums of ones as
     `MultiHeadAttention` builds it: XLA constant-folds a mask whose shape is
-    static, and folding those cumulative sums took 28 s per sum at
-    2048 x 2048 (the first call of a compiled causal layer at batch 1 took
-    74 s, against 5 s with this mask).
+    static, and folding those cumulative sums made the first call of a
+    compiled causal layer at T=2048 many times slower
+    (`benchmarks/results/compile/compile_time.md`).
     """
     query_index = ops.expand_dims(ops.arange(query_length), -1)
     key_index = ops.expand_dims(ops.arange(key_length), 0)

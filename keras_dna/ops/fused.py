@@ -93,7 +93,7 @@ class _Attend:
     mask. Reference keys and marker channels ride along in extra rows and
     channels, all three head dimensions kept equal and a multiple of 8:
     kernels leave their fast path otherwise (on a CPU, a value width unequal
-    to the key width cost 3.5x).
+    to the key width left PyTorch's fast kernel, `docs/algorithms.md`).
     """
 
     def __init__(self, query, key, valid, flash_attention):
