@@ -14,6 +14,7 @@ from keras import ops
 
 from keras_dna.ops.backend import differentiable_in_branch
 from keras_dna.ops.backend import einsum
+from keras_dna.ops.backend import result_dtype
 from keras_dna.ops.backend import scaled
 from keras_dna.ops.backend import torch_compiling
 from keras_dna.ops.backend import unless_trusted
@@ -35,6 +36,7 @@ from keras_dna.ops.implementation import implementation_for
 from keras_dna.ops.normalization import double_normalization
 from keras_dna.ops.normalization import hybrid_mix
 from keras_dna.ops.normalization import row_softmax
+from keras_dna.ops.reference import reference_attention
 from keras_dna.ops.numerics import working_dtype
 from keras_dna.ops.symbolic import symbolic_inputs_allowed
 
@@ -303,9 +305,11 @@ def doubly_normalized_attention(
             backend and the platform by
             `keras_dna.ops.implementation.implementation_for`), or one of
             `"whole"` (the whole weight matrix), `"blockwise"` (blocks of
-            `chunk_size` queries, an integer) and `"fused"` (fused kernels;
-            `chunk_size` then gives the blocks of its exact fallback), as
-            `jax.nn.dot_product_attention` takes one.
+            `chunk_size` queries, an integer), `"fused"` (fused kernels;
+            `chunk_size` then gives the blocks of its exact fallback) and
+            `"reference"` (the formulas of the math guide as they read,
+            `keras_dna.ops.reference`, which the others are tested
+            against), as `jax.nn.dot_product_attention` takes one.
 
     Returns:
         Shape `(batch, query_length, num_heads, value_dim)`.
@@ -324,6 +328,9 @@ def doubly_normalized_attention(
         check_mask_values("mask", mask)
         mask = ops.cast(mask, "bool")
         check_broadcastable("mask", mask.shape, _scores_shape(query, key))
+    for name, logits in (("mixing_logits", mixing_logits), ("null_query_logits", null_query_logits)):
+        if logits is not None:
+            check_per_head(name, ops.convert_to_tensor(logits), query.shape[2])
     causal = bool(is_causal or causal_normalization)
     if scale is None:
         scale = default_scale(query)
@@ -342,6 +349,14 @@ def doubly_normalized_attention(
         causal_normalization=causal_normalization, scale=scale,
         mixing_logits=mixing_logits, null_query_logits=null_query_logits,
     )
+    if implementation == "reference":
+        if is_causal:
+            mask = _with_causal_mask(mask, query, key)
+        output = reference_attention(
+            query, key, value, mask, normalization=normalization, causal=causal, scale=scale,
+            mixing_logits=mixing_logits, null_query_logits=null_query_logits,
+        )
+        return ops.cast(output, result_dtype(query.dtype, key.dtype))
     if implementation == "whole":
         return _whole_attention(query, key, value, mask, **options)
     if implementation == "blockwise":
@@ -385,8 +400,7 @@ def _fused_attention(query, key, value, mask, chunk_size, flash_attention, **opt
     if options["is_causal"]:
         # Softmax with `is_causal` (the one causal call fused kernels run):
         # the kernels see the causal mask in the call's mask.
-        causal = causal_mask(ops.shape(query)[1], ops.shape(key)[1])
-        mask = causal if mask is None else ops.logical_and(mask, causal)
+        mask = _with_causal_mask(mask, query, key)
     output, trusted = fused_attention(
         query, key, value, _rank4(mask), normalization=options["normalization"], scale=scale,
         mixing_logits=mixing_logits, null_query_logits=null_query_logits,
@@ -415,6 +429,12 @@ def _exact_attention(query, key, value, mask, mixing_logits, null_query_logits, 
     if chunk_size is None:
         return _whole_attention(query, key, value, mask, **options)
     return _blockwise_attention(query, key, value, mask, chunk_size, **options)
+
+
+def _with_causal_mask(mask, query, key):
+    """`mask` (or `None`) AND the causal mask of `query` and `key`."""
+    causal = causal_mask(ops.shape(query)[1], ops.shape(key)[1])
+    return causal if mask is None else ops.logical_and(mask, causal)
 
 
 def _rank4(mask):

@@ -15,6 +15,9 @@ decides again. The implementations (the algebra of each is in
 - `"fused"`: the backend's fused softmax kernels
   (`keras.ops.dot_product_attention`) with DNA's per-key bias; non-causal
   only, memory linear in the lengths.
+- `"reference"`: `docs/math.md`'s formulas as they read
+  (`keras_dna.ops.reference`), never chosen; the others are tested
+  against it.
 
 The rules, in order (`tests/test_implementation.py` holds the table):
 
@@ -43,7 +46,7 @@ from keras import ops
 
 from keras_dna.ops.blockwise import auto_chunk_size
 
-IMPLEMENTATIONS = ("whole", "blockwise", "fused")
+IMPLEMENTATIONS = ("whole", "blockwise", "fused", "reference")
 
 Implementation = collections.namedtuple("Implementation", ["name", "chunk_size"])
 Implementation.__doc__ = """An implementation and its blocks of queries.
