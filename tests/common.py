@@ -44,3 +44,13 @@ def value_and_gradients(function, *arrays):
 
 def _as_numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
+
+
+def largest_allocation(function):
+    """PyTorch: the largest single CPU allocation while `function()` runs
+    forward and backward (of the sum of its squares)."""
+    import torch
+
+    with torch.profiler.profile(profile_memory=True) as profile:
+        function().square().sum().backward()
+    return max(event.cpu_memory_usage for event in profile.events())

@@ -12,6 +12,23 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The `flash_attention` of each `keras.ops.dot_product_attention` call
+    made since (the fused kernels' calls)."""
+    import keras
+
+    calls = []
+    kernel = keras.ops.dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("flash_attention"))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(keras.ops, "dot_product_attention", counted)
+    return calls
+
+
 # Hypothesis (tests/test_fuzz.py): `ci` is seeded and bounded for the suite;
 # `long` (HYPOTHESIS_PROFILE=long) runs by hand, unseeded, 100x the cases.
 from hypothesis import HealthCheck  # noqa: E402

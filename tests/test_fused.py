@@ -19,6 +19,7 @@ from keras_dna import DoublyNormalizedAttention
 from keras_dna import ops as dna_ops
 from keras_dna.ops.fused import fused_attention
 from tests import oracle
+from tests.common import largest_allocation
 from tests.common import value_and_gradients
 
 BACKEND = keras.backend.backend()
@@ -186,20 +187,6 @@ def test_fused_gradients_under_xla_with_unknown_lengths_equal_eager_ones(rng):
         np.testing.assert_allclose(xla.numpy(), eager.numpy(), atol=1e-12)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the calls of `keras.ops.dot_product_attention`."""
-    calls = []
-    original = keras.ops.dot_product_attention
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("flash_attention"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(keras.ops, "dot_product_attention", counted)
-    return calls
-
-
 def _layer_pair(flash_attention, **options):
     x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
     layer = DoublyNormalizedAttention(2, 4, flash_attention=flash_attention, **options)
@@ -329,11 +316,6 @@ def test_fused_path_writes_nothing_larger_than_the_softmax_kernel_does():
     batch, heads, length, head_dim = 1, 2, 2048, 8
     q, k, v = (torch.randn(batch, length, heads, head_dim, requires_grad=True) for _ in range(3))
     mask = torch.rand(batch, 1, 1, length) < 0.9
-
-    def largest_allocation(function):
-        with torch.profiler.profile(profile_memory=True) as profile:
-            function().square().sum().backward()
-        return max(event.cpu_memory_usage for event in profile.events())
 
     softmax = largest_allocation(lambda: keras.ops.dot_product_attention(q, k, v, mask=mask))
     double = largest_allocation(

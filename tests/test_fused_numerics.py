@@ -12,6 +12,7 @@ from keras_dna import DoublyNormalizedAttention
 from keras_dna import ops as dna_ops
 from keras_dna.ops.fused import fused_attention
 from tests.test_fused import _oracle_output
+from tests.common import largest_allocation
 from tests.common import value_and_gradients
 
 BACKEND = keras.backend.backend()
@@ -162,11 +163,6 @@ def test_keras_masks_allocate_no_more_than_the_softmax_kernel(mask_shape):
         mask = valid[:, None, None, :]
     else:
         mask = valid[:, None, :, None] & valid[:, None, None, :]
-
-    def largest_allocation(function):
-        with torch.profiler.profile(profile_memory=True) as profile:
-            function().square().sum().backward()
-        return max(event.cpu_memory_usage for event in profile.events())
 
     softmax = largest_allocation(lambda: keras.ops.dot_product_attention(q, k, v, mask=mask))
     double = largest_allocation(

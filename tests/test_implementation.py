@@ -101,20 +101,6 @@ def _oracle(query, key, value):
     return np.einsum("bnts,bsnh->btnh", weights, value)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The number of `keras.ops.dot_product_attention` calls made since."""
-    calls = []
-    kernel = keras.ops.dot_product_attention
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("flash_attention"))
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(keras.ops, "dot_product_attention", counted)
-    return calls
-
-
 @pytest.mark.parametrize("disable", ["argument", "global"])
 def test_flash_attention_off_means_no_kernel_call_on_any_path(rng, kernel_calls, disable):
     # PyTorch took two fused calls per layer call with chunk_size=128 and
