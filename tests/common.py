@@ -54,3 +54,14 @@ def largest_allocation(function):
     with torch.profiler.profile(profile_memory=True) as profile:
         function().square().sum().backward()
     return max(event.cpu_memory_usage for event in profile.events())
+
+
+def numeric_gradient(function, x, eps=1e-6):
+    """Central differences of the scalar `function` at the array `x`, entry
+    by entry (the float64 check of a written-out gradient)."""
+    gradient = np.zeros_like(x)
+    for index in np.ndindex(*x.shape):
+        step = np.zeros_like(x)
+        step[index] = eps
+        gradient[index] = (function(x + step) - function(x - step)) / (2 * eps)
+    return gradient

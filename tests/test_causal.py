@@ -11,6 +11,7 @@ from keras_dna.ops.causal import exact_prefix_logsumexp
 from keras_dna.ops.causal import prefix_sum
 from tests import oracle
 from tests.common import normalize
+from tests.common import numeric_gradient
 from tests.common import random_valid
 from tests.common import value_and_gradients
 
@@ -219,12 +220,7 @@ def _oracle_loss_gradient(scores, valid, probe, beta, eps=1e-6):
     def loss(s):
         return np.sum(oracle.attention_weights(s, valid, "double", True, None, beta) * probe)
 
-    numeric = np.zeros_like(scores)
-    for index in np.ndindex(*scores.shape):
-        step = np.zeros_like(scores)
-        step[index] = eps
-        numeric[index] = (loss(scores + step) - loss(scores - step)) / (2 * eps)
-    return numeric
+    return numeric_gradient(loss, scores, eps)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

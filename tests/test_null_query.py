@@ -13,6 +13,7 @@ from keras_dna import DoublyNormalizedAttention
 from keras_dna import ops as dna_ops
 from tests import oracle
 from tests.common import normalize
+from tests.common import numeric_gradient
 from tests.common import random_valid
 
 HEADS = 3
@@ -131,21 +132,6 @@ def test_lower_bound_weakens_gracefully(rng):
     assert (column_sums < 1.0 / widest).any()  # below DNA's bound: it did weaken
 
 
-def _numeric_gradients(loss, scores, beta, eps=1e-6):
-    def partial(x, f):
-        out = np.zeros_like(x)
-        for index in np.ndindex(*x.shape):
-            step = np.zeros_like(x)
-            step[index] = eps
-            out[index] = (f(x + step) - f(x - step)) / (2 * eps)
-        return out
-
-    return (
-        partial(scores, lambda s: float(loss(s, beta))),
-        partial(beta, lambda b: float(loss(scores, b))),
-    )
-
-
 @pytest.mark.parametrize("normalization", ["double", "hybrid"])
 @pytest.mark.parametrize("causal, spread", [(False, 0.0), (True, 0.0), (True, 400.0)])
 def test_gradients_match_finite_differences(rng, normalization, causal, spread):
@@ -172,7 +158,8 @@ def test_gradients_match_finite_differences(rng, normalization, causal, spread):
         tape.watch([s_t, b_t])
         value = loss(s_t, b_t)
     grad_s, grad_b = tape.gradient(value, [s_t, b_t])
-    numeric_s, numeric_b = _numeric_gradients(loss, scores, beta)
+    numeric_s = numeric_gradient(lambda s: float(loss(s, beta)), scores)
+    numeric_b = numeric_gradient(lambda b: float(loss(scores, b)), beta)
     np.testing.assert_allclose(grad_s.numpy(), numeric_s, atol=1e-8)
     np.testing.assert_allclose(grad_b.numpy(), numeric_b, atol=1e-8)
     assert np.abs(numeric_b).max() > 1e-4
