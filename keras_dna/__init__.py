@@ -2,7 +2,9 @@
 
 `DoublyNormalizedAttention` is a drop-in replacement for
 `keras.layers.MultiHeadAttention` whose attention does not "explain away" its
-inputs; `keras_dna.ops` holds the same math as pure functions.
+inputs, `DoublyNormalizedGroupQueryAttention` one for
+`keras.layers.GroupQueryAttention`; `keras_dna.ops` holds the same math as
+pure functions.
 """
 
 import importlib
@@ -10,6 +12,7 @@ import importlib
 from keras_dna import ops
 from keras_dna.layers import CausalNormalizationMask
 from keras_dna.layers import DoublyNormalizedAttention
+from keras_dna.layers import DoublyNormalizedGroupQueryAttention
 
 __version__ = "0.1.0"
 
@@ -26,6 +29,7 @@ def __getattr__(name):
 __all__ = [
     "CausalNormalizationMask",
     "DoublyNormalizedAttention",
+    "DoublyNormalizedGroupQueryAttention",
     "analysis",
     "convert",
     "distribute",

@@ -65,7 +65,7 @@ pytest=(python -m pytest -q -n 2 --dist loadscope)
 # and the uses of Keras's internals (which differ by backend).
 neutral=(tests/test_backends.py tests/test_keras_suite.py tests/test_fuzz.py tests/test_fused.py tests/test_implementation.py
   tests/test_fused_numerics.py tests/test_torch_compile.py tests/test_reference.py
-  tests/test_compat.py)
+  tests/test_group_query_attention.py tests/test_compat.py)
 # keras-hub's tests of the cache, the layers and generation; the conversion of
 # backbones and classifiers (BERT, GPT-2 keeping its class) runs on TensorFlow
 # only, to keep the suite short.

@@ -127,3 +127,55 @@ def layer_forward(layer, query, value, key=None, valid=None, causal=False):
     if layer.use_bias:
         out = out + np.asarray(layer.output_dense.bias, np.float64)
     return out, weights
+
+
+def group_query_forward(
+    weights, query, value, key=None, *, num_key_value_heads, valid=None, causal=False,
+    normalization="double", mixing_logits=None, null_query_logits=None,
+):
+    """Forward pass of grouped-query attention in float64.
+
+    `weights` maps "query", "key", "value", "attention_output" to
+    `(kernel, bias or None)`: kernels `(dim, heads, head_dim)` for the
+    projections and `(query_heads, head_dim, dim)` for the output. Query
+    head `u` reads key and value head `u // (query_heads / kv_heads)`;
+    the weights are `attention_weights` of each query head's own scores.
+    Returns (output (B, T, dim), weights (B, query_heads, T, S)).
+    """
+    key = value if key is None else key
+
+    def project(x, name):
+        kernel, bias = weights[name]
+        out = np.einsum("btm,mnh->btnh", np.asarray(x, np.float64), np.asarray(kernel, np.float64))
+        return out if bias is None else out + np.asarray(bias, np.float64)
+
+    q, k, v = project(query, "query"), project(key, "key"), project(value, "value")
+    group = q.shape[2] // num_key_value_heads
+    kv_head = np.arange(q.shape[2]) // group
+    k, v = k[:, :, kv_head], v[:, :, kv_head]
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    attention = attention_weights(
+        scores, None if valid is None else valid if valid.ndim == 4 else valid[:, None],
+        normalization=normalization, causal=causal, mixing_logits=mixing_logits,
+        null_query_logits=null_query_logits,
+    )
+    context = np.einsum("bnts,bsnh->btnh", attention, v)
+    kernel, bias = weights["attention_output"]
+    out = np.einsum("btnh,nhm->btm", context, np.asarray(kernel, np.float64))
+    return (out if bias is None else out + np.asarray(bias, np.float64)), attention
+
+
+def group_query_layer_forward(layer, query, value, key=None, valid=None, causal=False):
+    """`group_query_forward` with the weights of a built
+    `DoublyNormalizedGroupQueryAttention` (or Keras's `GroupQueryAttention`,
+    as softmax), read by their paths."""
+    arrays = {w.path.split("/", 1)[1]: np.asarray(w.numpy()) for w in layer.weights}
+    weights = {
+        name: (arrays[f"{name}/kernel"], arrays.get(f"{name}/bias"))
+        for name in ("query", "key", "value", "attention_output")
+    }
+    return group_query_forward(
+        weights, query, value, key, num_key_value_heads=layer.num_key_value_heads, valid=valid,
+        causal=causal, normalization=getattr(layer, "normalization", "single"),
+        mixing_logits=arrays.get("mixing_logits"), null_query_logits=arrays.get("null_query_logits"),
+    )

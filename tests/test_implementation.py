@@ -76,6 +76,7 @@ ERRORS = [
     (dict(flash_enabled=True, causal=True, normalization="hybrid"), "no fused-kernel path"),
     (dict(flash_attention=True, backend="tensorflow"), "TensorFlow backend has no fused"),
     (dict(flash_attention=True, backend="jax", platform="tpu"), "splash attention"),
+    (dict(flash_attention=True, backend="jax", platform="cpu"), "cuDNN's"),
     (dict(flash_attention=True, dtype="float64"), "float64 in float32"),
 ]
 

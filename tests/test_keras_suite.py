@@ -1,10 +1,12 @@
-"""Keras's own MultiHeadAttention tests, run against DoublyNormalizedAttention.
+"""Keras's own attention tests, run against keras_dna's drop-ins.
 
-The test file ships in the keras wheel. It is loaded from the installed
-keras with `layers.MultiHeadAttention` swapped for our class: with
-`normalization="single"` every test must pass (a drop-in replacement); with
-`"double"` exactly the tests that compare against softmax values must
-differ, each for the reason listed.
+Keras's `MultiHeadAttention` tests run against `DoublyNormalizedAttention`,
+its `GroupQueryAttention` tests against `DoublyNormalizedGroupQueryAttention`.
+The test files ship in the keras wheel. Each is loaded from the installed
+keras with the Keras layer swapped for ours: with `normalization="single"`
+every test must pass (a drop-in replacement); with `"double"` exactly the
+tests that compare against softmax values must differ, each for the reason
+listed.
 """
 
 import importlib.util
@@ -17,10 +19,9 @@ import pytest
 from keras.src import layers as keras_layers
 
 from keras_dna import DoublyNormalizedAttention
+from keras_dna import DoublyNormalizedGroupQueryAttention
 
-KERAS_TESTS = (
-    pathlib.Path(keras.__file__).parent / "src" / "layers" / "attention" / "multi_head_attention_test.py"
-)
+KERAS_TESTS = pathlib.Path(keras.__file__).parent / "src" / "layers" / "attention"
 
 # Under double normalization, `use_causal_mask=True` normalizes causally
 # (no query's weights depend on later queries), while the same lower-
@@ -31,6 +32,8 @@ _CAUSAL_FLAG_VERSUS_MASK = (
     "compares use_causal_mask=True with the same causal mask given as "
     "attention_mask, which DNA normalizes differently by design"
 )
+# The same names in both suites: Keras's tests of MultiHeadAttention and of
+# GroupQueryAttention share them.
 DIFFERENT_UNDER_DOUBLE = {
     "test_causal_only_fast_path": _CAUSAL_FLAG_VERSUS_MASK,
     "test_causal_only_masks_when_fused_path_disabled_dropout_only": _CAUSAL_FLAG_VERSUS_MASK,
@@ -58,38 +61,65 @@ class _Result(unittest.TestResult):
             super().addError(test, err)
 
 
-def _swapped_test_case(normalization):
-    """Keras's test case, its `layers.MultiHeadAttention` ours with `normalization`."""
+def _swapped_test_case(normalization, test_file, test_case, keras_names, ours):
+    """Keras's test case in `test_file`, each of its layers `keras_names`
+    our subclass of `ours` with `normalization`."""
     spec = importlib.util.spec_from_file_location(
-        f"keras_multi_head_attention_test_{normalization}", KERAS_TESTS
+        f"keras_{test_file[:-3]}_{normalization}", KERAS_TESTS / test_file
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    @keras.saving.register_keras_serializable(package="keras_dna_tests", name=normalization)
-    class Swapped(DoublyNormalizedAttention):
+    @keras.saving.register_keras_serializable(
+        package="keras_dna_tests", name=f"{ours.__name__}_{normalization}"
+    )
+    class Swapped(ours):
         def __init__(self, *args, **kwargs):
             kwargs.setdefault("normalization", normalization)
             super().__init__(*args, **kwargs)
 
     swapped_layers = types.ModuleType("layers")
     swapped_layers.__dict__.update(vars(keras_layers))
-    swapped_layers.MultiHeadAttention = Swapped
+    for name in keras_names:
+        setattr(swapped_layers, name, Swapped)
     module.layers = swapped_layers
-    return module.MultiHeadAttentionTest
+    return getattr(module, test_case)
+
+
+SUITES = {
+    "multi_head": (
+        "multi_head_attention_test.py", "MultiHeadAttentionTest", ("MultiHeadAttention",),
+        DoublyNormalizedAttention, DIFFERENT_UNDER_DOUBLE,
+    ),
+    "group_query": (
+        "grouped_query_attention_test.py", "GroupedQueryAttentionTest",
+        # Its causal tests are the MultiHeadAttention suite's, by name.
+        ("GroupedQueryAttention", "GroupQueryAttention"), DoublyNormalizedGroupQueryAttention,
+        DIFFERENT_UNDER_DOUBLE,
+    ),
+}
+
+
+def _suite(name, normalization):
+    return _swapped_test_case(normalization, *SUITES[name][:4])
 
 
 # Collected by pytest: every Keras test, against "single".
-class TestKerasSuiteWithSingleNormalization(_swapped_test_case("single")):
+class TestKerasSuiteWithSingleNormalization(_suite("multi_head", "single")):
     pass
 
 
-def test_keras_suite_with_double_normalization_differs_exactly_where_expected():
-    suite = unittest.defaultTestLoader.loadTestsFromTestCase(_swapped_test_case("double"))
+class TestKerasGroupQuerySuiteWithSingleNormalization(_suite("group_query", "single")):
+    pass
+
+
+@pytest.mark.parametrize("name", list(SUITES))
+def test_keras_suite_with_double_normalization_differs_exactly_where_expected(name):
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(_suite(name, "double"))
     result = _Result()
     suite.run(result)
     failed = {test.id().rsplit(".", 1)[-1] for test, _ in result.failures + result.errors}
-    assert suite.countTestCases() > 40
-    assert failed == set(DIFFERENT_UNDER_DOUBLE), {
+    assert suite.countTestCases() > 20
+    assert failed == set(SUITES[name][4]), {
         test.id(): trace.splitlines()[-1] for test, trace in result.failures + result.errors
     }

@@ -2,7 +2,8 @@
 
 Paths: double, single, hybrid, null query, causal (fast and exact
 normalization), chunked, chunked causal, cross-attention with causal
-normalization, and cached decoding. Modes: eager (uncompiled), XLA,
+normalization, grouped-query attention (causal with the null query, and
+chunked hybrid), and cached decoding. Modes: eager (uncompiled), XLA,
 `tf.function` with unknown batch and lengths, SavedModel export and reload
 (unknown batch and lengths), `.keras` save and load, and LiteRT. Each case is
 compared with the float64 NumPy transcription of docs/math.md (`tests/oracle.py`)
@@ -22,10 +23,13 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from keras_dna import DoublyNormalizedAttention
+from keras_dna import DoublyNormalizedGroupQueryAttention
 from keras_dna.hub import CachedDoublyNormalizedAttention
 from tests import oracle
 
 HEADS, KEY_DIM, DIM = 2, 4, 8
+# Grouped-query attention: two groups of two query heads.
+QUERY_HEADS, KEY_VALUE_HEADS = 4, 2
 # (batch, query length, key length): two shapes through one traced function.
 SHAPES = [(2, 6, 6), (3, 9, 9)]
 CROSS_SHAPES = [(2, 6, 5), (3, 4, 8)]
@@ -40,6 +44,7 @@ class Path:
     causal_mask: bool = False  # `use_causal_mask=True`
     cross: bool = False  # cross-attention with causal normalization
     rising_scores: bool = False  # scores far apart: the exact causal branch
+    group_query: bool = False  # DoublyNormalizedGroupQueryAttention
 
 
 PATHS = {
@@ -52,6 +57,8 @@ PATHS = {
     "chunked": Path({"chunk_size": 2}),
     "chunked_causal": Path({"chunk_size": 2}, causal_mask=True),
     "cross_causal": Path({"causal_normalization": True}, cross=True),
+    "group_query_causal_null": Path({"null_query": True}, causal_mask=True, group_query=True),
+    "group_query_chunked_hybrid": Path({"chunk_size": 2, "normalization": "hybrid"}, group_query=True),
 }
 
 
@@ -77,10 +84,16 @@ def _model(path, jit_compile="auto"):
     keras.utils.set_random_seed(0)
     x = keras.Input((None, DIM), name="x")
     x_mask = keras.Input((None,), dtype="bool", name="x_mask")
-    layer = DoublyNormalizedAttention(
-        HEADS, KEY_DIM, bias_initializer="random_normal", jit_compile=jit_compile,
-        **path.options,
-    )
+    if path.group_query:
+        layer = DoublyNormalizedGroupQueryAttention(
+            KEY_DIM, QUERY_HEADS, KEY_VALUE_HEADS, bias_initializer="random_normal",
+            jit_compile=jit_compile, **path.options,
+        )
+    else:
+        layer = DoublyNormalizedAttention(
+            HEADS, KEY_DIM, bias_initializer="random_normal", jit_compile=jit_compile,
+            **path.options,
+        )
     if path.cross:
         context = keras.Input((None, DIM), name="context")
         context_mask = keras.Input((None,), dtype="bool", name="context_mask")
@@ -94,7 +107,7 @@ def _model(path, jit_compile="auto"):
     rng = np.random.default_rng(3)
     for logits in (layer.mixing_logits, layer.null_query_logits):
         if logits is not None:
-            logits.assign(rng.normal(size=HEADS))
+            logits.assign(rng.normal(size=logits.shape))
     if path.rising_scores:
         _make_scores_rise(layer)
     return keras.Model(inputs, output), layer
@@ -128,7 +141,8 @@ def _expected(path, layer, inputs):
     valid = oracle.validity(
         batch, length, length, x_mask, x_mask, causal=path.causal_mask
     )
-    return oracle.layer_forward(layer, x, x, valid=valid, causal=path.causal_mask)[0]
+    forward = oracle.group_query_layer_forward if path.group_query else oracle.layer_forward
+    return forward(layer, x, x, valid=valid, causal=path.causal_mask)[0]
 
 
 def _cases(path):

@@ -5,6 +5,8 @@ where it crashes deep in a backend or silently misbehaves; the shared
 checks of shapes and masks live in `keras_dna.ops.checks`.
 """
 
+import inspect
+
 import keras
 
 from keras_dna.layers.masks import is_per_head
@@ -15,6 +17,12 @@ from keras_dna.ops.checks import check_match
 from keras_dna.ops.checks import check_normalization
 from keras_dna.ops.checks import check_null_query_normalization
 from keras_dna.ops.checks import same_static_shape
+
+
+def takes_argument(method, name):
+    """Whether `method` takes the keyword argument `name`."""
+    parameters = inspect.signature(method).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def flash_attention_setting(flash_attention, dropout):

@@ -7,6 +7,7 @@ without `use_causal_mask=True`.
 from keras import ops
 
 from keras_dna._compat import get_keras_mask
+from keras_dna.ops import causal_mask
 
 
 class CausalNormalizationMask:
@@ -68,3 +69,30 @@ def without_keras_mask(tensor):
         return tensor
     # A reshape to the same shape gives JAX's own array back, mask and all.
     return ops.multiply(tensor, 1)
+
+
+def causal_mask_of(query, value=None):
+    """The causal mask of a call, `(1, T, S)`, as Keras's attention layers
+    build it but from index ranges, not the cumulative sums that XLA
+    constant-folds slowly (see `keras_dna.ops.causal_mask`)."""
+    key_length = ops.shape(query if value is None else value)[1]
+    return ops.expand_dims(causal_mask(ops.shape(query)[1], key_length), 0)
+
+
+def with_derived_masks(derive, attention_mask, query, num_attention_axes):
+    """`attention_mask` AND the masks a call derives from its other
+    arguments, `derive(attention_mask)` (Keras's `_compute_attention_mask`).
+
+    Keras derives `(B, T, S)` masks and ANDs them with the attention mask as
+    they are: with a per-head `(B, num_heads, T, S)` mask, the batch would
+    broadcast against the heads. A per-head mask joins them with a heads
+    axis inserted instead.
+    """
+    if attention_mask is None or not is_per_head(attention_mask, query, num_attention_axes):
+        return derive(attention_mask)
+    attention_mask = ops.cast(attention_mask, "bool")
+    derived = derive(None)
+    if derived is None:
+        return attention_mask
+    rank = len(attention_mask.shape)
+    return ops.logical_and(attention_mask, with_heads_axis(derived, rank, num_attention_axes))

@@ -16,16 +16,17 @@ from keras_dna.layers.argument_checks import check_attention_axes
 from keras_dna.layers.argument_checks import check_call_inputs
 from keras_dna.layers.argument_checks import check_causal_mask_call
 from keras_dna.layers.argument_checks import check_ranks
+from keras_dna.layers.masks import causal_mask_of
 from keras_dna.layers.masks import is_per_head
 from keras_dna.layers.masks import logical_and
 from keras_dna.layers.masks import unwrap_attention_mask
+from keras_dna.layers.masks import with_derived_masks
 from keras_dna.layers.masks import with_heads_axis
 from keras_dna.layers.masks import without_keras_mask
-from keras_dna.ops import causal_mask
 from keras_dna.ops.checks import check_mask_values
 
 
-def _projected(dense, x, leading_axes=None):
+def projected(dense, x, leading_axes=None):
     """`dense(x)`, with the leading axes of `x` (all but the last, or the
     first `leading_axes`) kept where one of them is empty.
 
@@ -33,12 +34,12 @@ def _projected(dense, x, leading_axes=None):
     equations: with an empty sequence of known length, `(0, 0, dim)` became
     `(1, 0, dim)` (in `MultiHeadAttention` too).
     """
-    projected = dense(x)
+    output = dense(x)
     leading_axes = len(x.shape) - 1 if leading_axes is None else leading_axes
     if 0 not in x.shape[1:leading_axes]:
-        return projected
-    shape = tuple(ops.shape(x)[:leading_axes]) + tuple(projected.shape[leading_axes:])
-    return ops.reshape(projected, shape)
+        return output
+    shape = tuple(ops.shape(x)[:leading_axes]) + tuple(output.shape[leading_axes:])
+    return ops.reshape(output, shape)
 
 
 class MultiHeadAttentionBase(keras.layers.MultiHeadAttention):
@@ -96,16 +97,16 @@ class MultiHeadAttentionBase(keras.layers.MultiHeadAttention):
             query, value, None, value_mask, key_mask, attention_mask, use_causal_mask
         )
         query, key, value = (without_keras_mask(x) for x in (query, key, value))
-        gate = _projected(self._gate_dense, query) if self._use_gate else None
+        gate = projected(self._gate_dense, query) if self._use_gate else None
         output, weights = self._compute_attention(
-            _projected(self._query_dense, query), _projected(self._key_dense, key),
-            _projected(self._value_dense, value),
+            projected(self._query_dense, query), projected(self._key_dense, key),
+            projected(self._value_dense, value),
             attention_mask, training, return_attention_scores,
             **self._causal_argument(use_causal_mask or causal_from_mask),
         )
         if gate is not None:
             output = ops.multiply(output, gate)
-        output = _projected(self._output_dense, output, len(query.shape) - 1)
+        output = projected(self._output_dense, output, len(query.shape) - 1)
         if keras_query_mask is not None:
             set_keras_mask(output, keras_query_mask)
         if return_attention_scores:
@@ -164,28 +165,15 @@ class MultiHeadAttentionBase(keras.layers.MultiHeadAttention):
         attention_mask=None,
         use_causal_mask=False,
     ):
-        # The masks `MultiHeadAttention` derives are `(B, T, S)`; ANDed as
-        # they are with a per-head `(B, N, T, S)` mask, the batch would
-        # broadcast against the heads.
-        num_axes = len(self._attention_axes)
-        if attention_mask is None or not is_per_head(attention_mask, query, num_axes):
-            return super()._compute_attention_mask(
+        def derive(attention_mask):
+            return super(MultiHeadAttentionBase, self)._compute_attention_mask(
                 query, value, query_mask, value_mask, key_mask, attention_mask, use_causal_mask
             )
-        attention_mask = ops.cast(attention_mask, "bool")
-        derived = super()._compute_attention_mask(
-            query, value, query_mask, value_mask, key_mask, None, use_causal_mask
-        )
-        if derived is None:
-            return attention_mask
-        rank = len(attention_mask.shape)
-        return ops.logical_and(attention_mask, with_heads_axis(derived, rank, num_axes))
+
+        return with_derived_masks(derive, attention_mask, query, len(self._attention_axes))
 
     def _compute_causal_mask(self, query, value=None):
-        # MultiHeadAttention's mask, `(1, T, S)`, built without the cumulative
-        # sums that XLA constant-folds slowly (see `causal_mask`).
-        key_length = ops.shape(query if value is None else value)[1]
-        return ops.expand_dims(causal_mask(ops.shape(query)[1], key_length), 0)
+        return causal_mask_of(query, value)
 
     def _query_first_equation(self):
         """`MultiHeadAttention`'s score equation with the query first.

@@ -25,10 +25,11 @@ The rules, in order (`tests/test_implementation.py` holds the table):
 2. `flash_attention=True` (or `None` while Keras's global setting is on)
    asks for `"fused"`, and raises where it cannot be had: causal double
    normalization (no per-key bias expresses it), TensorFlow (no fused
-   kernel), float64 (the kernels compute in float32 outside TensorFlow), and
-   JAX on TPUs, where Keras's splash kernel takes no bias and keeps only the
-   first example's mask (`keras/src/backend/jax/nn.py`, Keras 3.15), so DNA
-   would silently become softmax.
+   kernel), float64 (the kernels compute in float32 outside TensorFlow), JAX
+   on CPUs (Keras's JAX flash kernel is cuDNN's, which fails deep in JAX
+   there), and JAX on TPUs, where Keras's splash kernel takes no bias and
+   keeps only the first example's mask (`keras/src/backend/jax/nn.py`,
+   Keras 3.15), so DNA would silently become softmax.
 3. `flash_attention=False`, or Keras's global setting off: never `"fused"`.
 4. `flash_attention=None`: `"fused"` where a fused kernel takes DNA's bias
    and is faster than writing the scores out: PyTorch (CPU and CUDA) below
@@ -99,7 +100,7 @@ def choose_implementation(
     causal_double = causal and normalization != "single"
     fallback_chunk_size = _exact_chunk_size(chunk_size, query_shape, key_shape)
     if flash_attention:
-        _check_fused_possible(backend, platform, dtype, causal_double)
+        _check_fused_possible(backend, platform, dtype, causal_double, flash_kernels=True)
         return Implementation("fused", _fallback_chunk_size(query_shape, key_shape))
     if flash_attention is None and _fused_pays(backend, platform, dtype, causal_double):
         return Implementation("fused", _fallback_chunk_size(query_shape, key_shape))
@@ -132,8 +133,10 @@ def _fused_pays(backend, platform, dtype, causal_double):
     return backend == "jax" and platform == "gpu" and dtype in _HALF
 
 
-def _check_fused_possible(backend, platform, dtype, causal_double):
-    """Raises where `flash_attention=True` cannot run on fused kernels."""
+def _check_fused_possible(backend, platform, dtype, causal_double, flash_kernels):
+    """Raises where fused kernels cannot run DNA; with `flash_kernels`
+    (`flash_attention=True`, passed on to the kernels), also where no flash
+    kernel can run."""
     if causal_double:
         raise ValueError(
             "Causal normalization has no fused-kernel path: each query's "
@@ -145,6 +148,10 @@ def _check_fused_possible(backend, platform, dtype, causal_double):
     reason = None
     if backend == "tensorflow":
         reason = "the TensorFlow backend has no fused attention kernel"
+    elif flash_kernels and backend == "jax" and platform == "cpu":
+        # Keras's JAX flash kernel is cuDNN's; asked for on a CPU, it fails
+        # deep in JAX ("cuDNN is not detected"), `MultiHeadAttention` too.
+        reason = "Keras's JAX flash kernel is cuDNN's, which needs an NVIDIA GPU"
     elif backend == "jax" and platform == "tpu":
         reason = (
             "Keras's TPU flash kernel (splash attention) takes no bias and "
@@ -191,7 +198,7 @@ def check_implementation(implementation, query, *, chunk_size, normalization, ca
             )
         _check_fused_possible(
             keras.backend.backend(), platform(query), query.dtype,
-            causal and normalization != "single",
+            causal and normalization != "single", flash_kernels=bool(flash_attention),
         )
 
 
