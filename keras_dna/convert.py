@@ -1,4 +1,4 @@
-"""Turn a model's MultiHeadAttention layers into DoublyNormalizedAttention.
+"""Turn a model's attention layers into doubly-normalized attention.
 
     dna_model = keras_dna.convert.to_doubly_normalized(trained_mha_model)
     dna_model.compile(...); dna_model.fit(...)  # fine-tune with DNA
@@ -7,7 +7,8 @@ The conversion reaches every attention layer: graph nodes of functional
 models (nested ones too), attention held by custom layers and subclassed
 models, keras-hub's Transformer layers, backbones and task models. Each
 `MultiHeadAttention` becomes a `DoublyNormalizedAttention` in place (its
-class is swapped: same weights, names and sublayers), keras-hub's
+class is swapped: same weights, names and sublayers), each
+`GroupQueryAttention` a `DoublyNormalizedGroupQueryAttention`, keras-hub's
 `CachedMultiHeadAttention` a `keras_dna.hub.CachedDoublyNormalizedAttention`.
 A layer or model that builds attention itself (so would build softmax again
 when loaded) becomes an instance of a registered subclass of its own class,
@@ -27,6 +28,8 @@ from keras_dna._compat import flatten_layers
 from keras_dna._compat import swap_class
 from keras_dna._compat import weight_decay_exclusions
 from keras_dna.layers import DoublyNormalizedAttention
+from keras_dna.layers import DoublyNormalizedGroupQueryAttention
+from keras_dna.layers.double_normalization import DoubleNormalizationMixin
 from keras_dna.ops.checks import check_normalization
 
 __all__ = [
@@ -88,8 +91,8 @@ def to_doubly_normalized(
     if not converted:
         raise ValueError(
             f"Argument `model` ({type(model).__name__}) holds no MultiHeadAttention "
-            "layer (nor keras-hub's CachedMultiHeadAttention, nor a layer that "
-            "builds one) to convert."
+            "or GroupQueryAttention layer (nor keras-hub's CachedMultiHeadAttention, "
+            "nor a layer that builds one) to convert."
         )
     causal = options["causal_normalization"]
     if causal is not True and not set(causal) <= set(converted):
@@ -241,11 +244,13 @@ def register_class_mixins(mixins_of):
     _CLASS_MIXINS[f"{mixins_of.__module__}.{mixins_of.__qualname__}"] = mixins_of
 
 
-# Keras's attention layers that are not `MultiHeadAttention`: their
-# computation is not one DNA replaces.
-_OTHER_ATTENTION = (
-    keras.layers.Attention, keras.layers.AdditiveAttention, keras.layers.GroupQueryAttention,
-)
+# Keras's attention layers and the DNA classes they become.
+_KERAS_ATTENTION_CLASSES = {
+    keras.layers.MultiHeadAttention: DoublyNormalizedAttention,
+    keras.layers.GroupQueryAttention: DoublyNormalizedGroupQueryAttention,
+}
+# Keras's attention layers whose computation is not one DNA replaces.
+_OTHER_ATTENTION = (keras.layers.Attention, keras.layers.AdditiveAttention)
 
 
 def _attention_class(layer):
@@ -254,18 +259,18 @@ def _attention_class(layer):
     Decided by what the layer is, never by its name: a layer that only holds
     attention layers is a container the conversion walks through."""
     cls = type(layer)
-    if isinstance(layer, DoublyNormalizedAttention):
+    if isinstance(layer, DoubleNormalizationMixin):
         return cls
-    if cls is keras.layers.MultiHeadAttention:
-        return DoublyNormalizedAttention
+    if cls in _KERAS_ATTENTION_CLASSES:
+        return _KERAS_ATTENTION_CLASSES[cls]
     if cls in _ATTENTION_CLASSES:
         return _ATTENTION_CLASSES[cls]
-    if isinstance(layer, (keras.layers.MultiHeadAttention,) + _OTHER_ATTENTION):
+    if isinstance(layer, tuple(_KERAS_ATTENTION_CLASSES) + _OTHER_ATTENTION):
         raise ValueError(
             f"Layer '{layer.name}' ({cls.__module__}.{cls.__name__}) is an attention "
-            "layer keras_dna cannot convert: it is not MultiHeadAttention or "
-            "keras-hub's CachedMultiHeadAttention, whose computation "
-            "DoublyNormalizedAttention replaces."
+            "layer keras_dna cannot convert: it is not MultiHeadAttention, "
+            "GroupQueryAttention or keras-hub's CachedMultiHeadAttention, whose "
+            "computation keras_dna's layers replace."
         )
     return None
 
@@ -273,7 +278,7 @@ def _attention_class(layer):
 def attention_options_of(layer):
     """The `ATTENTION_OPTIONS` of a DNA layer as its config holds them; `{}`
     for any other layer."""
-    if not isinstance(layer, DoublyNormalizedAttention):
+    if not isinstance(layer, DoubleNormalizationMixin):
         return {}
     config = layer.get_config()
     return {name: config[name] for name in ATTENTION_OPTIONS}
@@ -283,6 +288,7 @@ def make_doubly_normalized(layer, **options):
     """Turns an attention layer into DNA in place; returns it.
 
     A `keras.layers.MultiHeadAttention` becomes a `DoublyNormalizedAttention`,
+    a `keras.layers.GroupQueryAttention` a `DoublyNormalizedGroupQueryAttention`,
     keras-hub's `CachedMultiHeadAttention` a `CachedDoublyNormalizedAttention`,
     a DNA layer takes the new options. Weights, names and sublayers stay;
     per-head logits the layer already has are kept where the new options
@@ -310,6 +316,7 @@ def make_doubly_normalized(layer, **options):
         if getattr(layer, name, None) is not None
     }
     swap_class(layer, cls)
+    layer.adopt_attributes()
     layer.set_attention_options(**options)
     for name, value in kept.items():
         if getattr(layer, name) is not None:

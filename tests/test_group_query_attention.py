@@ -221,3 +221,41 @@ def test_bad_calls_raise_naming_the_argument(rng):
     fresh = DoublyNormalizedGroupQueryAttention(HEAD_DIM, QUERY_HEADS, KV_HEADS)
     with pytest.raises(ValueError, match="rank 3"):
         fresh(query[:, None], value[:, None])
+
+
+def _group_query_model():
+    keras.utils.set_random_seed(3)
+    tokens = keras.Input((None,), dtype="int32")
+    x = keras.layers.Embedding(20, DIM, mask_zero=True)(tokens)
+    attention = keras.layers.GroupQueryAttention(
+        head_dim=HEAD_DIM, num_query_heads=QUERY_HEADS, num_key_value_heads=KV_HEADS,
+        bias_initializer="random_normal", name="attention",
+    )
+    return keras.Model(tokens, attention(x, x, use_causal_mask=True))
+
+
+def test_conversion_turns_group_query_attention_into_dna(rng, tmp_path):
+    from keras_dna import convert
+
+    model = _group_query_model()
+    tokens = rng.integers(1, 20, size=(2, 6))
+    tokens[0, 4:] = 0
+    single = convert.to_doubly_normalized(model, normalization="single")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(single(tokens))[tokens > 0], ops.convert_to_numpy(model(tokens))[tokens > 0],
+        rtol=1e-5, atol=1e-5,
+    )
+    double = convert.to_doubly_normalized(model, null_query=True)
+    layer = double.get_layer("attention")
+    assert isinstance(layer, DoublyNormalizedGroupQueryAttention)
+    assert layer.null_query_logits is not None
+    embedded = ops.convert_to_numpy(double.layers[1](tokens))
+    valid = oracle.validity(2, 6, 6, tokens > 0, tokens > 0, causal=True)
+    expected, _ = oracle.group_query_layer_forward(layer, embedded, embedded, valid=valid, causal=True)
+    got = ops.convert_to_numpy(double(tokens))
+    np.testing.assert_allclose(got[tokens > 0], expected[tokens > 0], rtol=2e-5, atol=2e-5)
+    double.save(tmp_path / "converted.keras")
+    loaded = keras.saving.load_model(tmp_path / "converted.keras")
+    np.testing.assert_allclose(ops.convert_to_numpy(loaded(tokens)), got, rtol=1e-6, atol=1e-6)
+    # The original is untouched.
+    assert type(model.get_layer("attention")) is keras.layers.GroupQueryAttention

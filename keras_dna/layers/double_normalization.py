@@ -79,6 +79,11 @@ class DoubleNormalizationMixin:
         """The host's `AttentionLayout`."""
         raise NotImplementedError
 
+    def adopt_attributes(self):
+        """Called on a layer of the host's Keras class whose class has just
+        become this one (`keras_dna.convert`): sets what this class's
+        constructor sets and Keras's does not, from Keras's attributes."""
+
     def set_attention_options(
         self, normalization="double", causal_normalization=False, jit_compile="auto",
         chunk_size="auto", null_query=False, null_query_initializer=None,

@@ -144,6 +144,10 @@ class DoublyNormalizedGroupQueryAttention(DoubleNormalizationMixin, GroupQueryAt
             jit_compile, chunk_size, null_query, null_query_initializer,
         )
 
+    def adopt_attributes(self):
+        # Keras's layer keeps its dropout rate as `dropout`.
+        self._dropout = self.dropout
+
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
         self._add_logits()
