@@ -11,7 +11,9 @@ the classes they extend, and read their private attributes:
 """
 
 import contextlib
+import contextvars
 import inspect
+import sys
 
 # Keras has no public accessor for the mask a tensor carries (a tensor's
 # `_keras_mask`); `MultiHeadAttention` and keras-hub's layers read it with
@@ -36,6 +38,19 @@ PRIVATE_HOOKS = {
     "keras_hub.layers.TransformerEncoder": ("_self_attention_layer",),
     "keras_hub.layers.TransformerDecoder": (
         "_self_attention_layer", "_cross_attention_layer", "_compute_self_attention_mask",
+    ),
+    # Keras's `GroupQueryAttention`: its attention step and masks, and what
+    # its build makes (keras_dna.layers.gqa_base).
+    "keras.layers.GroupQueryAttention": (
+        "_compute_attention", "_compute_attention_mask", "_compute_causal_mask",
+        "_dot_product_equation", "_combine_equation", "_inverse_sqrt_head_dim",
+        "_query_dense", "_key_dense", "_value_dense", "_output_dense", "_dropout_layer",
+        "_flash_attention", "num_repeats",
+    ),
+    # keras-hub's decoder attention (keras_dna.hub.decoders): the attention
+    # step that takes the softmax path, and the vLLM route it refuses.
+    "keras_hub.src.models.llama.llama_attention.LlamaAttention": (
+        "_compute_attention", "_compute_vllm_attention",
     ),
     # keras-hub's generation: the cache a language model fills with the
     # prompt before sampling (keras_dna.hub.generation), by model.
@@ -76,8 +91,10 @@ def weights_addable(layer):
     """Lets `layer` add weights after it is built.
 
     Keras locks a layer's tracker once `build` returns, and has no public
-    way to add a weight later; DNA adds its per-head logits when a built
-    layer (one `keras_dna.convert` swaps in) takes new options.
+    way to add a weight (or a sublayer) later; DNA adds its per-head logits
+    when a built layer (one `keras_dna.convert` swaps in) takes new options,
+    and its softmax to keras-hub's decoder attention
+    (`keras_dna.hub.decoders`).
     """
     locked = layer._tracker.locked
     layer._tracker.unlock()
@@ -181,3 +198,52 @@ def replace_tensorflow_trainer_steps(reduce_per_replica, maybe_symbolic_build):
     trainer_class._maybe_symbolic_build = maybe_symbolic_build(trainer_class._maybe_symbolic_build)
     trainer._keras_dna_steps_replaced = True
     return True
+
+
+# keras-hub's decoder attention layers (Llama, Mistral, Gemma, Qwen, Phi3,
+# ...) choose a fused softmax kernel by a module-level predicate,
+# `fused_attention_op_available()`, with no argument to turn it off; the
+# kernel takes no per-key causal normalizer, so DNA must take their other
+# path, where a `keras.layers.Softmax` computes the weights. The predicate
+# of each such module is wrapped once: within `on_softmax_path()` (a
+# context variable: per call and thread, never the layer's state) it says
+# no, elsewhere it answers as before.
+_SOFTMAX_PATH = contextvars.ContextVar("softmax_path", default=False)
+_PREDICATE = "fused_attention_op_available"
+
+
+def softmax_path_available(cls):
+    """Whether the module of keras-hub's attention class `cls` chooses its
+    kernel by `fused_attention_op_available`; wraps it (once) if so."""
+    module = sys.modules[cls.__module__]
+    predicate = getattr(module, _PREDICATE, None)
+    if predicate is None:
+        return False
+    if not getattr(predicate, "keras_dna_softmax_path", False):
+
+        def fused_attention_op_available():
+            return False if _SOFTMAX_PATH.get() else predicate()
+
+        fused_attention_op_available.keras_dna_softmax_path = True
+        setattr(module, _PREDICATE, fused_attention_op_available)
+    return True
+
+
+@contextlib.contextmanager
+def on_softmax_path():
+    """Within the block, keras-hub's wrapped predicates say no fused kernel runs."""
+    token = _SOFTMAX_PATH.set(True)
+    try:
+        yield
+    finally:
+        _SOFTMAX_PATH.reset(token)
+
+
+def query_heads(layer):
+    """The number of query heads of keras-hub's decoder attention `layer`.
+
+    Public as `num_query_heads` on every family's attention but Mistral's,
+    which keeps it as `_num_query_heads` (tested with each family in
+    `tests/test_hub_decoders.py`)."""
+    heads = getattr(layer, "num_query_heads", None)
+    return layer._num_query_heads if heads is None else heads

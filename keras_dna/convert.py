@@ -206,12 +206,15 @@ def register_attention_class(source, target):
         source: An attention layer class of another library whose call is
             `MultiHeadAttention`'s with extra arguments (keras-hub's
             `CachedMultiHeadAttention`).
-        target: A subclass of `DoublyNormalizedAttention` that takes the
-            call of `source` and holds the same weights.
+        target: A DNA class that takes the call of `source` and holds the
+            same weights: a subclass of `DoublyNormalizedAttention`, or of
+            `source` with `keras_dna.hub.decoders.DecoderAttentionMixin`.
     """
-    if not issubclass(target, DoublyNormalizedAttention):
+    if not all(callable(getattr(target, name, None)) for name in ("set_attention_options", "adopt_attributes")):
         raise TypeError(
-            "Argument `target` must subclass DoublyNormalizedAttention. "
+            "Argument `target` must be a DNA attention class: one with the "
+            "methods `set_attention_options` and `adopt_attributes`, as "
+            "DoublyNormalizedAttention has. "
             f"Received: source={source.__name__}, target={target.__name__}"
         )
     _ATTENTION_CLASSES[source] = target
@@ -259,7 +262,7 @@ def _attention_class(layer):
     Decided by what the layer is, never by its name: a layer that only holds
     attention layers is a container the conversion walks through."""
     cls = type(layer)
-    if isinstance(layer, DoubleNormalizationMixin):
+    if _is_dna(layer):
         return cls
     if cls in _KERAS_ATTENTION_CLASSES:
         return _KERAS_ATTENTION_CLASSES[cls]
@@ -275,11 +278,21 @@ def _attention_class(layer):
     return None
 
 
+def _is_dna(layer):
+    """Whether `layer` is a DNA attention layer (keras_dna's, or a
+    registered conversion's)."""
+    return isinstance(layer, DoubleNormalizationMixin) or type(layer) in _ATTENTION_CLASSES.values()
+
+
 def attention_options_of(layer):
     """The `ATTENTION_OPTIONS` of a DNA layer as its config holds them; `{}`
     for any other layer."""
-    if not isinstance(layer, DoubleNormalizationMixin):
+    if not _is_dna(layer):
         return {}
+    if hasattr(layer, "attention_options"):
+        # keras-hub's decoder attention (`keras_dna.hub.decoders`): some of
+        # their `get_config`s fail (Llama's reads an attribute it never set).
+        return layer.attention_options()
     config = layer.get_config()
     return {name: config[name] for name in ATTENTION_OPTIONS}
 

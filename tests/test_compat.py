@@ -30,7 +30,10 @@ def _built_instances():
     encoder.build((1, 3, 8))
     decoder = keras_hub.layers.TransformerDecoder(16, 2)
     decoder.build((1, 3, 8), (1, 3, 8))
+    gqa = keras.layers.GroupQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2)
+    gqa(x, x)
     return {
+        "keras.layers.GroupQueryAttention": gqa,
         "keras.layers.MultiHeadAttention": mha,
         "keras_hub.layers.TransformerEncoder": encoder,
         "keras_hub.layers.TransformerDecoder": decoder,
@@ -231,3 +234,29 @@ def test_replace_tensorflow_trainer_steps(monkeypatch):
     assert trainer.reduce_per_replica.__name__ == "replacement"
     assert trainer.TensorFlowTrainer._maybe_symbolic_build.__name__ == "replacement"
     assert not _compat.replace_tensorflow_trainer_steps(replacing("reduce"), replacing("build"))
+
+
+def test_softmax_path_wraps_keras_hubs_predicate_for_the_block_only():
+    import sys
+
+    from keras_hub.src.models.llama.llama_attention import LlamaAttention
+    from keras_hub.src.utils.keras_utils import fused_attention_op_available
+
+    module = sys.modules[LlamaAttention.__module__]
+    assert _compat.softmax_path_available(LlamaAttention)
+    assert _compat.softmax_path_available(LlamaAttention)  # wrapped once
+    wrapped = module.fused_attention_op_available
+    assert wrapped.keras_dna_softmax_path
+    assert wrapped() == fused_attention_op_available()
+    with _compat.on_softmax_path():
+        assert wrapped() is False
+    assert wrapped() == fused_attention_op_available()
+    assert not _compat.softmax_path_available(keras.layers.Dense)
+
+
+def test_query_heads_of_keras_hubs_decoder_attention():
+    from keras_hub.src.models.llama.llama_attention import LlamaAttention
+    from keras_hub.src.models.mistral.mistral_attention import CachedMistralAttention
+
+    assert _compat.query_heads(LlamaAttention(num_query_heads=4, num_key_value_heads=2)) == 4
+    assert _compat.query_heads(CachedMistralAttention(num_query_heads=6, num_key_value_heads=2)) == 6

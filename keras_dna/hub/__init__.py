@@ -20,6 +20,9 @@ except ImportError as error:  # pragma: no cover - depends on the install
 
 from keras_dna import convert
 from keras_dna.hub.cached_attention import CachedDoublyNormalizedAttention
+from keras_dna.hub.decoders import DoublyNormalizedSoftmax
+from keras_dna.hub.decoders import converted_decoder_attention
+from keras_dna.hub.decoders import decoder_attention_classes
 from keras_dna.hub.generation import generation_mixins
 from keras_dna.hub.transformer import TransformerDecoder
 from keras_dna.hub.transformer import TransformerEncoder
@@ -32,6 +35,8 @@ def _register_conversions():
     convert.register_attention_class(
         keras_hub.layers.CachedMultiHeadAttention, CachedDoublyNormalizedAttention
     )
+    for cls in decoder_attention_classes():
+        convert.register_attention_class(cls, converted_decoder_attention(cls))
     convert.register_attention_holder(keras_hub.layers.TransformerEncoder, TransformerEncoder)
     convert.register_attention_holder(keras_hub.layers.TransformerDecoder, TransformerDecoder)
     convert.register_class_mixins(generation_mixins)
@@ -46,6 +51,7 @@ _register_conversions()
 
 __all__ = [
     "CachedDoublyNormalizedAttention",
+    "DoublyNormalizedSoftmax",
     "TransformerDecoder",
     "TransformerEncoder",
 ]

@@ -36,6 +36,22 @@ NULL_QUERY_INIT = 4.0
 
 
 
+def add_logits(layer, num_heads, normalization, null_query, null_query_initializer):
+    """Adds to `layer` the per-head logits its options need; returns
+    `(mixing_logits, null_query_logits)`, each `None` where not needed."""
+    mixing_logits = null_query_logits = None
+    if normalization == "hybrid":
+        mixing_logits = layer.add_weight(
+            name="mixing_logits", shape=(num_heads,), initializer="zeros", trainable=True
+        )
+    if null_query:
+        null_query_logits = layer.add_weight(
+            name="null_query_logits", shape=(num_heads,), initializer=null_query_initializer,
+            trainable=True,
+        )
+    return mixing_logits, null_query_logits
+
+
 class AttentionLayout(NamedTuple):
     """How a host layer's projections meet: what `_compute_attention` reads.
 
@@ -149,18 +165,11 @@ class DoubleNormalizationMixin:
 
     def _add_logits(self):
         """Adds the per-head logits of `"hybrid"` and of the null query."""
-        num_heads = self._attention_layout().num_heads
         with weights_addable(self):
-            if self._normalization == "hybrid":
-                self._mixing_logits = self.add_weight(
-                    name="mixing_logits", shape=(num_heads,), initializer="zeros",
-                    trainable=True,
-                )
-            if self._null_query:
-                self._null_query_logits = self.add_weight(
-                    name="null_query_logits", shape=(num_heads,),
-                    initializer=self._null_query_initializer, trainable=True,
-                )
+            self._mixing_logits, self._null_query_logits = add_logits(
+                self, self._attention_layout().num_heads, self._normalization,
+                self._null_query, self._null_query_initializer,
+            )
 
     def _compute_attention(
         self,

@@ -1,0 +1,265 @@
+"""DNA in keras-hub's decoder families: Llama, Mistral, Gemma, Qwen, Phi3, ...
+
+Their attention layers are plain `keras.layers.Layer`s of their own (grouped
+query heads, rotary embeddings, query/key norms, soft caps, sliding windows,
+each its own cache layout), not `MultiHeadAttention`. What they share is
+where the weights come from: a `keras.layers.Softmax` sublayer over the keys
+of the scores `(batch, heads..., T, S)` and the mask, on the path keras-hub
+takes wherever its module-level `fused_attention_op_available()` says no
+fused kernel runs. A converted layer takes that path always, with
+`DoublyNormalizedSoftmax` in the softmax's place: everything before the
+weights (projections, rotary embeddings, norms, soft caps, sliding windows,
+grouped heads, LoRA, dtype policies) stays keras-hub's.
+
+These are decoders: their masks are causal, so the first step is always
+causal (docs/math.md, "Causal normalization"). A decoding step with
+keras-hub's cache (one new query against the cached keys) would need each
+key's log-sum-exp over the earlier queries, which keras-hub's caches do not
+hold: such a call raises, and converted causal LMs generate by running the
+whole sequence so far at each step instead (`GeneratesWithoutCache`).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_dna._compat import on_softmax_path
+from keras_dna._compat import query_heads
+from keras_dna._compat import softmax_path_available
+from keras_dna._compat import weights_addable
+from keras_dna.layers.argument_checks import check_options
+from keras_dna.layers.double_normalization import NULL_QUERY_INIT
+from keras_dna.layers.double_normalization import add_logits
+from keras_dna.ops import normalize_attention_scores
+
+
+@keras.saving.register_keras_serializable(package="keras_dna")
+class DoublyNormalizedSoftmax(keras.layers.Layer):
+    """Doubly-normalized attention weights of a decoder's scores, causally.
+
+    Takes the place of a `keras.layers.Softmax(axis=-1)` over scores shaped
+    `(batch, heads..., T, S)`, the heads on one axis or two (key/value heads
+    and their groups of query heads, as Gemma lays them out); per-head
+    logits are per query head, in that order.
+
+    Args:
+        num_heads: The number of query heads.
+        normalization: `"double"`, `"single"` or `"hybrid"`.
+        null_query: Whether a null query joins every key's first step.
+        null_query_initializer: Initializer of the null query's logits.
+        **kwargs: Base layer arguments.
+
+    Call arguments:
+        inputs: The scores.
+        mask: Optional boolean mask broadcastable to the scores; `True`
+            attends.
+    """
+
+    def __init__(
+        self, num_heads, normalization="double", null_query=False, null_query_initializer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        # As `keras.layers.Softmax`: the mask is the call's argument.
+        self.supports_masking = True
+        check_options(normalization, "auto", None, 0.0, True, null_query, None)
+        self.num_heads = num_heads
+        self.normalization = normalization
+        self.null_query = null_query
+        self.null_query_initializer = keras.initializers.get(
+            null_query_initializer or keras.initializers.Constant(NULL_QUERY_INIT)
+        )
+        self.mixing_logits, self.null_query_logits = add_logits(
+            self, num_heads, normalization, null_query, self.null_query_initializer
+        )
+        self.built = True
+
+    def call(self, inputs, mask=None):
+        scores = ops.convert_to_tensor(inputs)
+        shape = ops.shape(scores)
+        heads = math.prod(scores.shape[1:-2])
+        if heads != self.num_heads:
+            raise ValueError(
+                f"Argument `inputs` must hold the scores of {self.num_heads} query "
+                f"heads between the batch and the last two axes. Received: "
+                f"inputs.shape={scores.shape}"
+            )
+        flat_shape = (shape[0], heads, shape[-2], shape[-1])
+        if mask is not None:
+            mask = ops.reshape(ops.broadcast_to(ops.cast(mask, "bool"), shape), flat_shape)
+        weights = normalize_attention_scores(
+            ops.reshape(scores, flat_shape), mask, normalization=self.normalization,
+            causal_normalization=True,
+            mixing_logits=None if self.mixing_logits is None else self.mixing_logits.value,
+            null_query_logits=None if self.null_query_logits is None else self.null_query_logits.value,
+        )
+        return ops.reshape(weights, shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "normalization": self.normalization,
+            "null_query": self.null_query,
+            "null_query_initializer": keras.initializers.serialize(self.null_query_initializer),
+        }
+
+
+# The attribute that holds the softmax of the scores, by class.
+_SOFTMAX_NAMES = ("_softmax", "softmax")
+
+
+def _softmax_name(layer):
+    """The attribute of `layer` that holds its `keras.layers.Softmax` (or
+    the `DoublyNormalizedSoftmax` in its place)."""
+    for name in _SOFTMAX_NAMES:
+        if isinstance(getattr(layer, name, None), (keras.layers.Softmax, DoublyNormalizedSoftmax)):
+            return name
+    raise ValueError(
+        f"Layer '{layer.name}' ({type(layer).__name__}) holds no keras.layers.Softmax "
+        f"in {' or '.join(_SOFTMAX_NAMES)}, where keras_dna replaces the softmax "
+        "of keras-hub's decoder attention."
+    )
+
+
+class DecoderAttentionMixin:
+    """Mixed into `DoublyNormalized<Class>` for a keras-hub decoder attention
+    class: its softmax becomes `DoublyNormalizedSoftmax`, and its attention
+    step takes the softmax path."""
+
+    def __init__(
+        self, *args, normalization="double", causal_normalization=True, jit_compile="auto",
+        chunk_size=None, null_query=False, null_query_initializer=None, **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.set_attention_options(
+            normalization, causal_normalization, jit_compile, chunk_size, null_query,
+            null_query_initializer,
+        )
+
+    def set_attention_options(
+        self, normalization="double", causal_normalization=True, jit_compile="auto",
+        chunk_size=None, null_query=False, null_query_initializer=None,
+    ):
+        """Sets DNA's options (as `DoublyNormalizedAttention` takes them;
+        decoders always normalize causally and hold the whole weight
+        matrix, so `causal_normalization` and `chunk_size` are fixed)."""
+        check_options(normalization, jit_compile, None, 0.0, True, null_query, None)
+        if chunk_size not in (None, "auto"):
+            raise ValueError(
+                "keras-hub's decoder attention computes the whole weight matrix; "
+                f"`chunk_size` must be None. Received: chunk_size={chunk_size!r}"
+            )
+        self._attention_config = {
+            "normalization": normalization, "null_query": null_query,
+            "null_query_initializer": null_query_initializer,
+        }
+        if self.built:
+            self._replace_softmax()
+
+    def adopt_attributes(self):
+        """Nothing to adopt: the options arrive by `set_attention_options`."""
+
+    def _replace_softmax(self):
+        name = _softmax_name(self)
+        original = getattr(self, name)
+        replacement = DoublyNormalizedSoftmax(
+            query_heads(self), **self._attention_config, dtype=original.dtype_policy,
+            name=original.name,
+        )
+        with weights_addable(self):
+            setattr(self, name, replacement)
+
+    def build(self, *args, **kwargs):
+        super().build(*args, **kwargs)
+        self._replace_softmax()
+
+    @property
+    def normalization(self):
+        return self._attention_config["normalization"]
+
+    @property
+    def mixing_logits(self):
+        return getattr(getattr(self, _softmax_name(self)), "mixing_logits", None)
+
+    @property
+    def null_query_logits(self):
+        return getattr(getattr(self, _softmax_name(self)), "null_query_logits", None)
+
+    def attention_options(self):
+        """DNA's options, as `set_attention_options` takes them."""
+        return {
+            "normalization": self.normalization,
+            "causal_normalization": True,
+            "jit_compile": "auto",
+            "chunk_size": None,
+            "null_query": self._attention_config["null_query"],
+            "null_query_initializer": keras.initializers.serialize(
+                keras.initializers.get(
+                    self._attention_config["null_query_initializer"]
+                    or keras.initializers.Constant(NULL_QUERY_INIT)
+                )
+            ),
+        }
+
+    def get_config(self):
+        return {**super().get_config(), **self.attention_options()}
+
+    def _compute_attention(self, query, key, *args, **kwargs):
+        query_length, key_length = query.shape[1], key.shape[1]
+        if None not in (query_length, key_length) and query_length != key_length:
+            raise ValueError(
+                f"{type(self).__name__} cannot take a cached decoding step "
+                f"({query_length} queries against {key_length} cached keys): DNA's "
+                "first step needs each key's log-sum-exp over the earlier queries, "
+                "which keras-hub's cache does not hold. Converted causal LMs "
+                "generate without it (`generate` runs the sequence so far)."
+            )
+        with on_softmax_path():
+            return super()._compute_attention(query, key, *args, **kwargs)
+
+    def _compute_vllm_attention(self, *args, **kwargs):
+        raise ValueError(
+            f"{type(self).__name__} cannot run keras-hub's vLLM paged attention, "
+            "whose kernel computes softmax attention; serve the converted model "
+            "without vLLM."
+        )
+
+
+def decoder_attention_classes():
+    """keras-hub's decoder attention classes whose softmax keras_dna replaces."""
+    from keras_hub.src.models.gemma.gemma_attention import CachedGemmaAttention
+    from keras_hub.src.models.gemma3.gemma3_attention import CachedGemma3Attention
+    from keras_hub.src.models.llama.llama_attention import LlamaAttention
+    from keras_hub.src.models.mistral.mistral_attention import CachedMistralAttention
+    from keras_hub.src.models.mixtral.mixtral_attention import CachedMixtralAttention
+    from keras_hub.src.models.phi3.phi3_attention import Phi3Attention
+    from keras_hub.src.models.qwen.qwen_attention import QwenAttention
+    from keras_hub.src.models.qwen3.qwen3_attention import Qwen3Attention
+    from keras_hub.src.models.qwen3_moe.qwen3_moe_attention import Qwen3MoeAttention
+    from keras_hub.src.models.qwen_moe.qwen_moe_attention import QwenMoeAttention
+
+    classes = (
+        LlamaAttention, CachedMistralAttention, CachedGemmaAttention, CachedGemma3Attention,
+        QwenAttention, Qwen3Attention, Phi3Attention, CachedMixtralAttention, QwenMoeAttention,
+        Qwen3MoeAttention,
+    )
+    return tuple(cls for cls in classes if softmax_path_available(cls))
+
+
+_CONVERTED = {}
+
+
+def converted_decoder_attention(cls):
+    """`DoublyNormalized<cls>`, registered, for a keras-hub decoder attention class."""
+    if cls not in _CONVERTED:
+        converted = type(
+            f"DoublyNormalized{cls.__name__}", (DecoderAttentionMixin, cls),
+            {"__module__": __name__, "__doc__": cls.__doc__},
+        )
+        _CONVERTED[cls] = keras.saving.register_keras_serializable(package="keras_dna")(converted)
+    return _CONVERTED[cls]
