@@ -95,6 +95,17 @@ def test_right_padding_changes_no_real_token(family):
     np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-5)
 
 
+def test_what_padding_holds_changes_no_real_token_left_or_right(family):
+    """Other token ids in the padded positions, at the start (left padding)
+    or the end: the real tokens' outputs stay, to the bit."""
+    _, _, dna = family
+    padding = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+    other = TOKENS.copy()
+    other[padding == 0] = 17
+    first, second = (_run(dna, _inputs(tokens, padding)) for tokens in (TOKENS, other))
+    np.testing.assert_array_equal(first[padding > 0], second[padding > 0])
+
+
 @pytest.mark.parametrize("layout", [(2, 4), (2, 2, 2)], ids=["heads", "groups"])
 def test_the_softmax_equals_the_oracle_in_both_head_layouts(rng, layout):
     batch, *heads = layout
@@ -183,3 +194,14 @@ def test_generate_equals_a_greedy_loop_without_cache(name):
     )
     sampled = ops.convert_to_numpy(sampled["token_ids"])
     assert sampled.shape == (2, 8) and np.array_equal(sampled[padding], tokens[padding])
+
+
+def test_lora_on_a_converted_backbone(family):
+    name, _, dna = family
+    dna = convert.to_doubly_normalized(dna)  # a copy: LoRA changes the model
+    before = _run(dna, _inputs())
+    dna.enable_lora(rank=2)
+    lora = [w for w in dna.trainable_weights if "lora" in w.path]
+    assert lora, name
+    # LoRA starts as a zero update: the outputs stay.
+    np.testing.assert_allclose(_run(dna, _inputs()), before, rtol=1e-6, atol=1e-6)
