@@ -153,7 +153,9 @@ def test_converted_causal_lm_saves_loads_and_trains(tmp_path):
     np.testing.assert_allclose(_run(loaded, _inputs()), expected, rtol=1e-6, atol=1e-6)
     loaded.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     logits = [w for w in loaded.trainable_weights if w.path.endswith("null_query_logits")]
-    assert len(logits) == 2
+    # One per layer, each named by its layer (as layout maps read them).
+    assert len({w.path for w in logits}) == 2
+    assert all("/self_attention/" in w.path for w in logits), [w.path for w in logits]
     before = [ops.convert_to_numpy(w.value).copy() for w in logits]
     history = loaded.fit(_inputs(), TOKENS, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])

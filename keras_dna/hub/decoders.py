@@ -19,6 +19,7 @@ hold: such a call raises, and converted causal LMs generate by running the
 whole sequence so far at each step instead (`GeneratesWithoutCache`).
 """
 
+import contextlib
 import math
 
 import keras
@@ -167,10 +168,16 @@ class DecoderAttentionMixin:
     def _replace_softmax(self):
         name = _softmax_name(self)
         original = getattr(self, name)
-        replacement = DoublyNormalizedSoftmax(
-            query_heads(self), **self._attention_config, dtype=original.dtype_policy,
-            name=original.name,
-        )
+        # Under the layer's own path, so that the logits' paths name their
+        # layer (`.../self_attention/attention_softmax/null_query_logits`), as
+        # layout maps and weight-decay patterns read them.
+        with contextlib.ExitStack() as scopes:
+            for part in _variable_path(self):
+                scopes.enter_context(keras.name_scope(part))
+            replacement = DoublyNormalizedSoftmax(
+                query_heads(self), **self._attention_config, dtype=original.dtype_policy,
+                name=original.name,
+            )
         with weights_addable(self):
             setattr(self, name, replacement)
 
@@ -228,6 +235,16 @@ class DecoderAttentionMixin:
             "whose kernel computes softmax attention; serve the converted model "
             "without vLLM."
         )
+
+
+def _variable_path(layer):
+    """The path under which `layer`'s variables were created (its name
+    behind those of the layers that built it), as a list of names."""
+    for variable in layer.weights:
+        parts = variable.path.split("/")
+        if layer.name in parts:
+            return parts[: parts.index(layer.name) + 1]
+    return [layer.name]
 
 
 def decoder_attention_classes():
