@@ -70,10 +70,6 @@ neutral=(tests/test_backends.py tests/test_keras_suite.py tests/test_fuzz.py tes
 # backbones and classifiers (BERT, GPT-2 keeping its class) runs on TensorFlow
 # only, to keep the suite short.
 hub_filter="not bert and not keeps_its_class"
-# keras-hub's decoder families: all eleven on TensorFlow and PyTorch; JAX,
-# whose eager calls are slow, runs Llama and Gemma 2 (generation: Llama).
-jax_families="not llama3 and not gemma3 and not qwen and not phi3 and not mixtral and not mistral"
-jax_families+=" and not (generate and gemma2)"
 
 if $install; then
   # PyTorch's CPU build: a plain `torch` pulls gigabytes of CUDA libraries.
@@ -96,7 +92,7 @@ for part in "${parts[@]}"; do
       step env KERAS_BACKEND=jax JAX_ENABLE_X64=1 "${pytest[@]}" "${neutral[@]}"
       # keras-hub's own generate fails with float64 on (int64 and int32 indices).
       step env KERAS_BACKEND=jax "${pytest[@]}" tests/test_hub.py tests/test_hub_decoders.py \
-        -k "$hub_filter and $jax_families"
+        -k "$hub_filter"
       ;;
     torch)
       step env KERAS_BACKEND=torch "${pytest[@]}" "${neutral[@]}" tests/test_hub.py \

@@ -2,8 +2,8 @@
 
 Paths: double, single, hybrid, null query, causal (fast and exact
 normalization), chunked, chunked causal, cross-attention with causal
-normalization, grouped-query attention (causal with the null query, and
-chunked hybrid), and cached decoding. Modes: eager (uncompiled), XLA,
+normalization, grouped-query attention (causal, with the null query), and
+cached decoding. Modes: eager (uncompiled), XLA,
 `tf.function` with unknown batch and lengths, SavedModel export and reload
 (unknown batch and lengths), `.keras` save and load, and LiteRT. Each case is
 compared with the float64 NumPy transcription of docs/math.md (`tests/oracle.py`)
@@ -58,7 +58,6 @@ PATHS = {
     "chunked_causal": Path({"chunk_size": 2}, causal_mask=True),
     "cross_causal": Path({"causal_normalization": True}, cross=True),
     "group_query_causal_null": Path({"null_query": True}, causal_mask=True, group_query=True),
-    "group_query_chunked_hybrid": Path({"chunk_size": 2, "normalization": "hybrid"}, group_query=True),
 }
 
 
