@@ -247,3 +247,16 @@ def query_heads(layer):
     `tests/test_hub_decoders.py`)."""
     heads = getattr(layer, "num_query_heads", None)
     return layer._num_query_heads if heads is None else heads
+
+
+def cached_head_dim(layer):
+    """The width of one key or value head in keras-hub's decoder attention
+    `layer`'s cache.
+
+    The families name it differently (`head_dim`, `_head_dim`, or not at
+    all, computing it in `build`), but each projects values with an
+    `EinsumDense` named `_value_dense` or `value_dense` whose kernel ends
+    with the head width (tested with each family in
+    `tests/test_hub_decoders.py`)."""
+    projection = getattr(layer, "_value_dense", None) or layer.value_dense
+    return projection.kernel.shape[-1]

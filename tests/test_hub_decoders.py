@@ -4,10 +4,11 @@ Tiny configurations of each family (no presets, nothing downloaded): with
 `normalization="single"` the converted backbone computes keras-hub's own
 outputs; with DNA it is exactly causal (a later token changes no earlier
 output, to the bit), right padding changes no real token's output, the
-fused kernels are never called, and the weights it computes equal the
-float64 oracle. Backend-neutral: PyTorch runs every family; TensorFlow and
-JAX, whose eager calls take several times as long, run Llama and Gemma 2
-(the two head layouts) and generate with Llama.
+fused kernels are never called, the weights it computes equal the
+float64 oracle, and a prompt through keras-hub's cache then one token per
+step gives the whole sequence's logits. Backend-neutral: PyTorch runs every
+family; TensorFlow and JAX, whose eager calls take several times as long,
+run Llama and Gemma 2 (the two head layouts) and generate with Llama.
 """
 
 import keras
@@ -18,6 +19,7 @@ from keras import ops
 import keras_dna.hub  # noqa: F401 - registers the conversions
 from keras_dna import convert
 from keras_dna.hub import DoublyNormalizedSoftmax
+from keras_dna.hub.cached_attention import prefill_until
 from tests import oracle
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -49,6 +51,12 @@ FAMILIES = {
     "qwen3_moe": lambda: keras_hub.models.Qwen3MoeBackbone(
         **TINY, moe_intermediate_dim=8, num_experts=2, top_k=1, head_dim=4,
     ),
+}
+TASKS = {
+    "llama": "LlamaCausalLM", "llama3": "Llama3CausalLM", "mistral": "MistralCausalLM",
+    "gemma2": "GemmaCausalLM", "gemma3": "Gemma3CausalLM", "qwen": "QwenCausalLM",
+    "qwen3": "Qwen3CausalLM", "phi3": "Phi3CausalLM", "mixtral": "MixtralCausalLM",
+    "qwen_moe": "QwenMoeCausalLM", "qwen3_moe": "Qwen3MoeCausalLM",
 }
 ON_EVERY_FAMILY = keras.backend.backend() == "torch"
 FAMILY_NAMES = list(FAMILIES) if ON_EVERY_FAMILY else ["llama", "gemma2"]
@@ -133,15 +141,51 @@ def test_the_softmax_equals_the_oracle_in_both_head_layouts(rng, layout):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_cached_steps_and_vllm_raise_saying_why():
+def test_cached_prefill_and_steps_give_the_whole_sequences_logits(family):
+    """keras-hub's own cached calls on the converted backbone: a prompt of 3
+    committed tokens, then one token per step, each step's logits equal to
+    the whole sequence's; each cached key head carries one state column per
+    query head that reads it (2 here)."""
+    name, _, dna = family
+    task = getattr(keras_hub.models, TASKS[name])
+    causal_lm = task(backbone=dna, preprocessor=None)
+    tokens = np.concatenate([TOKENS, [[8], [9]]], axis=1)
+    whole = _run(causal_lm, _inputs(tokens, np.ones_like(tokens)))
+    # Gemma 3's cache also takes images, their mask and positions.
+    images = (None, None, np.ones_like(tokens, bool), None) if name == "gemma3" else ()
+    with prefill_until(3):
+        _, cache = task._build_cache(causal_lm, tokens, *images)
+    steps = []
+    for index in range(3, tokens.shape[1]):
+        logits, _, cache = causal_lm.call_with_cache(tokens[:, index:index + 1], cache, index)
+        steps.append(ops.convert_to_numpy(ops.cast(logits[:, 0], "float32")))
+    np.testing.assert_allclose(np.stack(steps, 1), whole[:, 3:], rtol=1e-5, atol=1e-6)
+    keys = cache[0][0] if isinstance(cache, tuple) else cache[:, 0, 0]
+    assert tuple(keys.shape) == (2, tokens.shape[1], 2, 4 + 2), name
+
+
+def test_a_cache_passed_by_position_is_the_same_cache():
+    backbone = FAMILIES["llama"]()
+    backbone(_inputs())
+    attention = convert.to_doubly_normalized(backbone).transformer_layers[0]._self_attention_layer
+    hidden = np.random.default_rng(0).normal(size=(2, 1, 16)).astype("float32")
+    mask, cache = np.ones((2, 1, 7), bool), np.zeros((2, 2, 7, 2, 4), "float32")
+    by_name = attention(hidden, mask, cache=cache, cache_update_index=0)
+    by_position = attention(hidden, mask, cache, cache_update_index=0)
+    for named, positional in zip(by_name, by_position):
+        np.testing.assert_array_equal(ops.convert_to_numpy(named), ops.convert_to_numpy(positional))
+    assert tuple(by_position[1].shape) == (2, 2, 7, 2, 6)
+
+
+def test_caches_it_cannot_use_and_vllm_raise_saying_why():
     backbone = FAMILIES["llama"]()
     backbone(_inputs())
     dna = convert.to_doubly_normalized(backbone)
     attention = dna.transformer_layers[0]._self_attention_layer
     hidden = np.zeros((2, 1, 16), "float32")
-    cache = np.zeros((2, 2, 7, 2, 4), "float32")
-    with pytest.raises(ValueError, match="cached decoding step"):
-        attention(hidden, cache=cache, cache_update_index=3)
+    mask = np.ones((2, 1, 7), bool)
+    with pytest.raises(ValueError, match=r"Argument `cache`.*\(2, 7, 2, 5\)"):
+        attention(hidden, mask, cache=np.zeros((2, 2, 7, 2, 5), "float32"), cache_update_index=3)
     with pytest.raises(ValueError, match="vLLM"):
         attention._compute_vllm_attention(hidden, None, None)
 
@@ -179,7 +223,7 @@ def _greedy_without_cache(model, tokens, lengths, max_length):
 
 
 @pytest.mark.parametrize("name", GENERATING)
-def test_generate_equals_a_greedy_loop_without_cache(name):
+def test_cached_generate_equals_a_greedy_loop_without_cache(name):
     keras.utils.set_random_seed(2)
     backbone = FAMILIES[name]()
     task = {"llama": keras_hub.models.LlamaCausalLM, "gemma2": keras_hub.models.GemmaCausalLM}[name]

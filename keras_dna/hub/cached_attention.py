@@ -35,6 +35,17 @@ def prefill_until(position):
         _PREFILL_END.reset(token)
 
 
+def committed_queries(query_length, update_index):
+    """Which of a cached call's queries, written from `update_index`, join
+    the key state: `None` for all, or a boolean `(1, 1, query_length, 1)`
+    within a `prefill_until` block."""
+    end = _PREFILL_END.get()
+    if end is None or update_index is None:
+        return None
+    positions = update_index + ops.arange(query_length)
+    return ops.reshape(positions < end, (1, 1, -1, 1))
+
+
 @keras.saving.register_keras_serializable(package="keras_dna")
 class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
     """`DoublyNormalizedAttention` with keras-hub's key/value cache.
@@ -133,7 +144,9 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
         valid = None
         if attention_mask is not None:
             valid = with_heads_axis(ops.cast(attention_mask, "bool"), 4, len(self._attention_axes))
-        committed = self._committed(query, cache_update_index)
+        committed = None
+        if self._normalization != "single":
+            committed = committed_queries(ops.shape(query)[1], cache_update_index)
         output, weights, cache = self._cached_attention(training)(
             query, *rows, cache, cache_update_index, valid, committed,
             normalization=self._normalization,
@@ -200,14 +213,6 @@ class CachedDoublyNormalizedAttention(DoublyNormalizedAttention):
                 cached_attention, dropout=functools.partial(self._dropout_layer, training=training)
             )
         return compiled(cached_attention, self._jit_compile)
-
-    def _committed(self, query, update_index):
-        """Which of the call's queries join the key state (`prefill_until`)."""
-        end = _PREFILL_END.get()
-        if end is None or update_index is None or self._normalization == "single":
-            return None
-        positions = update_index + ops.arange(ops.shape(query)[1])
-        return ops.reshape(positions < end, (1, 1, -1, 1))
 
 
 def _value_of(weight):

@@ -12,19 +12,23 @@ weights (projections, rotary embeddings, norms, soft caps, sliding windows,
 grouped heads, LoRA, dtype policies) stays keras-hub's.
 
 These are decoders: their masks are causal, so the first step is always
-causal (docs/math.md, "Causal normalization"). A decoding step with
-keras-hub's cache (one new query against the cached keys) would need each
-key's log-sum-exp over the earlier queries, which keras-hub's caches do not
-hold: such a call raises, and converted causal LMs generate by running the
-whole sequence so far at each step instead (`GeneratesWithoutCache`).
+causal (docs/math.md, "Causal normalization"). A call with keras-hub's cache
+(a prompt, or one token per step) normalizes with each key's log-sum-exp
+over the queries before it, the key state (`keras_dna.ops.incremental`),
+kept in the cache beside the keys: the cached keys of each key/value head
+get one more column per query head that reads them (see
+`DecoderAttentionMixin`).
 """
 
 import contextlib
+import contextvars
+import inspect
 import math
 
 import keras
 from keras import ops
 
+from keras_dna._compat import cached_head_dim
 from keras_dna._compat import on_softmax_path
 from keras_dna._compat import query_heads
 from keras_dna._compat import softmax_path_available
@@ -32,7 +36,25 @@ from keras_dna._compat import weights_addable
 from keras_dna.layers.argument_checks import check_options
 from keras_dna.layers.double_normalization import NULL_QUERY_INIT
 from keras_dna.layers.double_normalization import add_logits
+from keras_dna.hub.cached_attention import committed_queries
 from keras_dna.ops import normalize_attention_scores
+from keras_dna.ops.incremental import causal_block_weights
+from keras_dna.ops.incremental import key_state_columns
+from keras_dna.ops.incremental import key_state_of
+
+# The cached call in progress: keras-hub's attention calls its softmax with
+# the scores and the mask only, so the key state goes in and out through
+# this, set and reset around that one call (`DecoderAttentionMixin.call`).
+_CACHED_CALL = contextvars.ContextVar("cached_decoder_call", default=None)
+
+
+class _CachedCall:
+    """A cached call's key state, which its softmax reads and replaces."""
+
+    def __init__(self, softmax, key_lse, key_seen, update_index):
+        self.softmax = softmax
+        self.key_lse, self.key_seen = key_lse, key_seen
+        self.update_index = update_index
 
 
 @keras.saving.register_keras_serializable(package="keras_dna")
@@ -89,12 +111,24 @@ class DoublyNormalizedSoftmax(keras.layers.Layer):
         flat_shape = (shape[0], heads, shape[-2], shape[-1])
         if mask is not None:
             mask = ops.reshape(ops.broadcast_to(ops.cast(mask, "bool"), shape), flat_shape)
-        weights = normalize_attention_scores(
-            ops.reshape(scores, flat_shape), mask, normalization=self.normalization,
-            causal_normalization=True,
-            mixing_logits=None if self.mixing_logits is None else self.mixing_logits.value,
-            null_query_logits=None if self.null_query_logits is None else self.null_query_logits.value,
-        )
+        scores = ops.reshape(scores, flat_shape)
+        options = {
+            "normalization": self.normalization,
+            "mixing_logits": None if self.mixing_logits is None else self.mixing_logits.value,
+            "null_query_logits": (
+                None if self.null_query_logits is None else self.null_query_logits.value
+            ),
+        }
+        cached = _CACHED_CALL.get()
+        if cached is not None and cached.softmax is self:
+            committed = committed_queries(flat_shape[2], cached.update_index)
+            weights, cached.key_lse, cached.key_seen = causal_block_weights(
+                scores, mask, cached.key_lse, cached.key_seen, committed, **options
+            )
+        else:
+            weights = normalize_attention_scores(
+                scores, mask, causal_normalization=True, **options
+            )
         return ops.reshape(weights, shape)
 
     def compute_output_shape(self, input_shape):
@@ -130,7 +164,20 @@ def _softmax_name(layer):
 class DecoderAttentionMixin:
     """Mixed into `DoublyNormalized<Class>` for a keras-hub decoder attention
     class: its softmax becomes `DoublyNormalizedSoftmax`, and its attention
-    step takes the softmax path."""
+    step takes the softmax path.
+
+    With a cache, DNA keeps its key state in it. keras-hub's caches hold
+    `head_dim` columns per key/value head and position, as one tensor
+    `(B, 2, S, K, head_dim)` (keys, then values) or a pair of `(B, S, K,
+    head_dim)` (Gemma 3). A converted layer's cached keys are `groups =
+    query heads // K` columns wider: column `head_dim + g` of key head `k`
+    holds, for query head `k * groups + g`, the log-sum-exp of the key's
+    scores over the queries so far (`-inf` before any); the values of a
+    single tensor are widened with zeros to match. A cache of keras-hub's
+    width, such as the zeros keras-hub's causal LMs start from, counts as
+    one no query has seen: the first call returns the wider cache, which the
+    next must get. With `normalization="single"` the cache is keras-hub's.
+    """
 
     def __init__(
         self, *args, normalization="double", causal_normalization=True, jit_compile="auto",
@@ -216,18 +263,49 @@ class DecoderAttentionMixin:
     def get_config(self):
         return {**super().get_config(), **self.attention_options()}
 
-    def _compute_attention(self, query, key, *args, **kwargs):
-        query_length, key_length = query.shape[1], key.shape[1]
-        if None not in (query_length, key_length) and query_length != key_length:
-            raise ValueError(
-                f"{type(self).__name__} cannot take a cached decoding step "
-                f"({query_length} queries against {key_length} cached keys): DNA's "
-                "first step needs each key's log-sum-exp over the earlier queries, "
-                "which keras-hub's cache does not hold. Converted causal LMs "
-                "generate without it (`generate` runs the sequence so far)."
+    def call(self, *args, cache=None, **kwargs):
+        if cache is None or self.normalization == "single":
+            return super().call(*args, cache=cache, **kwargs)
+        keys, values = _keys_and_values(cache)
+        head_dim = cached_head_dim(self)
+        groups = self._check_cache(keys, head_dim)
+        key_lse, key_seen = key_state_of(keys[..., head_dim:])
+        cached = _CachedCall(
+            getattr(self, _softmax_name(self)), key_lse, key_seen,
+            kwargs.get("cache_update_index"),
+        )
+        token = _CACHED_CALL.set(cached)
+        try:
+            output, cache = super().call(
+                *args, cache=_cache_like(cache, keys[..., :head_dim], values[..., :head_dim]),
+                **kwargs,
             )
+        finally:
+            _CACHED_CALL.reset(token)
+        keys, values = _keys_and_values(cache)
+        state = key_state_columns(cached.key_lse, cached.key_seen, keys.dtype, groups)
+        if not isinstance(cache, (tuple, list)):
+            values = ops.concatenate([values, ops.zeros_like(state)], axis=-1)
+        return output, _cache_like(cache, ops.concatenate([keys, state], axis=-1), values)
+
+    def _check_cache(self, keys, head_dim):
+        """The number of query heads per cached key head; raises unless
+        `keys` (`(B, S, K, width)`) is laid out for this layer."""
+        heads, cached_heads = query_heads(self), keys.shape[2]
+        groups = heads // cached_heads if cached_heads else 0
+        if groups * cached_heads != heads or keys.shape[3] not in (head_dim, head_dim + groups):
+            raise ValueError(
+                f"Argument `cache` of {type(self).__name__} must hold keys shaped "
+                f"(batch, length, K, {head_dim}) as keras-hub lays them out, or "
+                f"(batch, length, K, {head_dim} + {heads} // K) with DNA's key state "
+                f"({heads} query heads, K key/value heads; see DecoderAttentionMixin). "
+                f"Received keys shaped {tuple(keys.shape)}"
+            )
+        return groups
+
+    def _compute_attention(self, *args, **kwargs):
         with on_softmax_path():
-            return super()._compute_attention(query, key, *args, **kwargs)
+            return super()._compute_attention(*args, **kwargs)
 
     def _compute_vllm_attention(self, *args, **kwargs):
         raise ValueError(
@@ -235,6 +313,20 @@ class DecoderAttentionMixin:
             "whose kernel computes softmax attention; serve the converted model "
             "without vLLM."
         )
+
+
+def _keys_and_values(cache):
+    """The keys and values `(B, S, K, width)` of a cache in either layout."""
+    if isinstance(cache, (tuple, list)):
+        return tuple(cache)
+    return cache[:, 0, ...], cache[:, 1, ...]
+
+
+def _cache_like(cache, keys, values):
+    """`keys` and `values` in the layout of `cache`."""
+    if isinstance(cache, (tuple, list)):
+        return type(cache)((keys, values))
+    return ops.stack([keys, values], axis=1)
 
 
 def _variable_path(layer):
@@ -271,12 +363,26 @@ def decoder_attention_classes():
 _CONVERTED = {}
 
 
+def _call_signed_as(cls):
+    """`DecoderAttentionMixin.call` with the signature of `cls.call`, which
+    Keras reads to tell a call's tensors from its options; arguments after
+    the first arrive by name, as the mixin reads `cache`."""
+    signature = inspect.signature(cls.call)
+    names = list(signature.parameters)[2:]  # after `self` and the inputs
+
+    def call(self, *args, **kwargs):
+        return DecoderAttentionMixin.call(self, *args[:1], **dict(zip(names, args[1:])), **kwargs)
+
+    call.__signature__ = signature
+    return call
+
+
 def converted_decoder_attention(cls):
     """`DoublyNormalized<cls>`, registered, for a keras-hub decoder attention class."""
     if cls not in _CONVERTED:
         converted = type(
             f"DoublyNormalized{cls.__name__}", (DecoderAttentionMixin, cls),
-            {"__module__": __name__, "__doc__": cls.__doc__},
+            {"__module__": __name__, "__doc__": cls.__doc__, "call": _call_signed_as(cls)},
         )
         _CONVERTED[cls] = keras.saving.register_keras_serializable(package="keras_dna")(converted)
     return _CONVERTED[cls]

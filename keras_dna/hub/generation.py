@@ -14,7 +14,6 @@ import keras_hub
 from keras import ops
 
 from keras_dna.hub.cached_attention import prefill_until
-from keras_dna.hub.decoders import DecoderAttentionMixin
 
 # Where the prompt part that `generate` decodes again begins.
 _PROMPT_END = contextvars.ContextVar("prompt_end", default=None)
@@ -25,57 +24,8 @@ def generation_mixins(cls):
     if issubclass(cls, keras_hub.models.Seq2SeqLM):
         return (GeneratesSeq2SeqWithCache,)
     if issubclass(cls, keras_hub.models.CausalLM):
-        return (GeneratesWithoutCache, GeneratesWithCache)
+        return (GeneratesWithCache,)
     return ()
-
-
-class GeneratesWithoutCache:
-    """Mixed into converted causal LMs: where their attention is keras-hub's
-    decoder attention (`keras_dna.hub.decoders`), whose caches hold no key
-    state, generation keeps the token ids as its "cache" and each step runs
-    the whole sequence so far, taking the logits at the step's position.
-
-    Exact (a causal model's output at a position does not depend on what
-    follows it, so the positions not generated yet need no mask), and
-    quadratic in the length per step: a DNA key state in these families'
-    caches is not built yet. keras-hub's samplers run unchanged on it.
-    """
-
-    def _build_cache(self, token_ids, *args, **kwargs):
-        if not _holds_decoder_attention(self):
-            return super()._build_cache(token_ids, *args, **kwargs)
-        if args or kwargs:
-            raise ValueError(
-                f"A converted {type(self).__name__} generates text only; its "
-                "cache takes inputs besides the token ids (images), which "
-                "keras_dna's generation does not run."
-            )
-        return self.backbone(_whole(token_ids)), token_ids
-
-    def call_with_cache(self, token_ids, cache, cache_update_index, *args, **kwargs):
-        if not _holds_decoder_attention(self):
-            return super().call_with_cache(token_ids, cache, cache_update_index, *args, **kwargs)
-        cache = ops.slice_update(cache, [0, cache_update_index], token_ids)
-        length = ops.shape(token_ids)[1]
-        hidden_states = self.backbone(_whole(cache))
-        logits = self(_whole(cache))
-
-        def at_step(x):
-            start = [0, cache_update_index] + [0] * (len(x.shape) - 2)
-            return ops.slice(x, start, [ops.shape(x)[0], length] + list(x.shape[2:]))
-
-        return at_step(logits), at_step(hidden_states), cache
-
-
-def _whole(token_ids):
-    """Backbone inputs of `token_ids`, every position real (the positions a
-    causal model has not reached yet change none it has)."""
-    token_ids = ops.convert_to_tensor(token_ids)
-    return {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids, dtype="bool")}
-
-
-def _holds_decoder_attention(model):
-    return any(isinstance(layer, DecoderAttentionMixin) for layer in model.backbone._flatten_layers())
 
 
 class GeneratesWithCache:

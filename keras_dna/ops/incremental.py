@@ -144,13 +144,12 @@ def cached_attention(
     if normalization == "single":
         weights = normalize_attention_scores(scores, valid, normalization="single")
     else:
-        key_lse, key_seen = _cached_key_state(cache, head_dim)
+        key_lse, key_seen = key_state_of(cache[:, 0, ..., head_dim:])
         weights, key_lse, key_seen = causal_block_weights(
             scores, valid, key_lse, key_seen, committed, normalization=normalization,
             mixing_logits=mixing_logits, null_query_logits=null_query_logits,
         )
-        state = ops.cast(ops.where(key_seen, key_lse, float("-inf")), cache.dtype)
-        state = ops.transpose(state, (0, 3, 1, 2))  # (B, S, N, 1): a column
+        state = key_state_columns(key_lse, key_seen, cache.dtype, groups=1)
     combined = weights if dropout is None else dropout(weights)
     output = einsum("bnts,bsnh->btnh", combined, values)
     if state is not None:
@@ -161,12 +160,36 @@ def cached_attention(
     return output, weights, cache
 
 
-def _cached_key_state(cache, head_dim):
-    """`(key_lse, key_seen)` shaped `(B, N, 1, S)` from the cache's state
-    column; a cache without it has no queries yet."""
-    if cache.shape[-1] == head_dim:
-        shape = ops.shape(cache)
-        empty = ops.zeros((shape[0], shape[3], 1, shape[2]), cache.dtype)
+def key_state_columns(key_lse, key_seen, dtype, groups):
+    """The key state as columns beside cached keys.
+
+    Args:
+        key_lse, key_seen: `(B, N, 1, S)`, as `causal_block_weights` returns
+            them, for `N` query heads.
+        dtype: The cache's dtype.
+        groups: How many query heads share one cached key head (1 without
+            grouped queries).
+
+    Returns:
+        `(B, S, N // groups, groups)`: for cached key head `k`, the states
+        of query heads `k * groups` to `(k + 1) * groups - 1`, `-inf` for a
+        key no query has seen.
+    """
+    state = ops.cast(ops.where(key_seen, key_lse, float("-inf")), dtype)
+    state = ops.transpose(ops.squeeze(state, -2), (0, 2, 1))  # (B, S, N)
+    shape = ops.shape(state)
+    return ops.reshape(state, (shape[0], shape[1], -1, groups))
+
+
+def key_state_of(columns):
+    """`(key_lse, key_seen)` shaped `(B, N, 1, S)` from columns laid out as
+    `key_state_columns` returns them, `(B, S, K, groups)`; with no columns
+    (`groups == 0`: a cache no query has seen yet), every key unseen (one
+    head, which broadcasts to all)."""
+    shape = ops.shape(columns)
+    if columns.shape[-1] == 0:
+        empty = ops.zeros((shape[0], 1, 1, shape[1]), columns.dtype)
         return empty, ops.cast(empty, "bool")
-    key_lse = ops.expand_dims(ops.transpose(cache[:, 0, ..., head_dim], (0, 2, 1)), -2)
+    state = ops.reshape(columns, (shape[0], shape[1], -1))  # (B, S, N)
+    key_lse = ops.expand_dims(ops.transpose(state, (0, 2, 1)), -2)
     return key_lse, ops.greater(key_lse, float("-inf"))
