@@ -14,7 +14,7 @@ import keras_dna
 # self-attention (causal) and decoder cross-attention.
 SITES = ("encoder", "decoder", "cross")
 EXAMPLE_SITES = {
-    "digits": ("encoder",), "text": ("encoder",), "g2p": SITES,
+    "digits": ("encoder",), "text": ("encoder",), "g2p": SITES, "lm": ("decoder",),
     # The diagnostic's slots read the points by cross-attention.
     "explaining_away": ("cross",),
 }
