@@ -173,7 +173,7 @@ class DecoderAttentionMixin:
     query heads // K` columns wider: column `head_dim + g` of key head `k`
     holds, for query head `k * groups + g`, the log-sum-exp of the key's
     scores over the queries so far (`-inf` before any); the values of a
-    single tensor are widened with zeros to match. A cache of keras-hub's
+    single tensor get as many columns, unused. A cache of keras-hub's
     width, such as the zeros keras-hub's causal LMs start from, counts as
     one no query has seen: the first call returns the wider cache, which the
     next must get. With `normalization="single"` the cache is keras-hub's.
@@ -266,27 +266,26 @@ class DecoderAttentionMixin:
     def call(self, *args, cache=None, **kwargs):
         if cache is None or self.normalization == "single":
             return super().call(*args, cache=cache, **kwargs)
-        keys, values = _keys_and_values(cache)
         head_dim = cached_head_dim(self)
-        groups = self._check_cache(keys, head_dim)
-        key_lse, key_seen = key_state_of(keys[..., head_dim:])
+        groups = self._check_cache(_keys_and_values(cache)[0], head_dim)
+        if _keys_and_values(cache)[0].shape[-1] == head_dim:
+            cache = _widened(cache, groups)
+        key_lse, key_seen = key_state_of(_keys_and_values(cache)[0][..., head_dim:])
         cached = _CachedCall(
             getattr(self, _softmax_name(self)), key_lse, key_seen,
             kwargs.get("cache_update_index"),
         )
+        # keras-hub's call writes the new keys and values into the first
+        # `head_dim` columns and passes the wider rows on to
+        # `_compute_attention`, which leaves the state columns out.
         token = _CACHED_CALL.set(cached)
         try:
-            output, cache = super().call(
-                *args, cache=_cache_like(cache, keys[..., :head_dim], values[..., :head_dim]),
-                **kwargs,
-            )
+            output, cache = super().call(*args, cache=cache, **kwargs)
         finally:
             _CACHED_CALL.reset(token)
-        keys, values = _keys_and_values(cache)
-        state = key_state_columns(cached.key_lse, cached.key_seen, keys.dtype, groups)
-        if not isinstance(cache, (tuple, list)):
-            values = ops.concatenate([values, ops.zeros_like(state)], axis=-1)
-        return output, _cache_like(cache, ops.concatenate([keys, state], axis=-1), values)
+        state = key_state_columns(cached.key_lse, cached.key_seen, _keys_and_values(cache)[0].dtype,
+                                  groups)
+        return output, _with_state(cache, state, head_dim)
 
     def _check_cache(self, keys, head_dim):
         """The number of query heads per cached key head; raises unless
@@ -303,9 +302,12 @@ class DecoderAttentionMixin:
             )
         return groups
 
-    def _compute_attention(self, *args, **kwargs):
+    def _compute_attention(self, query, key, value, *args, **kwargs):
+        head_dim = query.shape[-1]
+        if key.shape[-1] != head_dim:  # cached rows with the key state
+            key, value = key[..., :head_dim], value[..., :head_dim]
         with on_softmax_path():
-            return super()._compute_attention(*args, **kwargs)
+            return super()._compute_attention(query, key, value, *args, **kwargs)
 
     def _compute_vllm_attention(self, *args, **kwargs):
         raise ValueError(
@@ -322,11 +324,26 @@ def _keys_and_values(cache):
     return cache[:, 0, ...], cache[:, 1, ...]
 
 
-def _cache_like(cache, keys, values):
-    """`keys` and `values` in the layout of `cache`."""
+def _widened(cache, groups):
+    """A cache of keras-hub's width with `groups` state columns, every key
+    unseen (`-inf`); in a single tensor the values get unused columns too."""
     if isinstance(cache, (tuple, list)):
-        return type(cache)((keys, values))
-    return ops.stack([keys, values], axis=1)
+        keys, values = cache
+        return type(cache)((_padded(keys, groups), values))
+    return _padded(cache, groups)
+
+
+def _padded(tensor, columns):
+    widths = [[0, 0]] * (len(tensor.shape) - 1) + [[0, columns]]
+    return ops.pad(tensor, widths, constant_values=float("-inf"))
+
+
+def _with_state(cache, state, head_dim):
+    """`cache` with `state` (`(B, S, K, groups)`) in its keys' state columns."""
+    if isinstance(cache, (tuple, list)):
+        keys, values = cache
+        return type(cache)((ops.slice_update(keys, [0, 0, 0, head_dim], state), values))
+    return ops.slice_update(cache, [0, 0, 0, 0, head_dim], ops.expand_dims(state, 1))
 
 
 def _variable_path(layer):
