@@ -38,6 +38,7 @@ from keras_dna.layers.double_normalization import NULL_QUERY_INIT
 from keras_dna.layers.double_normalization import add_logits
 from keras_dna.hub.cached_attention import committed_queries
 from keras_dna.ops import normalize_attention_scores
+from keras_dna.ops.backend import compiled
 from keras_dna.ops.incremental import causal_block_weights
 from keras_dna.ops.incremental import key_state_columns
 from keras_dna.ops.incremental import key_state_of
@@ -119,14 +120,16 @@ class DoublyNormalizedSoftmax(keras.layers.Layer):
                 None if self.null_query_logits is None else self.null_query_logits.value
             ),
         }
+        # XLA-compiled as a whole where the backend compiles: keras-hub's
+        # `generate` runs in a TensorFlow graph without XLA on CPUs.
         cached = _CACHED_CALL.get()
         if cached is not None and cached.softmax is self:
             committed = committed_queries(flat_shape[2], cached.update_index)
-            weights, cached.key_lse, cached.key_seen = causal_block_weights(
+            weights, cached.key_lse, cached.key_seen = compiled(causal_block_weights, "auto")(
                 scores, mask, cached.key_lse, cached.key_seen, committed, **options
             )
         else:
-            weights = normalize_attention_scores(
+            weights = compiled(normalize_attention_scores, "auto")(
                 scores, mask, causal_normalization=True, **options
             )
         return ops.reshape(weights, shape)
