@@ -12,7 +12,7 @@ cross (sites not named: double). Default:
               dna-null=double+null hybrid=hybrid
 
 An example runs each spec on the sites it has (digits and text: the encoder
-only). A configuration that is then the same as an earlier one on that
+only; lm: the decoder only). A configuration that is then the same as an earlier one on that
 example (dna-encoders is dna on digits) is not run again there: it is left
 out of that example's table with a note.
 
@@ -54,11 +54,8 @@ EXAMPLES = {
                                          ("test_macro_f1", "macro F1", max)]),
     "g2p": ("grapheme_to_phoneme.py", [("test_word_error_rate", "WER", min),
                                        ("test_phoneme_error_rate", "PER", min)]),
-    # keras_dna.analysis does not read keras-hub's decoder attention yet: no
-    # explaining-away statistics, no column sums.
     "lm": ("tweet_lm.py", [("test_perplexity", "perplexity", min)]),
 }
-NOT_MEASURED = "n/a"
 DEFAULT_CONFIGS = (
     "softmax=single",
     "dna=double",
@@ -202,10 +199,18 @@ def example_table(example, runs, specs, same):
     for name, config_runs in runs.items():
         cells = [name, str(specs[name])]
         cells += [mean_std([r[key] for r in config_runs]) for key, _, _ in columns]
-        if all("explaining_away" in r for r in config_runs):
-            cells += explaining_away_cells([r["explaining_away"] for r in config_runs], ceiling)
-        else:
-            cells += [NOT_MEASURED] * (3 + 2 * ceiling)
+        stats = [r["explaining_away"] for r in config_runs]
+        cells += [
+            mean_std([s["min_column_sum"] for s in stats]),
+            f"{100 * np.mean([s['share_below_bound'] for s in stats]):.2f}%",
+            f"{100 * np.mean([s['share_below_threshold'] for s in stats]):.2f}%",
+        ]
+        if ceiling:
+            ceilings = [s["causal_ceiling"] for s in stats]
+            cells += [
+                f"{100 * np.mean([c['diagonal_max_share'] for c in ceilings]):.1f}%",
+                f"{max(c['max_earlier_weight'] for c in ceilings):.3f}",
+            ]
         cells += [
             "baseline" if name == baseline else difference_cell(
                 [r[main_key] for r in config_runs], [r[main_key] for r in runs[baseline]]
@@ -222,22 +227,6 @@ def example_table(example, runs, specs, same):
               f"{', '.join(common.EXAMPLE_SITES[example])}), not run again."
               for name, earlier in same.items()]
     return "\n".join(lines + [""])
-
-
-def explaining_away_cells(stats, ceiling):
-    """The explaining-away columns of one configuration, from its runs' statistics."""
-    cells = [
-        mean_std([s["min_column_sum"] for s in stats]),
-        f"{100 * np.mean([s['share_below_bound'] for s in stats]):.2f}%",
-        f"{100 * np.mean([s['share_below_threshold'] for s in stats]):.2f}%",
-    ]
-    if ceiling:
-        ceilings = [s["causal_ceiling"] for s in stats]
-        cells += [
-            f"{100 * np.mean([c['diagonal_max_share'] for c in ceilings]):.1f}%",
-            f"{max(c['max_earlier_weight'] for c in ceilings):.3f}",
-        ]
-    return cells
 
 
 def pyplot():
@@ -261,10 +250,6 @@ def plot(results, column_sums, seed, path):
         axes[0, col].set_title(f"{example}: test {label} (mean ± std over seeds)")
         low = min(min(v) for v in values)
         axes[0, col].set_ylim(max(0.0, low - 0.1 * abs(low) - 0.02), None)
-        if not column_sums[example]:
-            axes[1, col].set_title(f"{example}: column sums not measured")
-            axes[1, col].axis("off")
-            continue
         for name, sums in column_sums[example].items():
             axes[1, col].hist(sums, bins=60, histtype="step", label=name, density=True)
         axes[1, col].set_yscale("log")
@@ -316,10 +301,8 @@ def run_configs(example, specs, args, root):
 def first_seed_column_sums(example, names, seed, root):
     sums = {}
     for name in names:
-        path = root / example / name / f"seed{seed}" / "column_sums.npz"
-        if path.exists():
-            saved = np.load(path)
-            sums[name] = np.concatenate([saved[k] for k in saved.files])
+        saved = np.load(root / example / name / f"seed{seed}" / "column_sums.npz")
+        sums[name] = np.concatenate([saved[k] for k in saved.files])
     return sums
 
 

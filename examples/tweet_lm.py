@@ -6,8 +6,9 @@ characters. The model is a small, randomly initialized
 embeddings; no preset, nothing downloaded), converted by
 `keras_dna.convert.to_doubly_normalized` unless `--attention single`. It
 trains with `fit` under `--strategy`, reports the test perplexity per
-character, generates from a few prompts through keras-hub's cache (greedy),
-and saves the model as `.keras`, which is reloaded and checked.
+character and the attention's explaining away (`keras_dna.analysis`),
+generates from a few prompts through keras-hub's cache (greedy), and saves
+the model as `.keras`, which is reloaded and checked.
 
     python examples/tweet_lm.py --attention double --output-dir runs/lm
 """
@@ -148,8 +149,12 @@ def main(argv=None):
         batches(train, shuffle=True), batches(validation, shuffle=False),
     )
     test_perplexity = perplexity(model, ids[test], args.batch_size)
+    explaining_away = run.analyse_attention(model, lm_data(ids[test[:256]])[0])
     continuations = generate(model, vocabulary)
-    metrics = {"test_perplexity": test_perplexity, "generated": continuations}
+    metrics = {
+        "test_perplexity": test_perplexity, "explaining_away": explaining_away,
+        "generated": continuations,
+    }
     if run.is_chief:
         path = run.output_dir / "model.keras"
         model.save(path)

@@ -120,25 +120,26 @@ def swap_class(layer, cls):
 
 
 @contextlib.contextmanager
-def intercepted_attention(layer, compute_attention):
-    """Replaces the attention step of one `MultiHeadAttention` instance.
+def intercepted(layer, method, replacement):
+    """Replaces one method of one layer instance within the block.
 
-    `compute_attention(original, *args, **kwargs)` is called with the
-    layer's own `_compute_attention`. Keras has no public hook to observe
-    the attention weights of a layer inside a model's call; an instance
-    attribute shadows the method for this layer only, and is removed on
-    exit.
+    `replacement(original, *args, **kwargs)` is called with the layer's own
+    bound method. Keras has no public hook to observe the attention weights
+    of a layer inside a model's call; the analysis shadows
+    `MultiHeadAttention._compute_attention`, and the `call` of the softmax
+    of keras-hub's decoder attention. An instance attribute shadows the
+    method for this layer only, and is removed on exit.
     """
-    original = layer._compute_attention
+    original = getattr(layer, method)
 
-    def intercepted(*args, **kwargs):
-        return compute_attention(original, *args, **kwargs)
+    def call(*args, **kwargs):
+        return replacement(original, *args, **kwargs)
 
-    object.__setattr__(layer, "_compute_attention", intercepted)
+    object.__setattr__(layer, method, call)
     try:
         yield
     finally:
-        object.__delattr__(layer, "_compute_attention")
+        object.__delattr__(layer, method)
 
 
 def weight_decay_exclusions(optimizer, variables):

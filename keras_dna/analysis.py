@@ -3,7 +3,8 @@
 Softmax attention can leave a key with almost no attention from any query,
 so its value never reaches the output. These tools record the attention
 weights of every `keras.layers.MultiHeadAttention` in a model (plain ones and
-`DoublyNormalizedAttention` alike), sum them over the queries (the
+`DoublyNormalizedAttention` alike) and of keras-hub's decoder attention
+(Llama, Gemma, ...; converted or not), sum them over the queries (the
 "column sums": the total attention each key receives), and summarize and
 plot them.
 
@@ -23,13 +24,15 @@ what is drawn):
 
 import contextlib
 import dataclasses
+import sys
 
 import keras
 import numpy as np
 
 from keras_dna._compat import attention_axes
 from keras_dna._compat import child_layers
-from keras_dna._compat import intercepted_attention
+from keras_dna._compat import intercepted
+from keras_dna._compat import on_softmax_path
 
 __all__ = [
     "LayerAttention",
@@ -90,11 +93,14 @@ class LayerAttention:
 
 
 def attention_layers(model):
-    """All `MultiHeadAttention` layers (DNA included) in `model`, nested too."""
+    """All attention layers of `model` the analysis records, nested too:
+    `MultiHeadAttention` (DNA included) and, where keras-hub is loaded, its
+    decoder families' attention (converted or not)."""
+    kinds = (keras.layers.MultiHeadAttention,) + _decoder_attention_classes()
     found = []
 
     def visit(layer):
-        if isinstance(layer, keras.layers.MultiHeadAttention):
+        if isinstance(layer, kinds):
             found.append(layer)
         for child in child_layers(layer):
             visit(child)
@@ -103,9 +109,20 @@ def attention_layers(model):
     return list({id(layer): layer for layer in found}.values())
 
 
+def _decoder_attention_classes():
+    """keras-hub's decoder attention classes, where keras-hub is loaded (a
+    model holding them has loaded it; the analysis does not import it)."""
+    if "keras_hub" not in sys.modules:
+        return ()
+    from keras_dna.hub.decoders import decoder_attention_classes
+
+    return decoder_attention_classes()
+
+
 @contextlib.contextmanager
 def _recording(layers, records):
-    """Records the weights of each call of `layers` into `records`."""
+    """Records the weights of each call of `layers` into `records`:
+    `(layer, weights, attention_mask, use_causal_mask)`."""
 
     def recorded(layer):
         def compute_attention(original, query, key, value, attention_mask=None, training=None,
@@ -123,16 +140,37 @@ def _recording(layers, records):
 
         return compute_attention
 
+    def recorded_softmax(layer):
+        def softmax(original, scores, mask=None):
+            weights = original(scores, mask=mask)
+            records.append((layer, weights, mask, False))
+            return weights
+
+        return softmax
+
     with contextlib.ExitStack() as stack:
+        decoders = _decoder_attention_classes()
+        if decoders:
+            from keras_dna.hub.decoders import softmax_of
+
+            # keras-hub's own layers then weigh with their softmax too.
+            stack.enter_context(on_softmax_path())
         for layer in layers:
-            stack.enter_context(intercepted_attention(layer, recorded(layer)))
+            if isinstance(layer, decoders):
+                stack.enter_context(intercepted(softmax_of(layer), "call", recorded_softmax(layer)))
+            else:
+                stack.enter_context(intercepted(layer, "_compute_attention", recorded(layer)))
         yield
 
 
 def _flatten(layer, weights, mask, causal):
     """Weights to (B', heads, T, S) and the validity to (B', T, S)."""
     weights = np.asarray(keras.ops.convert_to_numpy(weights), np.float64)
-    axes = len(attention_axes(layer))
+    if isinstance(layer, _decoder_attention_classes()):
+        weights, mask = _heads_on_one_axis(layer, weights, mask)
+        axes = 1
+    else:
+        axes = len(attention_axes(layer))
     shape = weights.shape
     queries = int(np.prod(shape[len(shape) - 2 * axes : len(shape) - axes]))
     keys = int(np.prod(shape[len(shape) - axes :]))
@@ -149,14 +187,31 @@ def _flatten(layer, weights, mask, causal):
         while mask.ndim < len(shape):
             mask = np.expand_dims(mask, -2 * axes - 1)
         if mask.shape[-2 * axes - 1] != 1:
-            raise ValueError(
-                f"Layer `{layer.name}` was called with a per-head attention mask: "
-                "the analysis counts valid keys per query, the same for every "
-                "head, and cannot report this call. Analyse a call without it."
-            )
+            raise _per_head_mask_error(layer)
         mask = np.broadcast_to(mask, shape[:-2 * axes - 1] + (1,) + shape[-2 * axes:])
         valid = mask.reshape((-1, queries, keys))
     return weights, np.array(valid)
+
+
+def _heads_on_one_axis(layer, weights, mask):
+    """keras-hub decoders' weights `(batch, heads..., T, S)`, heads on one
+    axis or two (Gemma's key heads and their query groups), and their mask,
+    with the heads on one axis."""
+    weights = weights.reshape(weights.shape[:1] + (-1,) + weights.shape[-2:])
+    if mask is not None:
+        mask = np.asarray(keras.ops.convert_to_numpy(mask), bool)
+        if int(np.prod(mask.shape[1:-2])) != 1:
+            raise _per_head_mask_error(layer)
+        mask = mask.reshape(mask.shape[:1] + (1,) + mask.shape[-2:])
+    return weights, mask
+
+
+def _per_head_mask_error(layer):
+    return ValueError(
+        f"Layer `{layer.name}` was called with a per-head attention mask: "
+        "the analysis counts valid keys per query, the same for every "
+        "head, and cannot report this call. Analyse a call without it."
+    )
 
 
 def collect_attention(model, inputs, layers=None):
@@ -175,7 +230,8 @@ def collect_attention(model, inputs, layers=None):
     if not layers:
         raise ValueError(
             "Argument `model` has no keras.layers.MultiHeadAttention (or "
-            "DoublyNormalizedAttention) layer to analyse."
+            "DoublyNormalizedAttention) layer, nor keras-hub decoder attention, "
+            "to analyse."
         )
     records = []
     with _recording(layers, records):

@@ -151,7 +151,7 @@ def test_swap_class_keeps_weights_and_reads_the_new_call():
         np.testing.assert_array_equal(before, keras.ops.convert_to_numpy(after))
 
 
-def test_intercepted_attention_sees_each_call_and_restores_the_method():
+def test_intercepted_sees_each_call_and_restores_the_method():
     layer = keras.layers.MultiHeadAttention(2, 4)
     x = np.random.default_rng(0).normal(size=(1, 3, 8)).astype("float32")
     expected = keras.ops.convert_to_numpy(layer(x, x))
@@ -161,9 +161,9 @@ def test_intercepted_attention_sees_each_call_and_restores_the_method():
         calls.append(args)
         return original(*args, **kwargs)
 
-    with _compat.intercepted_attention(layer, compute_attention):
+    with _compat.intercepted(layer, "_compute_attention", compute_attention):
         output = layer(x, x)
-    assert len(calls) == 1, MOVED.format("intercepted_attention", "MultiHeadAttention._compute_attention")
+    assert len(calls) == 1, MOVED.format("intercepted", "MultiHeadAttention._compute_attention")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(output), expected, rtol=1e-6)
     assert "_compute_attention" not in vars(layer)
 

@@ -292,22 +292,6 @@ def test_compare_trains_what_is_missing_and_writes_table_differences_and_curves(
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_compare_tables_an_example_without_explaining_away_statistics():
-    """The decoder example reports perplexity only: its explaining-away and
-    ceiling cells say n/a, and the difference to the baseline is there."""
-    import compare
-
-    def run(perplexity):
-        return {"test_perplexity": perplexity}
-
-    runs = {"softmax": [run(4.0), run(4.2)], "dna": [run(3.9), run(4.0)]}
-    specs = {name: common.AttentionSpec.parse(spec, ("decoder",))
-             for name, spec in (("softmax", "single"), ("dna", "double"))}
-    table = compare.example_table("lm", runs, specs, {})
-    assert "| softmax | single | 4.1000 ± 0.1000 | n/a | n/a | n/a | n/a | n/a | baseline |" in table
-    assert re.search(r"\| dna \| double \| 3\.9500 ± 0\.0500 (\| n/a ){5}\| -0\.1500 \[", table)
-
-
 def test_compare_refuses_a_run_trained_with_other_attention(tmp_path):
     import compare
 

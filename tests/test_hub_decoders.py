@@ -17,6 +17,7 @@ import pytest
 from keras import ops
 
 import keras_dna.hub  # noqa: F401 - registers the conversions
+from keras_dna import analysis
 from keras_dna import convert
 from keras_dna.hub import DoublyNormalizedSoftmax
 from keras_dna.hub.cached_attention import prefill_until
@@ -117,6 +118,37 @@ def test_what_padding_holds_changes_no_real_token_left_or_right(family):
     other[padding == 0] = 17
     first, second = (_run(dna, _inputs(tokens, padding)) for tokens in (TOKENS, other))
     np.testing.assert_array_equal(first[padding > 0], second[padding > 0])
+
+
+def test_analysis_records_each_layers_weights_converted_or_not(family):
+    """keras_dna.analysis reads keras-hub's attention (through its softmax,
+    off the fused kernel) and the converted one: per layer, weights over
+    the causal and padding mask, softmax's equal to the "single"
+    conversion's, DNA's never below its column-sum bound."""
+    name, backbone, _ = family
+    reports = {
+        kind: analysis.collect_attention(model, _inputs())
+        for kind, model in (
+            ("keras-hub", backbone),
+            ("single", convert.to_doubly_normalized(backbone, normalization="single")),
+            ("double", convert.to_doubly_normalized(backbone)),
+        )
+    }
+    causal = np.tril(np.ones((7, 7), bool)) & (PADDING[:, None, :] > 0)
+    real_diagonal = np.eye(7, dtype=bool) & (PADDING[:, :, None] > 0)
+    for kind, report in reports.items():
+        assert [layer.normalization for layer in report] == [kind.replace("keras-hub", "single")] * 2
+        for layer in report:
+            assert layer.weights.shape == (2, 4, 7, 7), name
+            # Causal and padded; sliding windows (Mistral, Gemma) drop more.
+            assert not (layer.valid & ~causal).any() and layer.valid[real_diagonal].all()
+            np.testing.assert_allclose(layer.weights.sum(-1), 1.0, atol=1e-5)
+            assert not layer.weights[np.broadcast_to(~layer.valid[:, None], (2, 4, 7, 7))].any()
+    for hub, single, double in zip(*reports.values()):
+        np.testing.assert_array_equal(single.valid, hub.valid)
+        np.testing.assert_array_equal(double.valid, hub.valid)
+        np.testing.assert_allclose(single.weights, hub.weights, atol=1e-5)
+    assert analysis.explaining_away_statistics(reports["double"])["share_below_bound"] == 0.0
 
 
 @pytest.mark.parametrize("layout", [(2, 4), (2, 2, 2)], ids=["heads", "groups"])

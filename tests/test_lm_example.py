@@ -36,6 +36,9 @@ def test_the_example_trains_generates_and_reloads(tmp_path):
     assert 1.0 < metrics["test_perplexity"] < 200.0
     np.testing.assert_allclose(metrics["reloaded_test_perplexity"], metrics["test_perplexity"],
                                rtol=1e-5)
+    stats = saved["explaining_away"]
+    assert stats["keys"] > 0 and stats["causal_ceiling"]["rows"] > 0
+    assert (tmp_path / "column_sums.npz").exists() and (tmp_path / "attention.png").exists()
     assert list(metrics["generated"]) == list(tweet_lm.PROMPTS)
     for prompt, text in metrics["generated"].items():
         assert text.startswith(prompt.rstrip()) and len(text) <= tweet_lm.GENERATED_LENGTH

@@ -164,6 +164,12 @@ def _softmax_name(layer):
     )
 
 
+def softmax_of(layer):
+    """The `keras.layers.Softmax` of keras-hub's decoder attention `layer`,
+    or the `DoublyNormalizedSoftmax` in its place."""
+    return getattr(layer, _softmax_name(layer))
+
+
 class DecoderAttentionMixin:
     """Mixed into `DoublyNormalized<Class>` for a keras-hub decoder attention
     class: its softmax becomes `DoublyNormalizedSoftmax`, and its attention
@@ -241,11 +247,11 @@ class DecoderAttentionMixin:
 
     @property
     def mixing_logits(self):
-        return getattr(getattr(self, _softmax_name(self)), "mixing_logits", None)
+        return getattr(softmax_of(self), "mixing_logits", None)
 
     @property
     def null_query_logits(self):
-        return getattr(getattr(self, _softmax_name(self)), "null_query_logits", None)
+        return getattr(softmax_of(self), "null_query_logits", None)
 
     def attention_options(self):
         """DNA's options, as `set_attention_options` takes them."""
@@ -275,7 +281,7 @@ class DecoderAttentionMixin:
             cache = _widened(cache, groups)
         key_lse, key_seen = key_state_of(_keys_and_values(cache)[0][..., head_dim:])
         cached = _CachedCall(
-            getattr(self, _softmax_name(self)), key_lse, key_seen,
+            softmax_of(self), key_lse, key_seen,
             kwargs.get("cache_update_index"),
         )
         # keras-hub's call writes the new keys and values into the first
