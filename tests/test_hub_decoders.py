@@ -255,7 +255,7 @@ def _greedy_without_cache(model, tokens, lengths, max_length):
 
 
 @pytest.mark.parametrize("name", GENERATING)
-def test_cached_generate_equals_a_greedy_loop_without_cache(name):
+def test_cached_generate_equals_a_greedy_loop_without_cache_and_samplers_run(name):
     keras.utils.set_random_seed(2)
     backbone = FAMILIES[name]()
     task = {"llama": keras_hub.models.LlamaCausalLM, "gemma2": keras_hub.models.GemmaCausalLM}[name]
@@ -271,12 +271,19 @@ def test_cached_generate_equals_a_greedy_loop_without_cache(name):
     )
     expected = _greedy_without_cache(causal_lm, tokens, lengths, 8)
     np.testing.assert_array_equal(ops.convert_to_numpy(generated["token_ids"]), expected)
-    causal_lm.compile(sampler=keras_hub.samplers.TopKSampler(k=3, seed=0))
-    sampled = causal_lm.generate(
-        {"token_ids": tokens, "padding_mask": padding}, max_length=8, stop_token_ids=None
+    # Beam search repeats the cache per beam; contrastive search reads the
+    # hidden states the cached steps return.
+    samplers = (
+        keras_hub.samplers.TopKSampler(k=3, seed=0), keras_hub.samplers.BeamSampler(num_beams=2),
+        keras_hub.samplers.ContrastiveSampler(k=2, alpha=0.5),
     )
-    sampled = ops.convert_to_numpy(sampled["token_ids"])
-    assert sampled.shape == (2, 8) and np.array_equal(sampled[padding], tokens[padding])
+    for sampler in samplers:
+        causal_lm.compile(sampler=sampler)
+        sampled = causal_lm.generate(
+            {"token_ids": tokens, "padding_mask": padding}, max_length=8, stop_token_ids=None
+        )
+        sampled = ops.convert_to_numpy(sampled["token_ids"])
+        assert sampled.shape == (2, 8) and np.array_equal(sampled[padding], tokens[padding])
 
 
 def test_lora_on_a_converted_backbone(family):
