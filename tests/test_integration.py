@@ -65,7 +65,11 @@ def test_config_round_trip(normalization):
 def test_saved_model_loads_in_a_fresh_process_and_trains_on(tmp_path):
     keras.utils.set_random_seed(0)
     model = _tiny_model("hybrid")
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # Without XLA, here and in the fresh process (the compile config is
+    # saved): test_fit_with_jit_compile trains under XLA, and two XLA
+    # compilations took most of this test's minute.
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=False)
     inputs, labels = _data()
     model.fit(inputs, labels, epochs=1, verbose=0)
     path = str(tmp_path / "model.keras")
