@@ -151,15 +151,19 @@ def test_analysis_records_each_layers_weights_converted_or_not(family):
     assert analysis.explaining_away_statistics(reports["double"])["share_below_bound"] == 0.0
 
 
+@pytest.mark.parametrize("jit_compile", ["auto", False])
 @pytest.mark.parametrize("layout", [(2, 4), (2, 2, 2)], ids=["heads", "groups"])
-def test_the_softmax_equals_the_oracle_in_both_head_layouts(rng, layout):
+def test_the_softmax_equals_the_oracle_in_both_head_layouts(rng, layout, jit_compile):
     batch, *heads = layout
     length = 6
     scores = rng.normal(size=(batch, *heads, length, length)).astype("float32")
     padding = np.ones((batch, length), bool)
     padding[1, :2] = False  # left padding: keys masked
     mask = np.tril(np.ones((length, length), bool)) & padding[:, None, :]
-    softmax = DoublyNormalizedSoftmax(4, normalization="hybrid", null_query=True)
+    softmax = DoublyNormalizedSoftmax(
+        4, normalization="hybrid", null_query=True, jit_compile=jit_compile
+    )
+    assert DoublyNormalizedSoftmax.from_config(softmax.get_config()).jit_compile == jit_compile
     for logits in (softmax.mixing_logits, softmax.null_query_logits):
         logits.assign(rng.normal(size=4))
     mask_shape = (batch,) + (1,) * len(heads) + (length, length)

@@ -33,10 +33,10 @@ from keras_dna._compat import on_softmax_path
 from keras_dna._compat import query_heads
 from keras_dna._compat import softmax_path_available
 from keras_dna._compat import weights_addable
+from keras_dna.hub.cached_attention import committed_queries
 from keras_dna.layers.argument_checks import check_options
 from keras_dna.layers.double_normalization import NULL_QUERY_INIT
 from keras_dna.layers.double_normalization import add_logits
-from keras_dna.hub.cached_attention import committed_queries
 from keras_dna.ops import normalize_attention_scores
 from keras_dna.ops.backend import compiled
 from keras_dna.ops.incremental import causal_block_weights
@@ -72,6 +72,8 @@ class DoublyNormalizedSoftmax(keras.layers.Layer):
         normalization: `"double"`, `"single"` or `"hybrid"`.
         null_query: Whether a null query joins every key's first step.
         null_query_initializer: Initializer of the null query's logits.
+        jit_compile: `"auto"` or `True` compile the normalization with XLA
+            where the backend can (TensorFlow, JAX), `False` never.
         **kwargs: Base layer arguments.
 
     Call arguments:
@@ -82,13 +84,14 @@ class DoublyNormalizedSoftmax(keras.layers.Layer):
 
     def __init__(
         self, num_heads, normalization="double", null_query=False, null_query_initializer=None,
-        **kwargs,
+        jit_compile="auto", **kwargs,
     ):
         super().__init__(**kwargs)
         # As `keras.layers.Softmax`: the mask is the call's argument.
         self.supports_masking = True
-        check_options(normalization, "auto", None, 0.0, True, null_query, None)
+        check_options(normalization, jit_compile, None, 0.0, True, null_query, None)
         self.num_heads = num_heads
+        self.jit_compile = jit_compile
         self.normalization = normalization
         self.null_query = null_query
         self.null_query_initializer = keras.initializers.get(
@@ -125,11 +128,12 @@ class DoublyNormalizedSoftmax(keras.layers.Layer):
         cached = _CACHED_CALL.get()
         if cached is not None and cached.softmax is self:
             committed = committed_queries(flat_shape[2], cached.update_index)
-            weights, cached.key_lse, cached.key_seen = compiled(causal_block_weights, "auto")(
+            step = compiled(causal_block_weights, self.jit_compile)
+            weights, cached.key_lse, cached.key_seen = step(
                 scores, mask, cached.key_lse, cached.key_seen, committed, **options
             )
         else:
-            weights = compiled(normalize_attention_scores, "auto")(
+            weights = compiled(normalize_attention_scores, self.jit_compile)(
                 scores, mask, causal_normalization=True, **options
             )
         return ops.reshape(weights, shape)
@@ -144,6 +148,7 @@ class DoublyNormalizedSoftmax(keras.layers.Layer):
             "normalization": self.normalization,
             "null_query": self.null_query,
             "null_query_initializer": keras.initializers.serialize(self.null_query_initializer),
+            "jit_compile": self.jit_compile,
         }
 
 
@@ -213,7 +218,7 @@ class DecoderAttentionMixin:
             )
         self._attention_config = {
             "normalization": normalization, "null_query": null_query,
-            "null_query_initializer": null_query_initializer,
+            "null_query_initializer": null_query_initializer, "jit_compile": jit_compile,
         }
         if self.built:
             self._replace_softmax()
@@ -258,7 +263,7 @@ class DecoderAttentionMixin:
         return {
             "normalization": self.normalization,
             "causal_normalization": True,
-            "jit_compile": "auto",
+            "jit_compile": self._attention_config["jit_compile"],
             "chunk_size": None,
             "null_query": self._attention_config["null_query"],
             "null_query_initializer": keras.initializers.serialize(
