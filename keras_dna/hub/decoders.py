@@ -35,8 +35,8 @@ from keras_dna._compat import softmax_path_available
 from keras_dna._compat import weights_addable
 from keras_dna.hub.cached_attention import committed_queries
 from keras_dna.layers.argument_checks import check_options
-from keras_dna.layers.double_normalization import NULL_QUERY_INIT
 from keras_dna.layers.double_normalization import add_logits
+from keras_dna.layers.double_normalization import null_query_initializer_of
 from keras_dna.ops import normalize_attention_scores
 from keras_dna.ops.backend import compiled
 from keras_dna.ops.incremental import causal_block_weights
@@ -94,9 +94,7 @@ class DoublyNormalizedSoftmax(keras.layers.Layer):
         self.jit_compile = jit_compile
         self.normalization = normalization
         self.null_query = null_query
-        self.null_query_initializer = keras.initializers.get(
-            null_query_initializer or keras.initializers.Constant(NULL_QUERY_INIT)
-        )
+        self.null_query_initializer = null_query_initializer_of(null_query_initializer)
         self.mixing_logits, self.null_query_logits = add_logits(
             self, num_heads, normalization, null_query, self.null_query_initializer
         )
@@ -267,10 +265,7 @@ class DecoderAttentionMixin:
             "chunk_size": None,
             "null_query": self._attention_config["null_query"],
             "null_query_initializer": keras.initializers.serialize(
-                keras.initializers.get(
-                    self._attention_config["null_query_initializer"]
-                    or keras.initializers.Constant(NULL_QUERY_INIT)
-                )
+                null_query_initializer_of(self._attention_config["null_query_initializer"])
             ),
         }
 
@@ -281,10 +276,12 @@ class DecoderAttentionMixin:
         if cache is None or self.normalization == "single":
             return super().call(*args, cache=cache, **kwargs)
         head_dim = cached_head_dim(self)
-        groups = self._check_cache(_keys_and_values(cache)[0], head_dim)
-        if _keys_and_values(cache)[0].shape[-1] == head_dim:
+        keys = _keys_and_values(cache)[0]
+        groups = self._check_cache(keys, head_dim)
+        if keys.shape[-1] == head_dim:
             cache = _widened(cache, groups)
-        key_lse, key_seen = key_state_of(_keys_and_values(cache)[0][..., head_dim:])
+            keys = _keys_and_values(cache)[0]
+        key_lse, key_seen = key_state_of(keys[..., head_dim:])
         cached = _CachedCall(
             softmax_of(self), key_lse, key_seen,
             kwargs.get("cache_update_index"),
@@ -297,8 +294,7 @@ class DecoderAttentionMixin:
             output, cache = super().call(*args, cache=cache, **kwargs)
         finally:
             _CACHED_CALL.reset(token)
-        state = key_state_columns(cached.key_lse, cached.key_seen, _keys_and_values(cache)[0].dtype,
-                                  groups)
+        state = key_state_columns(cached.key_lse, cached.key_seen, keys.dtype, groups)
         return output, _with_state(cache, state, head_dim)
 
     def _check_cache(self, keys, head_dim):

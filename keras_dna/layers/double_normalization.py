@@ -34,6 +34,13 @@ from keras_dna.ops.implementation import implementation_for
 NULL_QUERY_INIT = 4.0
 
 
+def null_query_initializer_of(initializer):
+    """The null query logits' initializer: `initializer` (anything
+    `keras.initializers.get` takes), or by default the constant
+    `NULL_QUERY_INIT`."""
+    return keras.initializers.get(initializer or keras.initializers.Constant(NULL_QUERY_INIT))
+
+
 
 
 def add_logits(layer, num_heads, normalization, null_query, null_query_initializer):
@@ -121,9 +128,7 @@ class DoubleNormalizationMixin:
         self._jit_compile = jit_compile
         self._chunk_size = chunk_size
         self._null_query = null_query
-        self._null_query_initializer = keras.initializers.get(
-            null_query_initializer or keras.initializers.Constant(NULL_QUERY_INIT)
-        )
+        self._null_query_initializer = null_query_initializer_of(null_query_initializer)
         self._mixing_logits = None
         self._null_query_logits = None
         if self.built:
