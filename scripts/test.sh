@@ -5,8 +5,8 @@
 #
 # --install   first install everything the tests and the docs need
 # tensorflow  the whole suite on TensorFlow
-# jax         the backend-neutral tests on JAX with float64 on, then the
-#             keras-hub tests on JAX with float64 off
+# jax         the backend-neutral tests and DNA's Pallas kernels on JAX with
+#             float64 on, then the keras-hub tests on JAX with float64 off
 # torch       the backend-neutral tests and the keras-hub tests on PyTorch
 # docs        `mkdocs build --strict` (warnings, broken links and references
 #             fail), when mkdocs.yml exists
@@ -89,7 +89,7 @@ for part in "${parts[@]}"; do
       step env KERAS_BACKEND=tensorflow "${pytest[@]}" tests
       ;;
     jax)
-      step env KERAS_BACKEND=jax JAX_ENABLE_X64=1 "${pytest[@]}" "${neutral[@]}"
+      step env KERAS_BACKEND=jax JAX_ENABLE_X64=1 "${pytest[@]}" "${neutral[@]}" tests/test_kernel.py
       # keras-hub's own generate fails with float64 on (int64 and int32 indices).
       step env KERAS_BACKEND=jax "${pytest[@]}" tests/test_hub.py tests/test_hub_decoders.py \
         -k "$hub_filter"

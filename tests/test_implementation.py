@@ -42,14 +42,26 @@ TABLE = [
     (dict(dtype="float64"), ("whole", None)),
     (dict(causal=True), ("whole", None)),
     (dict(causal=True, normalization="hybrid", chunk_size=4), ("blockwise", 4)),
-    (dict(backend="jax", platform="gpu", dtype="bfloat16"), ("fused", None)),
-    (dict(backend="jax", platform="gpu", dtype="float16"), ("fused", None)),
-    (dict(backend="jax", platform="gpu"), ("whole", None)),
+    (dict(backend="jax", platform="gpu", dtype="bfloat16", normalization="single"), ("fused", None)),
+    (dict(backend="jax", platform="gpu", dtype="float16", normalization="single"), ("fused", None)),
+    (dict(backend="jax", platform="gpu", normalization="single"), ("whole", None)),
     (dict(backend="jax", platform="cpu", dtype="bfloat16"), ("whole", None)),
-    # Keras's splash kernel drops the bias and all masks but example 0's.
-    (dict(backend="jax", platform="tpu", dtype="bfloat16"), ("whole", None)),
-    (dict(backend="jax", platform="tpu", dtype="bfloat16", normalization="single"), ("whole", None)),
-    (dict(backend="jax", platform="tpu", query_shape=LONG, key_shape=LONG), ("blockwise", 512)),
+    # 3. DNA's own kernels: JAX on GPUs and TPUs, causal or not.
+    (dict(backend="jax", platform="gpu", dtype="bfloat16"), ("kernel", None)),
+    (dict(backend="jax", platform="gpu"), ("kernel", None)),
+    (dict(backend="jax", platform="gpu", causal=True, normalization="hybrid"), ("kernel", None)),
+    (dict(backend="jax", platform="gpu", chunk_size=64), ("kernel", None)),
+    (dict(backend="jax", platform="gpu", dtype="float64"), ("whole", None)),
+    (dict(backend="jax", platform="gpu", flash_attention=False), ("whole", None)),
+    # Keras's splash kernel drops the bias and all masks but example 0's:
+    # softmax takes DNA's kernels on TPUs too.
+    (dict(backend="jax", platform="tpu", dtype="bfloat16"), ("kernel", None)),
+    (dict(backend="jax", platform="tpu", dtype="bfloat16", normalization="single"), ("kernel", None)),
+    (dict(backend="jax", platform="tpu", causal=True, query_shape=LONG, key_shape=LONG), ("kernel", None)),
+    (dict(backend="jax", platform="tpu", flash_attention=True), ("kernel", None)),
+    (dict(backend="jax", platform="tpu", flash_enabled=False), ("whole", None)),
+    (dict(backend="jax", platform="tpu", flash_attention=False, query_shape=LONG, key_shape=LONG),
+     ("blockwise", 512)),
     (dict(backend="tensorflow"), ("whole", None)),
     (dict(backend="tensorflow", query_shape=LONG, key_shape=LONG), ("blockwise", 512)),
     # 3. flash_attention=False, or the global setting off: never fused.
@@ -61,7 +73,8 @@ TABLE = [
     # 2. flash_attention=True (or the global setting on): fused or an error.
     (dict(flash_attention=True, chunk_size=None), ("fused", None)),
     (dict(flash_enabled=True), ("fused", None)),
-    (dict(flash_attention=True, backend="jax", platform="gpu"), ("fused", None)),
+    (dict(flash_attention=True, backend="jax", platform="gpu", normalization="single"), ("fused", None)),
+    (dict(flash_attention=True, backend="jax", platform="gpu", causal=True), ("kernel", None)),
     (dict(flash_attention=False, flash_enabled=True), ("whole", None)),
     # 5. chunk_size.
     (dict(flash_attention=False, chunk_size=None, query_shape=LONG, key_shape=LONG), ("whole", None)),
@@ -75,7 +88,7 @@ ERRORS = [
     (dict(flash_attention=True, causal=True), "Causal normalization has no fused-kernel path"),
     (dict(flash_enabled=True, causal=True, normalization="hybrid"), "no fused-kernel path"),
     (dict(flash_attention=True, backend="tensorflow"), "TensorFlow backend has no fused"),
-    (dict(flash_attention=True, backend="jax", platform="tpu"), "splash attention"),
+    (dict(flash_attention=True, backend="jax", platform="tpu", dtype="float64"), "splash attention"),
     (dict(flash_attention=True, backend="jax", platform="cpu"), "cuDNN's"),
     (dict(flash_attention=True, dtype="float64"), "float64 in float32"),
 ]
@@ -183,11 +196,14 @@ def test_chunk_size_with_several_attention_axes_is_refused_at_construction():
 
 @pytest.mark.skipif(BACKEND != "jax", reason="Keras's splash path is JAX's")
 def test_a_simulated_tpu_never_hands_dna_to_the_splash_kernel(rng, monkeypatch):
-    """`jax.devices()` reports a TPU and Keras's splash kernel is replaced by
-    what it computes: softmax with the first example's mask and no bias.
-    Before the selector, bfloat16 DNA ran there and became softmax."""
+    """`jax.devices()` reports a TPU, Keras's splash kernel is replaced by
+    what it computes (softmax with the first example's mask and no bias),
+    and Pallas runs TPU kernels in its TPU interpreter. Before the
+    selector, bfloat16 DNA ran on splash there and became softmax; now
+    every normalization runs on DNA's own kernels."""
     import jax
     import jax.numpy as jnp
+    from jax.experimental.pallas import tpu as pltpu
     from keras.src.backend.jax import nn as keras_jax_nn
 
     class FakeTpu:
@@ -210,24 +226,40 @@ def test_a_simulated_tpu_never_hands_dna_to_the_splash_kernel(rng, monkeypatch):
     keras.ops.dot_product_attention(q, k, v)
     assert splash_calls == [1]
 
+    import keras_dna.ops.pallas as pallas
+
+    kernel_calls = []
+    kernel = pallas.kernel_attention
+
+    def counted(*args, **kwargs):
+        kernel_calls.append(kwargs["platform"])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(pallas, "kernel_attention", counted)
     x = rng.normal(size=(2, 9, 8)).astype("float32")
     lengths = np.array([9, 5])
     padding = np.arange(9)[None, :] < lengths[:, None]
-    for dtype in ("bfloat16", "float32"):
-        layer = DoublyNormalizedAttention(2, 4, dtype=dtype)
-        reference = DoublyNormalizedAttention(2, 4, dtype="float64", flash_attention=False)
-        layer(x, x)
-        reference(x, x)
-        reference.set_weights([w.astype("float64") for w in layer.get_weights()])
-        got = layer(x, x, query_mask=padding, value_mask=padding)
-        expected = reference(x, x, query_mask=padding, value_mask=padding)
-        got, expected = (np.asarray(keras.ops.convert_to_numpy(t), "float64") for t in (got, expected))
-        # bfloat16's own rounding; DNA turned into softmax was 0.85-1.7 off.
-        atol = 0.1 if dtype == "bfloat16" else 2e-5
-        np.testing.assert_allclose(got[padding], expected[padding], atol=atol)
+    cases = [("bfloat16", "double", None), ("float32", "double", None), ("float32", "double", True),
+             ("float32", "single", None)]
+    with pltpu.force_tpu_interpret_mode():
+        for dtype, normalization, flash_attention in cases:
+            layer = DoublyNormalizedAttention(2, 4, dtype=dtype, normalization=normalization,
+                                              flash_attention=flash_attention)
+            reference = DoublyNormalizedAttention(
+                2, 4, dtype="float64", normalization=normalization, flash_attention=False
+            )
+            layer(x, x)
+            reference(x, x)
+            reference.set_weights([w.astype("float64") for w in layer.get_weights()])
+            got = layer(x, x, query_mask=padding, value_mask=padding)
+            expected = reference(x, x, query_mask=padding, value_mask=padding)
+            got, expected = (np.asarray(keras.ops.convert_to_numpy(t), "float64") for t in (got, expected))
+            # bfloat16's own rounding; DNA turned into softmax was 0.85-1.7 off.
+            atol = 0.1 if dtype == "bfloat16" else 2e-5
+            np.testing.assert_allclose(got[padding], expected[padding], atol=atol)
     assert splash_calls == [1]
-    with pytest.raises(ValueError, match="splash attention"):
-        DoublyNormalizedAttention(2, 4, flash_attention=True)(x, x)
+    # Two calls per layer (its build and its masked call) per case.
+    assert kernel_calls == ["tpu"] * 2 * len(cases)
 
 
 @pytest.mark.parametrize("implementation, chunk_size", [("whole", None), ("blockwise", 4)])

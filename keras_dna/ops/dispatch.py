@@ -33,6 +33,7 @@ from keras_dna.ops.checks import checked_query_and_key
 from keras_dna.ops.fused import fused_attention
 from keras_dna.ops.implementation import check_implementation
 from keras_dna.ops.implementation import implementation_for
+from keras_dna.ops.implementation import platform
 from keras_dna.ops.normalization import double_normalization
 from keras_dna.ops.normalization import hybrid_mix
 from keras_dna.ops.normalization import row_softmax
@@ -306,7 +307,9 @@ def doubly_normalized_attention(
             `keras_dna.ops.implementation.implementation_for`), or one of
             `"whole"` (the whole weight matrix), `"blockwise"` (blocks of
             `chunk_size` queries, an integer), `"fused"` (fused kernels;
-            `chunk_size` then gives the blocks of its exact fallback) and
+            `chunk_size` then gives the blocks of its exact fallback),
+            `"kernel"` (DNA's own kernels, JAX only: compiled on GPUs and
+            TPUs, interpreted on CPUs) and
             `"reference"` (the formulas of the math guide as they read,
             `keras_dna.ops.reference`, which the others are tested
             against), as `jax.nn.dot_product_attention` takes one.
@@ -361,6 +364,8 @@ def doubly_normalized_attention(
         return _whole_attention(query, key, value, mask, **options)
     if implementation == "blockwise":
         return _blockwise_attention(query, key, value, mask, chunk_size, **options)
+    if implementation == "kernel":
+        return _kernel_attention(query, key, value, mask, platform(query), **options)
     return _fused_attention(query, key, value, mask, chunk_size, flash_attention, **options)
 
 
@@ -390,6 +395,27 @@ def _blockwise_attention(query, key, value, mask, chunk_size, **options):
         scale=options["scale"], mixing_logits=mixing_logits, null_query_logits=null_query_logits,
         chunk_size=chunk_size,
     )
+
+
+def _kernel_attention(query, key, value, mask, platform, *, normalization, is_causal, causal_normalization,
+                      scale, mixing_logits, null_query_logits):
+    """Attention on DNA's own kernels (`keras_dna.ops.pallas`, JAX only):
+    the double normalization with the null query, softmax, or their mix."""
+    from keras_dna.ops.pallas import kernel_attention
+
+    options = dict(
+        mask=_rank4(mask), causal=bool(is_causal or causal_normalization), causal_mask=bool(is_causal),
+        scale=scale, platform=platform,
+    )
+    if null_query_logits is not None:
+        null_query_logits = ops.reshape(ops.convert_to_tensor(null_query_logits), (-1,))
+    output = None
+    if normalization != "single":
+        output = kernel_attention(query, key, value, null_logits=null_query_logits, normalize=True, **options)
+    if normalization != "double":
+        softmax = kernel_attention(query, key, value, normalize=False, **options)
+        output = softmax if output is None else hybrid_mix(softmax, output, mixing_logits, heads_axis=-2)
+    return ops.cast(output, result_dtype(query.dtype, key.dtype))
 
 
 def _fused_attention(query, key, value, mask, chunk_size, flash_attention, **options):

@@ -15,6 +15,9 @@ decides again. The implementations (the algebra of each is in
 - `"fused"`: the backend's fused softmax kernels
   (`keras.ops.dot_product_attention`) with DNA's per-key bias; non-causal
   only, memory linear in the lengths.
+- `"kernel"`: DNA's own kernels (`keras_dna.ops.pallas`, JAX Pallas),
+  causal and not, memory linear in the lengths; compiled for GPUs (Triton)
+  and TPUs (Mosaic), interpreted (exact and slow) on CPUs.
 - `"reference"`: `docs/math.md`'s formulas as they read
   (`keras_dna.ops.reference`), never chosen; the others are tested
   against it.
@@ -22,19 +25,22 @@ decides again. The implementations (the algebra of each is in
 The rules, in order (`tests/test_implementation.py` holds the table):
 
 1. Weights returned, dropout or several attention axes: `"whole"`.
-2. `flash_attention=True` (or `None` while Keras's global setting is on)
+2. `flash_attention=False`, or Keras's global setting off: neither
+   `"fused"` nor `"kernel"` (rule 5).
+3. JAX on GPUs and TPUs below float64: `"kernel"` for double and hybrid
+   normalization, causal or not, and on TPUs for softmax too, where Keras's
+   splash kernel takes no bias and keeps only the first example's mask
+   (`keras/src/backend/jax/nn.py`, Keras 3.15).
+4. `flash_attention=True` (or `None` while Keras's global setting is on)
    asks for `"fused"`, and raises where it cannot be had: causal double
    normalization (no per-key bias expresses it), TensorFlow (no fused
    kernel), float64 (the kernels compute in float32 outside TensorFlow), JAX
    on CPUs (Keras's JAX flash kernel is cuDNN's, which fails deep in JAX
-   there), and JAX on TPUs, where Keras's splash kernel takes no bias and
-   keeps only the first example's mask (`keras/src/backend/jax/nn.py`,
-   Keras 3.15), so DNA would silently become softmax.
-3. `flash_attention=False`, or Keras's global setting off: never `"fused"`.
-4. `flash_attention=None`: `"fused"` where a fused kernel takes DNA's bias
+   there).
+   `flash_attention=None`: `"fused"` where a fused kernel takes DNA's bias
    and is faster than writing the scores out: PyTorch (CPU and CUDA) below
-   float64, and JAX on GPUs in half precision (cuDNN); never causal double
-   normalization, never TPUs.
+   float64, and JAX on GPUs in half precision (cuDNN, softmax there); never
+   causal double normalization.
 5. Otherwise `chunk_size`: an integer is `"blockwise"`; `"auto"` is
    `"blockwise"` where the scores would be large (`auto_chunk_size`),
    else `"whole"`; `None` is `"whole"`.
@@ -47,7 +53,7 @@ from keras import ops
 
 from keras_dna.ops.blockwise import auto_chunk_size
 
-IMPLEMENTATIONS = ("whole", "blockwise", "fused", "reference")
+IMPLEMENTATIONS = ("whole", "blockwise", "fused", "kernel", "reference")
 
 Implementation = collections.namedtuple("Implementation", ["name", "chunk_size"])
 Implementation.__doc__ = """An implementation and its blocks of queries.
@@ -99,6 +105,8 @@ def choose_implementation(
         return Implementation("whole", None)
     causal_double = causal and normalization != "single"
     fallback_chunk_size = _exact_chunk_size(chunk_size, query_shape, key_shape)
+    if flash_attention is not False and _kernel_runs(backend, platform, dtype, normalization):
+        return Implementation("kernel", None)
     if flash_attention:
         _check_fused_possible(backend, platform, dtype, causal_double, flash_kernels=True)
         return Implementation("fused", _fallback_chunk_size(query_shape, key_shape))
@@ -121,6 +129,13 @@ def _fallback_chunk_size(query_shape, key_shape):
     no score-sized tensor, so neither does its fallback (under XLA, both
     branches of a conditional hold their memory)."""
     return auto_chunk_size(query_shape, key_shape, min_scores=0)
+
+
+def _kernel_runs(backend, platform, dtype, normalization):
+    """Rule 3 of the module docstring."""
+    if backend != "jax" or keras.backend.standardize_dtype(dtype) == "float64":
+        return False
+    return platform == "tpu" or (platform == "gpu" and normalization != "single")
 
 
 def _fused_pays(backend, platform, dtype, causal_double):
@@ -183,6 +198,8 @@ def check_implementation(implementation, query, *, chunk_size, normalization, ca
             "`chunk_size`, which must then be a positive integer. "
             f"Received: chunk_size={chunk_size!r}"
         )
+    if implementation == "kernel":
+        _check_kernel_possible(query.dtype, flash_attention)
     if implementation == "fused":
         if flash_attention is False:
             raise ValueError(
@@ -200,6 +217,19 @@ def check_implementation(implementation, query, *, chunk_size, normalization, ca
             keras.backend.backend(), platform(query), query.dtype,
             causal and normalization != "single", flash_kernels=bool(flash_attention),
         )
+
+
+def _check_kernel_possible(dtype, flash_attention):
+    """Raises unless DNA's Pallas kernels can run a call."""
+    reason = None
+    if keras.backend.backend() != "jax":
+        reason = f"they are JAX Pallas kernels, and the backend is {keras.backend.backend()!r}"
+    elif flash_attention is False:
+        reason = "flash_attention=False rules out fused kernels"
+    elif keras.backend.standardize_dtype(dtype) == "float64":
+        reason = "the kernels compute in float32, and the query is float64"
+    if reason is not None:
+        raise ValueError(f"implementation='kernel' cannot run this call: {reason}.")
 
 
 def platform(tensor):

@@ -34,8 +34,11 @@ from jax.experimental import pallas as pl
 # A finite stand-in for minus infinity: `NEG - NEG` is 0, never NaN.
 NEG = -1e30
 # Fast tile forms are exact while exponents stay within this of their
-# reference (float32's exp underflows near -87).
+# reference (float32's exp underflows near -87)...
 _SPREAD = 60.0
+# ... and below this above it (float32's exp overflows near 88; a tile's
+# row sums stay finite).
+_OVERFLOW = 80.0
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -51,7 +54,7 @@ def _dot(a, b, contract):
 def _none(flags):
     """Whether no entry of the boolean `flags` is set (as a maximum: Triton
     lowers no boolean reduction)."""
-    return jnp.max(jnp.where(flags, 1.0, 0.0)) == 0.0
+    return jnp.max(flags.astype(jnp.float32)) == 0.0
 
 
 def _logaddexp(a, b):
@@ -81,40 +84,48 @@ def _causal_normalizer(scores, valid, carry):
     """`c[i, j]`: log-sum-exp of `carry[j]` and column `j`'s valid scores in
     rows `<= i`. Nondecreasing down every column, valid rows or not.
 
-    Fast form: one lower-triangular matmul of exponentials against each
-    column's maximum `M`; exact while every valid entry's own term or the
-    carry is within `_SPREAD` of `M`. Otherwise an exact log-space scan by
-    doubling.
+    Row `i`'s values depend on rows `<= i` alone, to the bit, as causality
+    asks. Fast form: one lower-triangular matmul of exponentials against a
+    reference per column, the larger of the carry and the column's first
+    valid score (both before any row that uses them). An entry is exact
+    unless a score at or above it in its column exceeds the reference by
+    more than `_OVERFLOW` or its sum underflows
+    (below `exp(-_SPREAD)`); only then does the tile also take the exact
+    log-space scan by doubling, for those entries.
     """
-    masked = jnp.where(valid, scores, NEG)
-    top = jnp.maximum(carry, jnp.max(masked, axis=0, keepdims=True))
-    fast_ok = _none(valid & (jnp.maximum(scores, carry) < top - _SPREAD))
+    rows = scores.shape[0]
+    row = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
+    first_row = jnp.min(jnp.where(valid, row, rows), axis=0, keepdims=True)
+    first_score = jnp.sum(jnp.where(valid & (row == first_row), scores, 0.0), axis=0, keepdims=True)
+    reference = jnp.where(first_row < rows, jnp.maximum(carry, first_score), carry)
+    shifted = jnp.where(valid, scores - reference, NEG)
+    lower = (
+        jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 0)
+        >= jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 1)
+    ).astype(jnp.float32)
+    terms = jnp.where(valid, jnp.exp(jnp.minimum(shifted, _OVERFLOW)), 0.0)
+    total = _dot(lower, terms, (1, 0)) + jnp.exp(carry - reference)
+    fast = reference + jnp.log(jnp.maximum(total, 1e-38))
+    # Row i is past an overflow where its column's first one is at or
+    # before it: whatever later rows hold.
+    first_overflow = jnp.min(jnp.where(valid & (shifted > _OVERFLOW), row, rows), axis=0, keepdims=True)
+    exact = (row < first_overflow) & (total >= math.exp(-_SPREAD))
 
-    def fast():
-        rows = scores.shape[0]
-        lower = (
-            jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 0)
-            >= jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 1)
-        ).astype(jnp.float32)
-        terms = jnp.where(valid, jnp.exp(scores - top), 0.0)
-        total = _dot(lower, terms, (1, 0)) + jnp.exp(carry - top)
-        return top + jnp.log(jnp.maximum(total, 1e-38))
-
-    def exact():
-        prefix, shift = masked, 1
-        while shift < scores.shape[0]:
+    def scan():
+        prefix, shift = jnp.where(valid, scores, NEG), 1
+        while shift < rows:
             prefix = _logaddexp(prefix, _shift_rows(prefix, shift, NEG))
             shift *= 2
-        return _logaddexp(prefix, carry)
+        return jnp.where(exact, fast, _logaddexp(prefix, carry))
 
-    return jax.lax.cond(fast_ok, fast, exact)
+    return jax.lax.cond(_none(valid & ~exact), lambda: fast, scan)
 
 
 def smallest_valid(normalizer, valid, default):
     """Each column's smallest valid `c` (its first valid row's: `c` is
     nondecreasing down the rows), `default` where the column has none."""
     smallest = jnp.min(jnp.where(valid, normalizer, -NEG), axis=0, keepdims=True)
-    return jnp.where(jnp.max(jnp.where(valid, 1.0, 0.0), axis=0, keepdims=True) > 0, smallest, default)
+    return jnp.where(jnp.max(valid.astype(jnp.float32), axis=0, keepdims=True) > 0, smallest, default)
 
 
 def _causal_suffix(scores, valid, normalizer, weights_grad):
@@ -164,7 +175,7 @@ class _Plan:
     carries and one row otherwise; the mask `(B or 1, N or 1, T or 1, S)`.
     """
 
-    def __init__(self, *, shapes, mask_shape, causal, normalize, scale, block_q, block_k, platform):
+    def __init__(self, *, shapes, mask_shape, causal, causal_mask, normalize, scale, block_q, block_k, platform):
         (self.batch, self.heads, self.q_len, self.head_dim), (self.kv_heads, self.k_len, self.value_dim) = shapes
         self.groups = self.heads // self.kv_heads
         # Powers of two (Triton's loads take no other), at least 8 (a TPU's
@@ -174,13 +185,13 @@ class _Plan:
         self.q_pad = _round_up(self.q_len, self.block_q)
         self.k_pad = _round_up(self.k_len, self.block_k)
         self.q_blocks, self.k_blocks = self.q_pad // self.block_q, self.k_pad // self.block_k
-        self.causal, self.normalize, self.scale = causal, normalize, scale
+        self.causal, self.causal_mask, self.normalize, self.scale = causal, causal_mask, normalize, scale
         # The causal normalizer and its gradient carry a row per query block.
         self.carries = causal and normalize
         self.normalizer_rows = self.q_blocks if self.carries else 1
         self.mask_shape = mask_shape
         self.platform = platform
-        self._key = (shapes, mask_shape, causal, normalize, scale, block_q, block_k, platform)
+        self._key = (shapes, mask_shape, causal, causal_mask, normalize, scale, block_q, block_k, platform)
 
     def __hash__(self):
         return hash(self._key)
@@ -188,40 +199,61 @@ class _Plan:
     def __eq__(self, other):
         return isinstance(other, _Plan) and self._key == other._key
 
-    def valid(self, q_start, k_start, mask_ref, head=None):
-        """The tile's validity: padding, the causal rule and the mask (a
-        `(T or 1, S)` ref, `(heads, T or 1, S)` with `head`, or `None`)."""
+    def valid(self, q_start, k_start, mask_ref, head=None, by_keys=False):
+        """The tile's validity: padding, the causal rule and the mask (the
+        program's block of it, `mask_spec`'s: by query block, or `by_keys`;
+        `head` indexes a block of several heads)."""
         shape = (self.block_q, self.block_k)
         rows = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
         cols = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-        valid = (rows < self.q_len) & (cols < self.k_len)
-        if self.causal:
+        valid = (rows < _i32(self.q_len)) & (cols < _i32(self.k_len))
+        if self.causal_mask:
             valid &= cols <= rows
         if mask_ref is not None:
-            rows = pl.ds(0, 1) if self.mask_shape[2] == 1 else pl.ds(q_start, self.block_q)
-            index = (rows, pl.ds(k_start, self.block_k))
+            # The program's block holds its query rows (all keys) or its
+            # key columns (all queries); a broadcast query axis, one row.
+            if by_keys:
+                index = (self._mask_rows(q_start), pl.ds(0, self.block_k))
+            else:
+                index = (self._mask_rows(0), pl.ds(k_start, self.block_k))
             valid &= mask_ref[index if head is None else (head,) + index] != 0
         return valid
 
+    def _mask_rows(self, start):
+        return pl.ds(0, 1) if self.mask_shape[2] == 1 else pl.ds(start, self.block_q)
+
     def first_query_block(self, k_block):
         """The first query block that sees key block `k_block`."""
-        return (k_block * self.block_k) // self.block_q if self.causal else 0
+        return (k_block * _i32(self.block_k)) // _i32(self.block_q) if self.causal_mask else _i32(0)
 
     def key_blocks_seen(self, q_block):
         """How many key blocks query block `q_block` sees."""
-        if not self.causal:
-            return self.k_blocks
-        last = ((q_block + 1) * self.block_q - 1) // self.block_k
-        return jnp.minimum(last + 1, self.k_blocks)
+        if not self.causal_mask:
+            return _i32(self.k_blocks)
+        last = ((q_block + _i32(1)) * _i32(self.block_q) - _i32(1)) // _i32(self.block_k)
+        return jnp.minimum(last + _i32(1), _i32(self.k_blocks))
 
-    def mask_spec(self, grouped=False):
-        """The mask's BlockSpec for a program `(b, head, block)`: its
-        `(T or 1, S)` planes for the example and the head (all the group's
-        query heads where `grouped`), broadcast axes read at index 0."""
+    def q_start(self, q_block):
+        return q_block * _i32(self.block_q)
+
+    def k_start(self, k_block):
+        return k_block * _i32(self.block_k)
+
+    def mask_spec(self, by_keys=False, grouped=False):
+        """The mask's BlockSpec for a program `(b, head, block)`: the rows of
+        its query block (or, `by_keys`, the columns of its key block) for
+        its example and head (all the group's query heads where
+        `grouped`); broadcast axes are read at index 0."""
         b_size, h_size, rows, cols = self.mask_shape
-        if grouped and h_size > 1:
-            return pl.BlockSpec((None, self.groups, rows, cols), lambda b, h, _: (b * (b_size > 1), h, 0, 0))
-        return pl.BlockSpec((None, None, rows, cols), lambda b, h, _: (b * (b_size > 1), h * (h_size > 1), 0, 0))
+        q_block = 1 if rows == 1 else self.block_q
+        block = (rows if by_keys else q_block, self.block_k if by_keys else cols)
+        heads = self.groups if grouped and h_size > 1 else None
+
+        def index(b, h, i):
+            row, col = (0, i) if by_keys else (i * (rows > 1), 0)
+            return (b * (b_size > 1), h * (h_size > 1), row, col)
+
+        return pl.BlockSpec((None, heads) + block, index)
 
     def per_key_shape(self, rows, heads=None):
         return (self.batch, self.heads if heads is None else heads, rows, 1, self.k_pad)
@@ -246,6 +278,12 @@ class _Plan:
             functools.partial(kernel, self), grid=grid, in_specs=in_specs,
             out_shape=out_shapes, out_specs=out_specs, **options,
         )
+
+
+def _i32(n):
+    """An int32 scalar: index arithmetic stays int32 under JAX's x64 mode,
+    which Mosaic requires."""
+    return jnp.int32(n)
 
 
 def _round_up(n, multiple):
@@ -302,15 +340,15 @@ def _key_normalizer_kernel(plan, q_ref, k_ref, *rest):
     """Program `(b, head, key block)`: each key's log-sum-exp over its valid
     queries; causal, `C[I]`, the log-sum-exp before query block `I`."""
     _, mask_ref, (out_ref,) = _inputs(plan, rest, 0)
-    k_start = pl.program_id(2) * plan.block_k
+    k_start = plan.k_start(pl.program_id(2))
     k = k_ref[...]
 
     def step(q_block, carry):
-        q_start = q_block * plan.block_q
+        q_start = plan.q_start(q_block)
         if plan.causal:
             out_ref[q_block] = carry
         scores = _scores(plan, q_ref[pl.ds(q_start, plan.block_q), :], k)
-        valid = plan.valid(q_start, k_start, mask_ref)
+        valid = plan.valid(q_start, k_start, mask_ref, by_keys=True)
         return _logaddexp(carry, _lse(jnp.where(valid, scores, NEG), 0))
 
     start = plan.first_query_block(pl.program_id(2))
@@ -320,8 +358,8 @@ def _key_normalizer_kernel(plan, q_ref, k_ref, *rest):
             out_ref[q_block] = empty
             return unused
 
-        jax.lax.fori_loop(0, start, before, 0)
-    total = jax.lax.fori_loop(start, plan.q_blocks, step, empty)
+        jax.lax.fori_loop(_i32(0), start, before, 0)
+    total = jax.lax.fori_loop(start, _i32(plan.q_blocks), step, empty)
     if not plan.causal:
         out_ref[0] = total
 
@@ -331,12 +369,12 @@ def _forward_kernel(plan, q_ref, k_ref, v_ref, *rest):
     log-sum-exp of `s - c`, by an online softmax over the key blocks."""
     (c_ref,), mask_ref, (out_ref, lse_ref) = _inputs(plan, rest, 1) if plan.normalize else _pad(_inputs(plan, rest, 0))
     q_block = pl.program_id(2)
-    q_start = q_block * plan.block_q
+    q_start = plan.q_start(q_block)
     q = q_ref[...]
 
     def step(k_block, state):
         top, total, acc = state
-        k_start = k_block * plan.block_k
+        k_start = plan.k_start(k_block)
         keys = pl.ds(k_start, plan.block_k)
         scores = _scores(plan, q, k_ref[keys, :])
         valid = plan.valid(q_start, k_start, mask_ref)
@@ -352,7 +390,7 @@ def _forward_kernel(plan, q_ref, k_ref, v_ref, *rest):
     column = (plan.block_q, 1)
     state = (jnp.full(column, NEG, jnp.float32), jnp.zeros(column, jnp.float32),
              jnp.zeros((plan.block_q, plan.value_dim), jnp.float32))
-    top, total, acc = jax.lax.fori_loop(0, plan.key_blocks_seen(q_block), step, state)
+    top, total, acc = jax.lax.fori_loop(_i32(0), plan.key_blocks_seen(q_block), step, state)
     seen = total > 0
     safe = jnp.where(seen, total, 1.0)
     out_ref[...] = jnp.where(seen, acc / safe, 0.0).astype(out_ref.dtype)
@@ -375,16 +413,16 @@ def _key_gradient_kernel(plan, q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_ref
     first (`H0`, `R0`)."""
     (c_ref,), mask_ref, outs = _inputs(plan, rest, 1) if plan.normalize else _pad(_inputs(plan, rest, 0))
     per_head_mask = mask_ref is not None and len(mask_ref.shape) == 3
-    k_start = pl.program_id(2) * plan.block_k
+    k_start = plan.k_start(pl.program_id(2))
     k, v = k_ref[...], v_ref[...]
     key_grad = jnp.zeros((plan.block_k, plan.head_dim), jnp.float32)
     value_grad = jnp.zeros((plan.block_k, plan.value_dim), jnp.float32)
     for group in range(plan.groups):
         def tile(q_block, group=group):
-            q_start = q_block * plan.block_q
+            q_start = plan.q_start(q_block)
             rows = pl.ds(q_start, plan.block_q)
             q, grad_out = q_ref[group, rows, :], grad_ref[group, rows, :].astype(jnp.float32)
-            valid = plan.valid(q_start, k_start, mask_ref, group if per_head_mask else None)
+            valid = plan.valid(q_start, k_start, mask_ref, group if per_head_mask else None, by_keys=True)
             carry = None if c_ref is None else c_ref[group, q_block if plan.carries else 0]
             parts = _tile(plan, q, k, v, grad_out, lse_ref[group, rows, :], delta_ref[group, rows, :], valid, carry)
             return q.astype(jnp.float32), grad_out, valid, parts
@@ -416,7 +454,7 @@ def _key_gradients(plan, tile, group, column_ref):
     state = (keys, jnp.zeros((plan.block_k, plan.value_dim), jnp.float32),
              jnp.zeros((1, plan.block_k), jnp.float32), keys)
     key_grad, value_grad, column, first_q = jax.lax.fori_loop(
-        plan.first_query_block(pl.program_id(2)), plan.q_blocks, step, state
+        plan.first_query_block(pl.program_id(2)), _i32(plan.q_blocks), step, state
     )
     if column_ref is None:
         return key_grad, value_grad
@@ -433,7 +471,7 @@ def _causal_key_gradients(plan, tile, group, outs):
 
     def step(index, state):
         key_grad, value_grad, carry, reference = state
-        q_block = plan.q_blocks - 1 - index
+        q_block = _i32(plan.q_blocks - 1) - index
         q, grad_out, valid, (scores, normalizer, weights, weights_grad) = tile(q_block)
         carries_ref[group, q_block] = carry
         references_ref[group, q_block] = reference
@@ -449,7 +487,7 @@ def _causal_key_gradients(plan, tile, group, outs):
     state = (jnp.zeros((plan.block_k, plan.head_dim), jnp.float32),
              jnp.zeros((plan.block_k, plan.value_dim), jnp.float32),
              jnp.zeros(row, jnp.float32), jnp.full(row, -NEG, jnp.float32))
-    key_grad, value_grad, carry, reference = jax.lax.fori_loop(0, plan.q_blocks - start, step, state)
+    key_grad, value_grad, carry, reference = jax.lax.fori_loop(_i32(0), _i32(plan.q_blocks) - start, step, state)
     first_carry_ref[group, 0] = carry
     first_reference_ref[group, 0] = reference
     return key_grad, value_grad
@@ -461,12 +499,12 @@ def _query_gradient_kernel(plan, q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_r
     count = 3 if plan.carries else 2 if plan.normalize else 0
     extra, mask_ref, (out_ref,) = _inputs(plan, rest, count)
     q_block = pl.program_id(2)
-    q_start = q_block * plan.block_q
+    q_start = plan.q_start(q_block)
     q, grad_out = q_ref[...], grad_ref[...].astype(jnp.float32)
     lse, delta = lse_ref[...], delta_ref[...]
 
     def step(k_block, query_grad):
-        k_start = k_block * plan.block_k
+        k_start = plan.k_start(k_block)
         keys = pl.ds(k_start, plan.block_k)
         k = k_ref[keys, :]
         valid = plan.valid(q_start, k_start, mask_ref)
@@ -483,7 +521,7 @@ def _query_gradient_kernel(plan, q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_r
         return query_grad + _dot(scores_grad, k.astype(jnp.float32), (1, 0))
 
     zeros = jnp.zeros((plan.block_q, plan.head_dim), jnp.float32)
-    query_grad = jax.lax.fori_loop(0, plan.key_blocks_seen(q_block), step, zeros)
+    query_grad = jax.lax.fori_loop(_i32(0), plan.key_blocks_seen(q_block), step, zeros)
     out_ref[...] = (plan.scale * query_grad).astype(out_ref.dtype)
 
 
@@ -523,7 +561,7 @@ def _normalizers(plan, q, k, mask, null_logits):
     ]
     arrays = [q, k]
     if mask is not None:
-        in_specs.append(plan.mask_spec())
+        in_specs.append(plan.mask_spec(by_keys=True))
         arrays.append(mask)
     rows = plan.normalizer_rows
     normalizers = plan.call(
@@ -586,7 +624,7 @@ def _key_gradients_call(plan, q, k, v, grad_out, lse, delta, normalizers, mask):
         in_specs.append(per_key(plan.normalizer_rows))
     if mask is not None:
         arrays.append(mask)
-        in_specs.append(plan.mask_spec(grouped=True))
+        in_specs.append(plan.mask_spec(by_keys=True, grouped=True))
     shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     out_specs = [keys(plan.head_dim), keys(plan.value_dim)]
     stat_rows = [plan.q_blocks] * 2 + [1] * 2 if plan.carries else [1] if plan.normalize else []
@@ -657,16 +695,17 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 
 
 def kernel_attention(
-    query, key, value, mask=None, null_logits=None, *, causal, normalize, scale, platform,
-    block_q=128, block_k=128,
+    query, key, value, mask=None, null_logits=None, *, normalize, causal, causal_mask, scale,
+    platform, block_q=128, block_k=128,
 ):
     """Attention of `(B, T, N, H)` queries on `(B, S, K, H)` keys and
     `(B, S, K, Hv)` values (`N` a multiple of `K`: query head `n` reads
     key/value head `n // (N // K)`), on DNA's kernels.
 
-    `normalize`: double normalization (causal where `causal`), else softmax.
-    `mask` is `None` or boolean, broadcastable to `(B, N, T, S)`; `causal`
-    adds the causal rule (query `i` sees keys `j <= i`). `null_logits`: one
+    `normalize`: double normalization, causal where `causal`; else softmax.
+    `mask` is `None` or boolean, broadcastable to `(B, N, T, S)`;
+    `causal_mask` adds the causal rule (query `i` sees keys `j <= i`), and
+    the kernels then skip the tiles above the diagonal. `null_logits`: one
     per query head, or `None`. `platform`, one of `PLATFORMS`, is where the
     kernels compile (`"cpu"`: Pallas's interpreter, exact and slow). Returns
     `(B, T, N, Hv)` in float32.
@@ -684,6 +723,7 @@ def kernel_attention(
 
     options = dict(
         shapes=((batch, heads, q_len, width(head_dim)), (kv_heads, k_len, width(value_dim))), causal=causal,
+        causal_mask=causal_mask,
         normalize=normalize, scale=float(scale), block_q=block_q, block_k=block_k, platform=platform,
     )
     plan = _Plan(mask_shape=None, **options)
