@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from keras_dna import DoublyNormalizedAttention
+from keras_dna import DoublyNormalizedGroupQueryAttention
 from keras_dna import ops as dna_ops
 from keras_dna.ops.implementation import choose_implementation
 from tests import oracle
@@ -232,7 +233,7 @@ def test_a_simulated_tpu_never_hands_dna_to_the_splash_kernel(rng, monkeypatch):
     kernel = pallas.kernel_attention
 
     def counted(*args, **kwargs):
-        kernel_calls.append(kwargs["platform"])
+        kernel_calls.append((kwargs["platform"], kwargs["causal_mask"]))
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(pallas, "kernel_attention", counted)
@@ -257,9 +258,27 @@ def test_a_simulated_tpu_never_hands_dna_to_the_splash_kernel(rng, monkeypatch):
             # bfloat16's own rounding; DNA turned into softmax was 0.85-1.7 off.
             atol = 0.1 if dtype == "bfloat16" else 2e-5
             np.testing.assert_allclose(got[padding], expected[padding], atol=atol)
+        # Two calls per layer (its build and its masked call) per case.
+        assert kernel_calls == [("tpu", False)] * 2 * len(cases)
+        # A causal layer tells the kernels that the causal rule holds (they
+        # skip the tiles above the diagonal), for both layer classes.
+        kernel_calls.clear()
+        for layer_class in (DoublyNormalizedAttention, DoublyNormalizedGroupQueryAttention):
+            options = dict(num_query_heads=4, num_key_value_heads=2, head_dim=4) if layer_class is \
+                DoublyNormalizedGroupQueryAttention else dict(num_heads=2, key_dim=4)
+            layer, reference = layer_class(**options, null_query=True), layer_class(
+                **options, null_query=True, dtype="float64", flash_attention=False
+            )
+            layer(x, x)
+            reference(x, x)
+            reference.set_weights([w.astype("float64") for w in layer.get_weights()])
+            got = layer(x, x, use_causal_mask=True, value_mask=padding)
+            expected = reference(x, x, use_causal_mask=True, value_mask=padding)
+            np.testing.assert_allclose(
+                keras.ops.convert_to_numpy(got), keras.ops.convert_to_numpy(expected), atol=2e-5
+            )
     assert splash_calls == [1]
-    # Two calls per layer (its build and its masked call) per case.
-    assert kernel_calls == ["tpu"] * 2 * len(cases)
+    assert kernel_calls == [("tpu", False), ("tpu", True)] * 2
 
 
 @pytest.mark.parametrize("implementation, chunk_size", [("whole", None), ("blockwise", 4)])

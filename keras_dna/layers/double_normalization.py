@@ -234,6 +234,7 @@ class DoubleNormalizationMixin:
             output = attention(
                 flat.query, flat.key, flat.value, flat.mask,
                 causal_normalization=causal_normalization, flash_attention=self._flash_attention,
+                is_causal=use_causal_mask and implementation == "kernel",
                 implementation=implementation, chunk_size=chunk_size, **options,
             )
             return ops.cast(flat.restore(output), value.dtype), None
@@ -252,13 +253,18 @@ class DoubleNormalizationMixin:
         check_chunked_call(self._chunk_size, return_attention_scores)
         super()._check_call_options(return_attention_scores, use_causal_mask)
 
-    def _causal_argument(self, causal):
-        """`_compute_attention`'s keyword for a call that normalizes causally.
+    def _causal_argument(self, causal, causal_mask=False):
+        """`_compute_attention`'s keywords for a call that normalizes causally
+        (and, with `causal_mask`, whose mask is `use_causal_mask`'s).
 
-        Passed only where it changes the weights, so that a subclass whose
+        Passed only where they change the weights, so that a subclass whose
         `_compute_attention` has `MultiHeadAttention`'s signature still runs
         wherever it can; where it cannot, it raises instead of letting the
-        future leak into the past.
+        future leak into the past. The causal mask is passed as
+        `use_causal_mask` only to this class's own `_compute_attention`,
+        which tells DNA's kernels that the causal rule holds (they then skip
+        the tiles above the diagonal); the host leaves it out of the
+        attention mask then.
         """
         if not causal or self._normalization == "single":
             return {}
@@ -270,6 +276,8 @@ class DoubleNormalizationMixin:
                 "that normalizes causally; without it, the first step would "
                 "sum over later queries."
             )
+        if causal_mask and not overridden:
+            return {"causal_normalization": True, "use_causal_mask": True}
         return {"causal_normalization": True}
 
 

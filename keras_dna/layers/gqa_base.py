@@ -67,8 +67,11 @@ class GroupQueryAttentionBase(keras.layers.GroupQueryAttention):
         # argument is None; a padded query must leave the mask either way.
         keras_query_mask = get_keras_mask(query)
         query_mask = logical_and(query_mask, keras_query_mask)
+        arguments = self._attention_arguments(use_causal_mask or causal_from_mask, use_causal_mask,
+                                              return_attention_scores)
         attention_mask = self._compute_attention_mask(
-            query, value, query_mask, value_mask, key_mask, attention_mask, use_causal_mask
+            query, value, query_mask, value_mask, key_mask, attention_mask,
+            use_causal_mask and "use_causal_mask" not in arguments,
         )
         query, key, value = (without_keras_mask(x) for x in (query, key, value))
         gate = projected(self._gate_dense, query) if self.use_gate else None
@@ -79,7 +82,7 @@ class GroupQueryAttentionBase(keras.layers.GroupQueryAttention):
         output, weights = self._compute_attention(
             projected(self._query_dense, query), key, value, attention_mask=attention_mask,
             training=training,
-            **self._attention_arguments(use_causal_mask or causal_from_mask, return_attention_scores),
+            **arguments,
         )
         if gate is not None:
             output = ops.multiply(output, gate)
@@ -104,13 +107,13 @@ class GroupQueryAttentionBase(keras.layers.GroupQueryAttention):
         """Raises on call options the layer cannot honour (none here)."""
         del return_attention_scores, use_causal_mask
 
-    def _attention_arguments(self, causal, return_attention_scores):
+    def _attention_arguments(self, causal, causal_mask, return_attention_scores):
         """`_compute_attention`'s keyword arguments beyond Keras's
         `(query, key, value, attention_mask, training)`, its documented
         override point: `_causal_argument`'s, and `return_attention_scores`
         where asked (Keras's layer keeps that on the layer between calls
         instead). A subclass whose override cannot take it is told so."""
-        arguments = self._causal_argument(causal)
+        arguments = self._causal_argument(causal, causal_mask)
         if return_attention_scores:
             if not takes_argument(self._compute_attention, "return_attention_scores"):
                 raise TypeError(
@@ -121,10 +124,11 @@ class GroupQueryAttentionBase(keras.layers.GroupQueryAttention):
             arguments["return_attention_scores"] = True
         return arguments
 
-    def _causal_argument(self, causal):
-        """Extra keyword arguments of `_compute_attention` for a causal call;
-        softmax needs none, the causal mask being in the attention mask."""
-        del causal
+    def _causal_argument(self, causal, causal_mask=False):
+        """Extra keyword arguments of `_compute_attention` for a causal call
+        (`causal_mask`: `use_causal_mask=True`); softmax needs none, the
+        causal mask being in the attention mask."""
+        del causal, causal_mask
         return {}
 
     def _compute_attention_mask(

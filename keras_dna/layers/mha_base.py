@@ -93,8 +93,10 @@ class MultiHeadAttentionBase(keras.layers.MultiHeadAttention):
         query_mask = logical_and(query_mask, keras_query_mask)
         if query_mask is not None:
             attention_mask = self._with_query_mask(attention_mask, query_mask, query)
+        causal_arguments = self._causal_argument(use_causal_mask or causal_from_mask, use_causal_mask)
         attention_mask = self._compute_attention_mask(
-            query, value, None, value_mask, key_mask, attention_mask, use_causal_mask
+            query, value, None, value_mask, key_mask, attention_mask,
+            use_causal_mask and "use_causal_mask" not in causal_arguments,
         )
         query, key, value = (without_keras_mask(x) for x in (query, key, value))
         gate = projected(self._gate_dense, query) if self._use_gate else None
@@ -102,7 +104,7 @@ class MultiHeadAttentionBase(keras.layers.MultiHeadAttention):
             projected(self._query_dense, query), projected(self._key_dense, key),
             projected(self._value_dense, value),
             attention_mask, training, return_attention_scores,
-            **self._causal_argument(use_causal_mask or causal_from_mask),
+            **causal_arguments,
         )
         if gate is not None:
             output = ops.multiply(output, gate)
@@ -132,11 +134,12 @@ class MultiHeadAttentionBase(keras.layers.MultiHeadAttention):
         del return_attention_scores
         check_causal_mask_call(use_causal_mask, self._attention_axes)
 
-    def _causal_argument(self, causal):
+    def _causal_argument(self, causal, causal_mask=False):
         """Extra keyword arguments of `_compute_attention` for a call that
-        is causal (`use_causal_mask=True`, or a `CausalNormalizationMask`).
-        Softmax needs none: the causal mask is in the attention mask."""
-        del causal
+        is causal (`use_causal_mask=True`, or a `CausalNormalizationMask`;
+        `causal_mask`: the former). Softmax needs none: the causal mask is
+        in the attention mask, unless the arguments hold `use_causal_mask`."""
+        del causal, causal_mask
         return {}
 
     def _with_query_mask(self, attention_mask, query_mask, query):
