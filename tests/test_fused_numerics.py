@@ -8,7 +8,6 @@ import pytest
 from keras import ops
 
 import keras_dna.ops.fused as fused
-from keras_dna import DoublyNormalizedAttention
 from keras_dna import ops as dna_ops
 from keras_dna.ops.fused import fused_attention
 from tests.test_fused import _oracle_output
@@ -225,33 +224,3 @@ def test_gradients_where_a_fused_call_falls_back_equal_the_exact_paths(rng, with
         compiled = jax.jit(jax.grad(lambda *x: loss("fused", *x), argnums=(0, 1, 2, 3, 4)))
         for g, e in zip(compiled(*arrays), expected_grads):
             np.testing.assert_allclose(np.asarray(g), e, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.skipif(BACKEND != "jax", reason="the route JAX GPUs take by default, simulated")
-def test_fit_on_the_fused_route_with_keras_masks_in_bfloat16(rng, monkeypatch):
-    # On a JAX GPU, bfloat16 calls run fused; here the selector is told the
-    # platform is a GPU, and Keras's kernel is its XLA form.
-    import keras_dna.ops.implementation as implementation
-
-    monkeypatch.setattr(implementation, "platform", lambda tensor: "gpu")
-    assert implementation.implementation_for(
-        ops.zeros((1, 4, 2, 4), "bfloat16"), ops.zeros((1, 4, 2, 4), "bfloat16"),
-        normalization="double", causal=False, flash_attention=None, chunk_size="auto",
-    ).name == "fused"
-    tokens = keras.Input((None,), dtype="int32")
-    # Mixed precision, as users train: bfloat16 calls, float32 weights.
-    x = keras.layers.Embedding(20, 8, mask_zero=True, dtype="mixed_bfloat16")(tokens)
-    attention = DoublyNormalizedAttention(2, 4, null_query=True, dtype="mixed_bfloat16")
-    x = attention(x, x)
-    outputs = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(x))
-    model = keras.Model(tokens, outputs)
-    model.compile("adam", "mse")
-    data = rng.integers(1, 20, size=(8, 6))
-    data[:4, 4:] = 0  # padding
-    before = [ops.convert_to_numpy(w) for w in (attention.key_dense.kernel, attention.null_query_logits)]
-    history = model.fit(data, rng.normal(size=(8, 1)), epochs=2, batch_size=4, verbose=0)
-    assert np.all(np.isfinite(history.history["loss"]))
-    for weight, old in zip((attention.key_dense.kernel, attention.null_query_logits), before):
-        new = ops.convert_to_numpy(weight)
-        # Step 1's gradient reaches the keys and the null query.
-        assert np.all(np.isfinite(new)) and not np.allclose(new, old), weight.path

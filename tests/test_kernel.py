@@ -299,3 +299,42 @@ def test_the_public_function_runs_the_kernels(rng, normalization, causal):
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(got), np.einsum("bnts,bsnh->btnh", weights, v), atol=2e-6, rtol=0
     )
+
+
+def test_fit_on_the_kernel_route_with_keras_masks_in_bfloat16(rng, monkeypatch):
+    # The route JAX accelerators take by default: the selector is told the
+    # platform is a TPU, and Pallas runs the kernels in its TPU interpreter.
+    from jax.experimental.pallas import tpu as pltpu
+
+    import keras_dna.ops.implementation as implementation
+    from keras_dna import DoublyNormalizedAttention
+
+    import keras_dna.ops.pallas as pallas
+
+    calls = []
+    kernel = pallas.kernel_attention
+    monkeypatch.setattr(pallas, "kernel_attention", lambda *a, **k: calls.append(k["causal_mask"]) or kernel(*a, **k))
+    monkeypatch.setattr(implementation, "platform", lambda tensor: "tpu")
+    assert implementation.implementation_for(
+        keras.ops.zeros((1, 4, 2, 4), "bfloat16"), keras.ops.zeros((1, 4, 2, 4), "bfloat16"),
+        normalization="double", causal=True, flash_attention=None, chunk_size="auto",
+    ).name == "kernel"
+    tokens = keras.Input((None,), dtype="int32")
+    # Mixed precision, as users train: bfloat16 calls, float32 weights.
+    x = keras.layers.Embedding(20, 8, mask_zero=True, dtype="mixed_bfloat16")(tokens)
+    attention = DoublyNormalizedAttention(2, 4, null_query=True, dtype="mixed_bfloat16")
+    x = attention(x, x, use_causal_mask=True)
+    outputs = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(x))
+    model = keras.Model(tokens, outputs)
+    model.compile("adam", "mse")
+    data = rng.integers(1, 20, size=(8, 6))
+    data[:4, 4:] = 0  # padding
+    before = [keras.ops.convert_to_numpy(w) for w in (attention.key_dense.kernel, attention.null_query_logits)]
+    with pltpu.force_tpu_interpret_mode():
+        history = model.fit(data, rng.normal(size=(8, 1)), epochs=2, batch_size=4, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert calls and all(calls)  # traced on the kernels, told the causal rule holds
+    for weight, old in zip((attention.key_dense.kernel, attention.null_query_logits), before):
+        new = keras.ops.convert_to_numpy(weight)
+        # Step 1's gradient reaches the keys and the null query.
+        assert np.all(np.isfinite(new)) and not np.allclose(new, old), weight.path
