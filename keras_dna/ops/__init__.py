@@ -23,6 +23,8 @@ can also be used on their own, in the style of
 - `blockwise`: the `chunk_size` path, blocks of queries;
 - `fused`: non-causal DNA on fused attention kernels
   (`keras.ops.dot_product_attention`), scores never written;
+- `pallas`: DNA's own kernels (JAX Pallas), causal and not, scores never
+  written; loaded by the calls that run them;
 - `incremental`: causal normalization over queries that arrive in blocks,
   and attention against a key/value cache (decoding);
 - `numerics`: working dtypes, masked values, underflow floors;
