@@ -175,7 +175,7 @@ class _Plan:
     carries and one row otherwise; the mask `(B or 1, N or 1, T or 1, S)`.
     """
 
-    def __init__(self, *, shapes, mask_shape, causal, causal_mask, normalize, scale, block_q, block_k, platform):
+    def __init__(self, *, shapes, mask_dims, causal, causal_mask, normalize, scale, block_q, block_k, platform):
         (self.batch, self.heads, self.q_len, self.head_dim), (self.kv_heads, self.k_len, self.value_dim) = shapes
         self.groups = self.heads // self.kv_heads
         # Powers of two (Triton's loads take no other), at least 8 (a TPU's
@@ -189,9 +189,14 @@ class _Plan:
         # The causal normalizer and its gradient carry a row per query block.
         self.carries = causal and normalize
         self.normalizer_rows = self.q_blocks if self.carries else 1
-        self.mask_shape = mask_shape
+        # `mask_dims`: the mask's batch and heads axes, and whether it
+        # varies along the queries; padded to the blocks.
+        self.mask_shape = None
+        if mask_dims is not None:
+            batch, heads, by_query = mask_dims
+            self.mask_shape = (batch, heads, self.q_pad if by_query else 1, self.k_pad)
         self.platform = platform
-        self._key = (shapes, mask_shape, causal, causal_mask, normalize, scale, block_q, block_k, platform)
+        self._key = (shapes, mask_dims, causal, causal_mask, normalize, scale, block_q, block_k, platform)
 
     def __hash__(self):
         return hash(self._key)
@@ -367,7 +372,8 @@ def _key_normalizer_kernel(plan, q_ref, k_ref, *rest):
 def _forward_kernel(plan, q_ref, k_ref, v_ref, *rest):
     """Program `(b, head, query block)`: the output rows and each row's
     log-sum-exp of `s - c`, by an online softmax over the key blocks."""
-    (c_ref,), mask_ref, (out_ref, lse_ref) = _inputs(plan, rest, 1) if plan.normalize else _pad(_inputs(plan, rest, 0))
+    extra, mask_ref, (out_ref, lse_ref) = _inputs(plan, rest, int(plan.normalize))
+    c_ref = extra[0] if extra else None
     q_block = pl.program_id(2)
     q_start = plan.q_start(q_block)
     q = q_ref[...]
@@ -398,12 +404,6 @@ def _forward_kernel(plan, q_ref, k_ref, v_ref, *rest):
     lse_ref[...] = jnp.where(seen, top + jnp.log(safe), -NEG)
 
 
-def _pad(inputs):
-    """`_inputs` of a softmax call, with `None` for the absent `c`."""
-    extra, mask_ref, outs = inputs
-    return (None,), mask_ref, outs
-
-
 def _key_gradient_kernel(plan, q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_ref, *rest):
     """Program `(b, key/value head, key block)`: the keys' and values'
     gradients, summed over the group's query heads and the query blocks.
@@ -411,7 +411,8 @@ def _key_gradient_kernel(plan, q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_ref
     need: non-causal, each key's column sum of `D`; causal, the suffix
     carries before each query block (`H`, relative to `R`) and after the
     first (`H0`, `R0`)."""
-    (c_ref,), mask_ref, outs = _inputs(plan, rest, 1) if plan.normalize else _pad(_inputs(plan, rest, 0))
+    extra, mask_ref, outs = _inputs(plan, rest, int(plan.normalize))
+    c_ref = extra[0] if extra else None
     per_head_mask = mask_ref is not None and len(mask_ref.shape) == 3
     k_start = plan.k_start(pl.program_id(2))
     k, v = k_ref[...], v_ref[...]
@@ -528,27 +529,23 @@ def _query_gradient_kernel(plan, q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_r
 # The calls of the kernels.
 
 
-def _spec(block, index):
-    return pl.BlockSpec(block, index)
-
-
 def _row_spec(plan, dim):
     """A program `(b, head, query block)`'s rows of a `(B, N, T, dim)` array."""
-    return _spec((None, None, plan.block_q, dim), lambda b, h, i: (b, h, i, 0))
+    return pl.BlockSpec((None, None, plan.block_q, dim), lambda b, h, i: (b, h, i, 0))
 
 
 def _keys_spec(plan, dim):
     """All of a `(B, K, S, dim)` array's keys for the program's query head."""
     groups = plan.groups
-    return _spec((None, None, plan.k_pad, dim), lambda b, h, i: (b, h // groups, 0, 0))
+    return pl.BlockSpec((None, None, plan.k_pad, dim), lambda b, h, i: (b, h // groups, 0, 0))
 
 
 def _per_key_row_spec(plan, rows):
     """What a program `(b, head, query block)` reads of a per-key array:
     the row of its query block, or the only row."""
     if rows > 1:
-        return _spec((None, None, None, 1, plan.k_pad), lambda b, h, i: (b, h, i, 0, 0))
-    return _spec((None, None, None, 1, plan.k_pad), lambda b, h, i: (b, h, 0, 0, 0))
+        return pl.BlockSpec((None, None, None, 1, plan.k_pad), lambda b, h, i: (b, h, i, 0, 0))
+    return pl.BlockSpec((None, None, None, 1, plan.k_pad), lambda b, h, i: (b, h, 0, 0, 0))
 
 
 def _normalizers(plan, q, k, mask, null_logits):
@@ -556,8 +553,8 @@ def _normalizers(plan, q, k, mask, null_logits):
     joined."""
     groups = plan.groups
     in_specs = [
-        _spec((None, None, plan.q_pad, plan.head_dim), lambda b, h, j: (b, h, 0, 0)),
-        _spec((None, None, plan.block_k, plan.head_dim), lambda b, h, j: (b, h // groups, j, 0)),
+        pl.BlockSpec((None, None, plan.q_pad, plan.head_dim), lambda b, h, j: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, plan.block_k, plan.head_dim), lambda b, h, j: (b, h // groups, j, 0)),
     ]
     arrays = [q, k]
     if mask is not None:
@@ -567,7 +564,7 @@ def _normalizers(plan, q, k, mask, null_logits):
     normalizers = plan.call(
         _key_normalizer_kernel, (plan.batch, plan.heads, plan.k_blocks), in_specs,
         jax.ShapeDtypeStruct(plan.per_key_shape(rows), jnp.float32),
-        _spec((None, None, rows, 1, plan.block_k), lambda b, h, j: (b, h, 0, 0, j)),
+        pl.BlockSpec((None, None, rows, 1, plan.block_k), lambda b, h, j: (b, h, 0, 0, j)),
     )(*arrays)
     if null_logits is None:
         return normalizers
@@ -609,13 +606,13 @@ def _key_gradients_call(plan, q, k, v, grad_out, lse, delta, normalizers, mask):
         return jnp.reshape(x, (plan.batch, kv, groups) + x.shape[2:])
 
     def whole(x):
-        return _spec((None, None) + x.shape[2:], lambda b, h, j: (b, h) + (0,) * (x.ndim - 2))
+        return pl.BlockSpec((None, None) + x.shape[2:], lambda b, h, j: (b, h) + (0,) * (x.ndim - 2))
 
     def keys(dim):
-        return _spec((None, None, plan.block_k, dim), lambda b, h, j: (b, h, j, 0))
+        return pl.BlockSpec((None, None, plan.block_k, dim), lambda b, h, j: (b, h, j, 0))
 
     def per_key(rows):
-        return _spec((None, None, groups, rows, 1, plan.block_k), lambda b, h, j: (b, h, 0, 0, 0, j))
+        return pl.BlockSpec((None, None, groups, rows, 1, plan.block_k), lambda b, h, j: (b, h, 0, 0, 0, j))
 
     arrays = [grouped(q), k, v] + [grouped(x) for x in (grad_out, lse, delta)]
     in_specs = [whole(arrays[0]), keys(plan.head_dim), keys(plan.value_dim)] + [whole(x) for x in arrays[3:]]
@@ -726,16 +723,18 @@ def kernel_attention(
         causal_mask=causal_mask,
         normalize=normalize, scale=float(scale), block_q=block_q, block_k=block_k, platform=platform,
     )
-    plan = _Plan(mask_shape=None, **options)
+    mask_dims = None
     if mask is not None:
         mask = jnp.asarray(mask, bool)
         mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+        mask_dims = (mask.shape[0], mask.shape[1], mask.shape[2] > 1)
+    plan = _Plan(mask_dims=mask_dims, **options)
+    if mask is not None:
         # The keys' axis always whole; the queries' only where the mask
         # varies along it.
         mask = jnp.broadcast_to(mask, mask.shape[:3] + (k_len,)).astype(jnp.int8)
-        rows = plan.q_pad if mask.shape[2] > 1 else 1
-        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, rows - mask.shape[2]), (0, plan.k_pad - k_len)))
-        plan = _Plan(mask_shape=mask.shape, **options)
+        rows, keys = plan.mask_shape[2:]
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, rows - mask.shape[2]), (0, keys - k_len)))
 
     def heads_first(x, length):
         x = jnp.swapaxes(x, 1, 2)
