@@ -19,11 +19,13 @@ depends on a later query. This module owns that prefix log-sum-exp:
 - `causal_double_normalization`, which combines them with one exponential
   per score, a null query (`c[i, j] = logaddexp(c[i, j], beta)`) included.
 
-`prefix_logsumexp` (the chunked path's, each block continuing the last's
-prefix) shifts by the same causal quantity; the whole-matrix path does not
-use it.
+`causal_weights` and `causal_weights_gradient` are the two halves of
+`causal_double_normalization`'s custom gradient, for the blocks of
+`keras_dna.ops.blockwise`, which pass each key's prefix over the blocks
+before as its null logit.
 """
 
+import collections
 import math
 
 import keras
@@ -40,7 +42,6 @@ from keras_dna.ops.numerics import mask_scores
 from keras_dna.ops.numerics import masked_value
 from keras_dna.ops.numerics import max_along
 from keras_dna.ops.numerics import reduce_or_fill
-from keras_dna.ops.numerics import smallest_normal
 from keras_dna.ops.numerics import sum_like
 from keras_dna.ops.numerics import underflow_log_threshold
 
@@ -199,34 +200,10 @@ def _positive_part_log(x):
     return ops.where(positive, ops.log(ops.where(positive, x, 1.0)), masked_value(x))
 
 
-def prefix_logsumexp(scores, valid):
-    """`c[i, j]`: log-sum-exp of key j's valid scores over queries i' <= i,
-    for masked `scores` (the blocks of `keras_dna.ops.blockwise`).
-
-    Fast path: exponentials against each key's score at its first valid
-    query (`_causal_shift`), which no later query changes, and a blocked
-    prefix sum. Entries whose sum passes `exp(overflow_log_margin)` (scores
-    rising that far along the queries) take the exact log-space scan
-    instead, entry by entry: the others keep the fast path's bits, so no
-    later query changes an earlier prefix. Not differentiable: callers
-    write the gradient out with `prefix_logsumexp_transpose`.
-    """
-    shift = _causal_shift(scores, valid, ())
-    partial = prefix_sum(ops.exp(scores - shift), axis=-2)
-    fast = shift + ops.log(at_least(partial, smallest_normal(scores)))
-    # Every entry, valid or not: the last row is the next block's carry.
-    bounded = partial <= math.exp(overflow_log_margin(scores))
-    return ops.cond(
-        ops.all(bounded),
-        lambda: fast,
-        lambda: ops.where(bounded, fast, exact_prefix_logsumexp(scores)),
-    )
-
-
 def prefix_logsumexp_transpose(scores, key_lse, upstream):
     """`sum over i >= i' of upstream[i, j] exp(s[i', j] - c[i, j])`.
 
-    The gradient of `prefix_logsumexp` (`c`, given as `key_lse`) with
+    The gradient of the prefix log-sum-exp `c` (given as `key_lse`) with
     respect to `scores`, for the upstream gradient `upstream`. A reverse
     prefix sum against each key's maximum where that cannot overflow, else
     in log space, the positive and negative parts of `upstream` apart.
@@ -530,57 +507,82 @@ def causal_double_normalization(scores, valid, null_logits=None):
     The null logits get `-sum of D * exp(null_logits - c)`, with
     `exp(null_logits - c) = exp(null_logits - shift) / P`.
     """
-    row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
 
-    # `scores` come unmasked: masking where they are read lets XLA fuse it
-    # instead of writing a masked copy for the branches.
     @ops.custom_gradient
     def normalize(scores, *null):
-        shift, key_sums, totals, query_sums, fast_weights, null_terms = _fast_causal_parts(
-            scores, valid, null
-        )
-        trusted = causal_fast_path_trusted(totals, query_sums, row_valid)
-        key_exact = ops.logical_not(_keys_bounded(totals))
-
-        def exact():
-            masked = mask_scores(scores, valid)
-            weights = _exact_causal_weights(masked, valid, null, shift, key_sums, key_exact)
-            # Rows whose fast weights are right keep them, to the bit: a
-            # later row that sends the call here changes no earlier one.
-            rows = ops.logical_and(
-                _rows_trusted(query_sums, row_valid),
-                ops.all(_keys_bounded(key_sums), axis=-1, keepdims=True),
-            )
-            return ops.where(rows, fast_weights, weights), masked
-
-        # What the gradient reads besides the weights: the key sums, or
-        # the masked scores where the exact path ran. One score-sized
-        # tensor kept for the backward pass, not both. (The fast weights
-        # are computed outside the branch: a branch that computes a
-        # score-sized result runs as one unfused, single-threaded task in
-        # XLA on CPU, while passing a tensor through costs nothing.)
-        weights, saved = ops.cond(trusted, lambda: (fast_weights, key_sums), exact)
+        weights, residuals = causal_weights(scores, valid, *null)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            softmax_part = softmax_part_of_gradient(weights, upstream)
-            # Computed outside the branch, where XLA fuses it with its
-            # neighbours (measured faster); the branch replaces it if needed.
-            # (Untrusted, `saved` holds scores: this is then discarded.)
-            fast_grad = softmax_part - weights * query_sums * saved * prefix_sum(
-                softmax_part / saved, axis=-2, reverse=True
-            )
-            if null:
-                fast_grad = (fast_grad, sum_like(-softmax_part * null_terms / saved, null[0]))
-            return ops.cond(
-                trusted,
-                lambda: fast_grad,
-                lambda: _exact_causal_gradient(saved, valid, null, softmax_part, shift, key_exact),
-            )
+            return causal_weights_gradient(weights, residuals, upstream)
 
         return weights, grad
 
     if null_logits is None:
         return normalize(scores)
     return normalize(scores, null_logits)
+
+
+CausalResiduals = collections.namedtuple(
+    "CausalResiduals", ["valid", "null", "trusted", "saved", "query_sums", "null_terms", "shift", "key_exact"]
+)
+CausalResiduals.__doc__ = """What `causal_weights_gradient` reads besides the weights."""
+
+
+def causal_weights(scores, valid, null_logits=None):
+    """`causal_double_normalization`'s weights, not differentiable, and
+    what `causal_weights_gradient` needs: the two halves of its custom
+    gradient, for callers that recompute the weights in their own
+    backward pass (`keras_dna.ops.blockwise`, whose carried prefix enters
+    as per-key `null_logits`)."""
+    null = () if null_logits is None else (null_logits,)
+    row_valid = None if valid is None else ops.any(valid, axis=-1, keepdims=True)
+    shift, key_sums, totals, query_sums, fast_weights, null_terms = _fast_causal_parts(
+        scores, valid, null
+    )
+    trusted = causal_fast_path_trusted(totals, query_sums, row_valid)
+    key_exact = ops.logical_not(_keys_bounded(totals))
+
+    # `scores` come unmasked: masking where they are read lets XLA fuse it
+    # instead of writing a masked copy for the branches.
+    def exact():
+        masked = mask_scores(scores, valid)
+        weights = _exact_causal_weights(masked, valid, null, shift, key_sums, key_exact)
+        # Rows whose fast weights are right keep them, to the bit: a
+        # later row that sends the call here changes no earlier one.
+        rows = ops.logical_and(
+            _rows_trusted(query_sums, row_valid),
+            ops.all(_keys_bounded(key_sums), axis=-1, keepdims=True),
+        )
+        return ops.where(rows, fast_weights, weights), masked
+
+    # What the gradient reads besides the weights: the key sums, or
+    # the masked scores where the exact path ran. One score-sized
+    # tensor kept for the backward pass, not both. (The fast weights
+    # are computed outside the branch: a branch that computes a
+    # score-sized result runs as one unfused, single-threaded task in
+    # XLA on CPU, while passing a tensor through costs nothing.)
+    weights, saved = ops.cond(trusted, lambda: (fast_weights, key_sums), exact)
+    return weights, CausalResiduals(valid, null, trusted, saved, query_sums, null_terms, shift, key_exact)
+
+
+def causal_weights_gradient(weights, residuals, upstream):
+    """The gradients of `causal_weights` in the scores (and, with null
+    logits, in those, summed to their shape) for the weights' gradient
+    `upstream`."""
+    valid, null, trusted, saved, query_sums, null_terms, shift, key_exact = residuals
+    softmax_part = softmax_part_of_gradient(weights, upstream)
+    # Computed outside the branch, where XLA fuses it with its
+    # neighbours (measured faster); the branch replaces it if needed.
+    # (Untrusted, `saved` holds scores: this is then discarded.)
+    fast_grad = softmax_part - weights * query_sums * saved * prefix_sum(
+        softmax_part / saved, axis=-2, reverse=True
+    )
+    if null:
+        fast_grad = (fast_grad, sum_like(-softmax_part * null_terms / saved, null[0]))
+    return ops.cond(
+        trusted,
+        lambda: fast_grad,
+        lambda: _exact_causal_gradient(saved, valid, null, softmax_part, shift, key_exact),
+    )
