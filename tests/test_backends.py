@@ -16,11 +16,15 @@ import sys
 import keras
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from keras import ops
 
 import keras_dna
 from keras_dna import DoublyNormalizedAttention
 from tests import oracle
+from tests.common import numeric_gradient
 from tests.common import value_and_gradients
 
 BACKEND = keras.backend.backend()
@@ -200,6 +204,64 @@ def test_chunked_equals_whole_forward_and_backward(rng, is_causal, null):
     np.testing.assert_allclose(chunked, whole, rtol=1e-12)
     for got, expected in zip(chunked_grads, whole_grads):
         np.testing.assert_allclose(got, expected, atol=1e-12)
+
+
+def _oracle_output(query, key, value, valid, normalization, null_logits):
+    scores = np.einsum("btnh,bsnh->bnts", query, key) / np.sqrt(query.shape[-1])
+    weights = oracle.attention_weights(
+        scores, valid, normalization, True, null_query_logits=null_logits
+    )
+    return np.einsum("bnts,bsnh->btnh", weights, value)
+
+
+# PyTorch runs these blocks op by op; JAX and TensorFlow compile a loop for
+# every new shape (and hold their scans to the oracle in test_blockwise.py).
+@settings(deadline=None, max_examples=25 if BACKEND == "torch" else 6)
+@given(
+    lengths=st.tuples(st.integers(1, 9), st.integers(1, 11)),
+    chunk_size=st.integers(1, 5),
+    normalization=st.sampled_from(["double", "single"]),
+    null=st.booleans(),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_blocks_match_the_oracle_forward_and_backward(
+    lengths, chunk_size, normalization, null, padded, seed
+):
+    # On PyTorch, causal blocks score only the keys up to their last query
+    # (`keras_dna.ops.blockwise`), here with key lengths shorter and longer
+    # than the queries, partial last blocks and padded keys.
+    null = null and normalization == "double"
+    rng = np.random.default_rng(seed)
+    query_length, key_length = lengths
+    query = rng.normal(size=(2, query_length, HEADS, 3)) * 2
+    key, value = (rng.normal(size=(2, key_length, HEADS, 3)) for _ in range(2))
+    arrays = [query, key, value] + ([rng.normal(size=HEADS)] if null else [])
+    mask = rng.random((2, 1, 1, key_length)) < 0.8 if padded else None
+    valid = oracle.validity(2, query_length, key_length, causal=True)[:, None]
+    if mask is not None:
+        valid = valid & mask
+    projection = rng.normal(size=(2, query_length, HEADS, 3))
+
+    def loss(query, key, value, null_logits=None):
+        output = keras_dna.ops.doubly_normalized_attention(
+            query, key, value, mask, normalization=normalization, is_causal=True,
+            null_query_logits=null_logits, chunk_size=chunk_size,
+        )
+        return ops.sum(output * ops.convert_to_tensor(projection))
+
+    def oracle_loss(*arrays):
+        return float(np.sum(_oracle_output(
+            *arrays[:3], valid, normalization, arrays[3] if null else None
+        ) * projection))
+
+    value_, grads = value_and_gradients(loss, *arrays)
+    np.testing.assert_allclose(value_, oracle_loss(*arrays), rtol=1e-10, atol=1e-10)
+    for which, grad in enumerate(grads):
+        expected = numeric_gradient(
+            lambda x: oracle_loss(*arrays[:which], x, *arrays[which + 1:]), arrays[which]
+        )
+        np.testing.assert_allclose(grad, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
