@@ -234,7 +234,9 @@ class DoubleNormalizationMixin:
             output = attention(
                 flat.query, flat.key, flat.value, flat.mask,
                 causal_normalization=causal_normalization, flash_attention=self._flash_attention,
-                is_causal=use_causal_mask and implementation == "kernel",
+                # The mask holds the causal rule already; told of it too,
+                # kernels skip the tiles and blocks the keys past it.
+                is_causal=use_causal_mask and implementation in ("kernel", "blockwise"),
                 implementation=implementation, chunk_size=chunk_size, **options,
             )
             return ops.cast(flat.restore(output), value.dtype), None
