@@ -25,7 +25,7 @@ from benchmarks import harness
 def parse_args(argv=None):
     p = harness.parser(__doc__.splitlines()[0], "memory/causal_blocks")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096])
-    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 64, 32])
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[128, 64, 32])
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
