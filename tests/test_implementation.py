@@ -54,6 +54,13 @@ TABLE = [
     (dict(backend="jax", platform="gpu", chunk_size=64), ("kernel", None)),
     (dict(backend="jax", platform="gpu", dtype="float64"), ("whole", None)),
     (dict(backend="jax", platform="gpu", flash_attention=False), ("whole", None)),
+    # PyTorch on CUDA: causal DNA on DNA's Triton kernels, the rest fused.
+    (dict(platform="cuda", causal=True), ("kernel", None)),
+    (dict(platform="cuda", causal=True, normalization="hybrid", dtype="bfloat16"), ("kernel", None)),
+    (dict(platform="cuda", causal=True, normalization="single"), ("fused", None)),
+    (dict(platform="cuda", causal=True, dtype="float64"), ("whole", None)),
+    (dict(platform="cuda", causal=True, flash_attention=False, chunk_size=64), ("blockwise", 64)),
+    (dict(causal=True, chunk_size=64), ("blockwise", 64)),  # PyTorch's CPU
     # Keras's splash kernel drops the bias and all masks but example 0's:
     # softmax takes DNA's kernels on TPUs too.
     (dict(backend="jax", platform="tpu", dtype="bfloat16"), ("kernel", None)),
@@ -350,3 +357,11 @@ def test_softmax_with_is_causal_on_every_route_masks_the_future(rng):
             chunk_size=chunk_size,
         )
         np.testing.assert_allclose(keras.ops.convert_to_numpy(got), expected, atol=2e-5, err_msg=implementation)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch's kernels are Triton's")
+def test_kernels_are_refused_on_a_pytorch_cpu_without_tritons_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = np.zeros((1, 4, 2, 8), "float32")
+    with pytest.raises(ValueError, match="Triton, which compiles for CUDA devices only"):
+        dna_ops.doubly_normalized_attention(q, q, q, is_causal=True, implementation="kernel")

@@ -399,15 +399,20 @@ def _blockwise_attention(query, key, value, mask, chunk_size, **options):
 
 def _kernel_attention(query, key, value, mask, target, *, normalization, is_causal, causal_normalization,
                       scale, mixing_logits, null_query_logits):
-    """Attention on DNA's own kernels (`keras_dna.ops.pallas`, JAX only),
-    compiled for the `target` platform: the double normalization with the
-    null query, softmax, or their mix."""
-    from keras_dna.ops.pallas import kernel_attention
-
+    """Attention on DNA's own kernels (`keras_dna.ops.pallas` on JAX,
+    compiled for the `target` platform; `keras_dna.ops.triton_kernels` on
+    PyTorch): the double normalization with the null query, softmax, or
+    their mix."""
     options = dict(
         mask=_rank4(mask), causal=bool(is_causal or causal_normalization), causal_mask=bool(is_causal),
-        scale=scale, platform=target,
+        scale=scale,
     )
+    if keras.backend.backend() == "torch":
+        from keras_dna.ops.triton_kernels import kernel_attention
+    else:
+        from keras_dna.ops.pallas import kernel_attention
+
+        options["platform"] = target
     if null_query_logits is not None:
         null_query_logits = ops.reshape(ops.convert_to_tensor(null_query_logits), (-1,))
     output = None

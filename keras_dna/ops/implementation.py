@@ -15,9 +15,10 @@ decides again. The implementations (the algebra of each is in
 - `"fused"`: the backend's fused softmax kernels
   (`keras.ops.dot_product_attention`) with DNA's per-key bias; non-causal
   only, memory linear in the lengths.
-- `"kernel"`: DNA's own kernels (`keras_dna.ops.pallas`, JAX Pallas),
-  causal and not, memory linear in the lengths; compiled for GPUs (Triton)
-  and TPUs (Mosaic), interpreted (exact and slow) on CPUs.
+- `"kernel"`: DNA's own kernels (`keras_dna.ops.pallas`, JAX Pallas;
+  `keras_dna.ops.triton_kernels`, Triton, for PyTorch), causal and not,
+  memory linear in the lengths; compiled for GPUs (Triton) and TPUs
+  (Mosaic), interpreted (exact and slow) on CPUs.
 - `"reference"`: `docs/math.md`'s formulas as they read
   (`keras_dna.ops.reference`), never chosen; the others are tested
   against it.
@@ -27,10 +28,11 @@ The rules, in order (`tests/test_implementation.py` holds the table):
 1. Weights returned, dropout or several attention axes: `"whole"`.
 2. `flash_attention=False`, or Keras's global setting off: neither
    `"fused"` nor `"kernel"` (rule 5).
-3. JAX on GPUs and TPUs below float64: `"kernel"` for double and hybrid
+3. Below float64, `"kernel"`: JAX on GPUs and TPUs for double and hybrid
    normalization, causal or not, and on TPUs for softmax too, where Keras's
    splash kernel takes no bias and keeps only the first example's mask
-   (`keras/src/backend/jax/nn.py`, Keras 3.15).
+   (`keras/src/backend/jax/nn.py`, Keras 3.15); PyTorch on CUDA for causal
+   double and hybrid normalization (Triton), which no fused kernel runs.
 4. `flash_attention=True` (or `None` while Keras's global setting is on)
    asks for `"fused"`, and raises where it cannot be had: causal double
    normalization (no per-key bias expresses it), TensorFlow (no fused
@@ -47,6 +49,7 @@ The rules, in order (`tests/test_implementation.py` holds the table):
 """
 
 import collections
+import os
 
 import keras
 from keras import ops
@@ -105,7 +108,7 @@ def choose_implementation(
         return Implementation("whole", None)
     causal_double = causal and normalization != "single"
     fallback_chunk_size = _exact_chunk_size(chunk_size, query_shape, key_shape)
-    if flash_attention is not False and _kernel_runs(backend, platform, dtype, normalization):
+    if flash_attention is not False and _kernel_runs(backend, platform, dtype, normalization, causal):
         return Implementation("kernel", None)
     if flash_attention:
         _check_fused_possible(backend, platform, dtype, causal_double, flash_kernels=True)
@@ -131,9 +134,13 @@ def _fallback_chunk_size(query_shape, key_shape):
     return auto_chunk_size(query_shape, key_shape, min_scores=0)
 
 
-def _kernel_runs(backend, platform, dtype, normalization):
+def _kernel_runs(backend, platform, dtype, normalization, causal):
     """Rule 3 of the module docstring."""
-    if backend != "jax" or keras.backend.standardize_dtype(dtype) == "float64":
+    if keras.backend.standardize_dtype(dtype) == "float64":
+        return False
+    if backend == "torch":
+        return platform == "cuda" and causal and normalization != "single"
+    if backend != "jax":
         return False
     return platform == "tpu" or (platform == "gpu" and normalization != "single")
 
@@ -199,7 +206,7 @@ def check_implementation(implementation, query, *, chunk_size, normalization, ca
             f"Received: chunk_size={chunk_size!r}"
         )
     if implementation == "kernel":
-        _check_kernel_possible(query.dtype, flash_attention)
+        _check_kernel_possible(query.dtype, flash_attention, platform(query))
     if implementation == "fused":
         if flash_attention is False:
             raise ValueError(
@@ -219,11 +226,18 @@ def check_implementation(implementation, query, *, chunk_size, normalization, ca
         )
 
 
-def _check_kernel_possible(dtype, flash_attention):
-    """Raises unless DNA's Pallas kernels can run a call."""
+def _check_kernel_possible(dtype, flash_attention, target):
+    """Raises unless DNA's own kernels can run a call on the `target` platform."""
     reason = None
-    if keras.backend.backend() != "jax":
-        reason = f"they are JAX Pallas kernels, and the backend is {keras.backend.backend()!r}"
+    backend = keras.backend.backend()
+    if backend not in ("jax", "torch"):
+        reason = f"they are JAX Pallas and Triton kernels, and the backend is {backend!r}"
+    elif backend == "torch" and target != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = (
+            "PyTorch runs them with Triton, which compiles for CUDA devices only; on "
+            f"{target!r} they run only in Triton's interpreter (TRITON_INTERPRET=1 set "
+            "before Triton is imported)"
+        )
     elif flash_attention is False:
         reason = "flash_attention=False rules out fused kernels"
     elif keras.backend.standardize_dtype(dtype) == "float64":
