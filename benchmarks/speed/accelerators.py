@@ -8,7 +8,8 @@ four layers with the same weights:
 - `MHA`: `flash_attention=None` (the backend's choice);
 - `DNA fused`: DNA on fused kernels: on JAX GPUs and TPUs DNA's own Pallas
   kernels (causal too), on PyTorch `scaled_dot_product_attention` (not
-  causal; causal DNA there is written out);
+  causal) and on CUDA DNA's own Triton kernels (causal; on a CPU causal
+  DNA is written out);
 - `DNA materialized`: `flash_attention=False`, the scores written out.
 
 Each is timed (forward, forward+backward; interleaved, medians), its
@@ -22,7 +23,8 @@ should run on a fused kernel is checked to do so:
   its fused kernels only (flash, memory-efficient, cuDNN), so a silent
   fallback to its unfused kernel raises;
 - JAX: the fused rows' compiled programs must call a fused kernel (a cuDNN,
-  Mosaic or Triton custom call);
+  Mosaic or Triton custom call); PyTorch's causal DNA must call DNA's Triton
+  kernels;
 - TensorFlow: Keras has no fused kernel; the fused rows say so.
 
 The table goes to OUTPUT.md and OUTPUT.json; the script exits with status 1
@@ -93,9 +95,9 @@ def _layers(settings, backend, device, dtype, causal):
 
     import keras_dna
 
-    # Fused kernels required on an accelerator, except for causal DNA on
-    # PyTorch, which has none.
-    flash = device != "cpu" and not (causal and backend == "torch")
+    # Fused kernels required on an accelerator (causal DNA on PyTorch: DNA's
+    # Triton kernels).
+    flash = device != "cpu"
     options = dict(num_heads=settings.heads, key_dim=settings.key_dim,
                    value_dim=settings.value_dim, dtype=dtype)
     return {
@@ -132,6 +134,19 @@ def _jax_ran_fused(layer, x, causal):
     return any(name in text for name in ("cudnn$fmha", "__cudnn", "tpu_custom_call", "mosaic", "triton"))
 
 
+def _torch_ran_kernels(forward):
+    """Whether `forward()` calls DNA's Triton kernels."""
+    from keras_dna.ops import triton_kernels
+
+    calls, original = [], triton_kernels.kernel_attention
+    triton_kernels.kernel_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        forward()
+    finally:
+        triton_kernels.kernel_attention = original
+    return bool(calls)
+
+
 def _timed_steps(layer, backend, fused, x, causal):
     """`{"forward", "forward_backward"}` of `x`, blocking; on PyTorch, with
     `fused`, allowed the fused kernels only."""
@@ -150,10 +165,10 @@ def _timed_steps(layer, backend, fused, x, causal):
 
 def _fused_expected(name, backend, device, causal):
     # Keras has no fused kernel on TensorFlow, JAX none on a CPU, and
-    # PyTorch none for causal DNA.
+    # PyTorch none for causal DNA on a CPU.
     if name == "DNA materialized" or backend == "tensorflow":
         return False
-    if name == "DNA fused" and causal and backend == "torch":
+    if name == "DNA fused" and causal and backend == "torch" and device == "cpu":
         return False
     return not (backend == "jax" and device == "cpu")
 
@@ -201,6 +216,8 @@ def _check_layer(name, layer, backend, device, x, causal):
         output = keras.ops.convert_to_numpy(keras.ops.cast(steps["forward"](), "float32"))
         if fused and backend == "jax" and not _jax_ran_fused(layer, x, causal):
             cell["fell_back"] = True
+        if fused and backend == "torch" and name == "DNA fused" and causal:
+            cell["fell_back"] = not _torch_ran_kernels(steps["forward"])
         memory = _step_memory_mib(layer, backend, x, causal, steps["forward_backward"])
         if memory is not None:
             cell["forward_backward_mib"] = memory
