@@ -61,6 +61,15 @@ TABLE = [
     (dict(platform="cuda", causal=True, dtype="float64"), ("whole", None)),
     (dict(platform="cuda", causal=True, flash_attention=False, chunk_size=64), ("blockwise", 64)),
     (dict(causal=True, chunk_size=64), ("blockwise", 64)),  # PyTorch's CPU
+    # 5. PyTorch: causal DNA under the causal mask by blocks of 64 queries.
+    (dict(causal=True, causal_mask=True, query_shape=(2, 65, 4, 8)), ("blockwise", 64)),
+    (dict(causal=True, causal_mask=True, normalization="hybrid", query_shape=(2, 512, 4, 8)),
+     ("blockwise", 64)),
+    (dict(causal=True, causal_mask=True), ("whole", None)),  # one block of 16
+    (dict(causal=True, query_shape=(2, 512, 4, 8)), ("whole", None)),  # no causal mask
+    (dict(causal=True, causal_mask=True, chunk_size=None, query_shape=(2, 512, 4, 8)), ("whole", None)),
+    (dict(causal=True, causal_mask=True, query_shape=(None, None, 4, 8)), ("whole", None)),
+    (dict(backend="jax", causal=True, causal_mask=True, query_shape=(2, 512, 4, 8)), ("whole", None)),
     # Keras's splash kernel drops the bias and all masks but example 0's:
     # softmax takes DNA's kernels on TPUs too.
     (dict(backend="jax", platform="tpu", dtype="bfloat16"), ("kernel", None)),
@@ -365,3 +374,19 @@ def test_kernels_are_refused_on_a_pytorch_cpu_without_tritons_interpreter(monkey
     q = np.zeros((1, 4, 2, 8), "float32")
     with pytest.raises(ValueError, match="Triton, which compiles for CUDA devices only"):
         dna_ops.doubly_normalized_attention(q, q, q, is_causal=True, implementation="kernel")
+
+
+def test_a_causal_layer_takes_blocks_of_64_on_pytorch_and_matches_the_oracle(rng, monkeypatch):
+    from keras_dna.ops import dispatch
+
+    chunk_sizes = []
+    original = dispatch.chunked_attention
+    monkeypatch.setattr(dispatch, "chunked_attention",
+                        lambda *a, **k: chunk_sizes.append(k["chunk_size"]) or original(*a, **k))
+    x = rng.normal(size=(1, 70, 8))
+    layer = DoublyNormalizedAttention(2, 4, dtype="float64", null_query=True, jit_compile=False)
+    got = keras.ops.convert_to_numpy(layer(x, x, use_causal_mask=True))
+    assert chunk_sizes == ([64] if BACKEND == "torch" else [])
+    valid = np.broadcast_to(np.tril(np.ones((70, 70), bool)), (1, 70, 70))
+    expected, _ = oracle.layer_forward(layer, x, x, valid=valid, causal=True)
+    np.testing.assert_allclose(got, expected, atol=1e-12, rtol=0)

@@ -223,7 +223,7 @@ class DoubleNormalizationMixin:
             flat.query, flat.key, normalization=self._normalization,
             causal=causal_normalization, flash_attention=self._flash_attention,
             chunk_size=self._chunk_size, num_attention_axes=num_axes, dropout=self._dropout,
-            return_weights=return_attention_scores,
+            return_weights=return_attention_scores, causal_mask=use_causal_mask,
         )
         if implementation != "whole":
             # Fused kernels run as they are; `compiled` would trace their

@@ -102,8 +102,10 @@ class DoublyNormalizedAttention(DoubleNormalizationMixin, MultiHeadAttentionBase
             single attention axis, no dropout, and cannot return the
             attention weights. `"auto"` takes blocks of 512
             (`keras_dna.ops.auto_chunk_size`) where the scores would take 4
-            GiB, when those conditions hold and the lengths are known, and
-            the whole matrix otherwise; `None` always the whole matrix.
+            GiB, and on PyTorch blocks of 64 for calls with
+            `use_causal_mask=True` (faster there than the whole matrix),
+            when those conditions hold and the lengths are known, and the
+            whole matrix otherwise; `None` always the whole matrix.
         null_query: Whether a null query joins every key's first
             (per-key) normalization step: a trainable log-mass `beta` per
             head (the weight `null_query_logits`), a background component

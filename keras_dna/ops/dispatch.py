@@ -290,7 +290,8 @@ def doubly_normalized_attention(
             scores block by block (about twice the work of the forward
             pass). Equal to the unchunked result up to float rounding.
             `"auto"`: blocks where the whole matrix would be large
-            (`auto_chunk_size`).
+            (`auto_chunk_size`), and on PyTorch blocks of 64 with
+            `is_causal` (`keras_dna.ops.implementation`, rule 5).
         flash_attention: Whether to run on the backend's fused attention
             kernels (`keras.ops.dot_product_attention`), in memory linear in
             the lengths (`keras_dna.ops.fused`); non-causal only. `None`:
@@ -340,7 +341,7 @@ def doubly_normalized_attention(
     if implementation is None:
         implementation, chunk_size = implementation_for(
             query, key, normalization=normalization, causal=causal,
-            flash_attention=flash_attention, chunk_size=chunk_size,
+            flash_attention=flash_attention, chunk_size=chunk_size, causal_mask=bool(is_causal),
         )
     else:
         check_implementation(

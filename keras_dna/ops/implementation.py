@@ -44,8 +44,10 @@ The rules, in order (`tests/test_implementation.py` holds the table):
    float64, and JAX on GPUs in half precision (cuDNN, softmax there); never
    causal double normalization.
 5. Otherwise `chunk_size`: an integer is `"blockwise"`; `"auto"` is
-   `"blockwise"` where the scores would be large (`auto_chunk_size`),
-   else `"whole"`; `None` is `"whole"`.
+   `"blockwise"` where the scores would be large (`auto_chunk_size`), and
+   on PyTorch for causal double and hybrid normalization under the causal
+   mask, by blocks of `TORCH_CAUSAL_CHUNK_SIZE` queries where there are
+   more; else `"whole"`; `None` is `"whole"`.
 """
 
 import collections
@@ -67,11 +69,15 @@ to, where its read-outs underflow), else `None`."""
 
 _HALF = ("float16", "bfloat16")
 
+# The blocks of queries `chunk_size="auto"` takes for causal DNA under the
+# causal mask on PyTorch (rule 5).
+TORCH_CAUSAL_CHUNK_SIZE = 64
+
 
 def choose_implementation(
     *, backend, platform, dtype, normalization, causal, flash_attention, flash_enabled,
     chunk_size, query_shape, key_shape, num_attention_axes=1, dropout=0.0,
-    return_weights=False,
+    return_weights=False, causal_mask=False,
 ):
     """The implementation of one attention call.
 
@@ -94,6 +100,8 @@ def choose_implementation(
             over.
         dropout: The dropout rate on the weights.
         return_weights: Whether the call returns the weights.
+        causal_mask: Whether the call masks the keys after each query
+            (`use_causal_mask`, `is_causal`).
 
     Returns:
         An `Implementation`.
@@ -107,7 +115,9 @@ def choose_implementation(
     if return_weights or dropout or num_attention_axes != 1:
         return Implementation("whole", None)
     causal_double = causal and normalization != "single"
-    fallback_chunk_size = _exact_chunk_size(chunk_size, query_shape, key_shape)
+    fallback_chunk_size = _exact_chunk_size(
+        chunk_size, query_shape, key_shape, backend == "torch" and causal_double and causal_mask
+    )
     if flash_attention is not False and _kernel_runs(backend, platform, dtype, normalization, causal):
         return Implementation("kernel", None)
     if flash_attention:
@@ -120,11 +130,21 @@ def choose_implementation(
     return Implementation("blockwise", fallback_chunk_size)
 
 
-def _exact_chunk_size(chunk_size, query_shape, key_shape):
-    """The blocks of queries of a call without fused kernels, or `None`."""
-    if chunk_size == "auto":
-        return auto_chunk_size(query_shape, key_shape)
-    return chunk_size
+def _exact_chunk_size(chunk_size, query_shape, key_shape, torch_causal):
+    """The blocks of queries of a call without fused kernels, or `None`.
+
+    `torch_causal`: causal DNA under the causal mask on PyTorch, whose
+    blocks score only the keys up to their last query, and where blocks of
+    64 were faster than the whole matrix at every length measured, 512 to
+    4096, in a fraction of its memory
+    (`benchmarks/results/memory/causal_blocks*.md`).
+    """
+    if chunk_size != "auto":
+        return chunk_size
+    length = query_shape[1]
+    if torch_causal and length is not None and length > TORCH_CAUSAL_CHUNK_SIZE:
+        return TORCH_CAUSAL_CHUNK_SIZE
+    return auto_chunk_size(query_shape, key_shape)
 
 
 def _fallback_chunk_size(query_shape, key_shape):
@@ -263,7 +283,7 @@ def platform(tensor):
 
 def implementation_for(
     query, key, *, normalization, causal, flash_attention, chunk_size, num_attention_axes=1,
-    dropout=0.0, return_weights=False,
+    dropout=0.0, return_weights=False, causal_mask=False,
 ):
     """`choose_implementation` for projected `query` and `key` tensors
     (`(batch, length, num_heads, head_dim)`), on this backend and platform,
@@ -282,4 +302,5 @@ def implementation_for(
         num_attention_axes=num_attention_axes,
         dropout=dropout,
         return_weights=return_weights,
+        causal_mask=causal_mask,
     )
