@@ -88,6 +88,16 @@ def _load_rows(base, rows, heads, T, H, stride_t, stride_h):
 
 
 @triton.jit
+def _program(bn, N, T, S, prefix_ptr, BLOCK_Q: tl.constexpr, CAUSAL: tl.constexpr):
+    """A program's batch entry and head (from its index `bn` over both),
+    the number of query blocks, and where its rows of `C` (causal: one per
+    query block and the whole prefix) or its row of `c` start."""
+    num_blocks = tl.cdiv(T, BLOCK_Q)
+    rows = num_blocks + 1 if CAUSAL else 1
+    return bn // N, bn % N, num_blocks, prefix_ptr + bn * rows * S
+
+
+@triton.jit
 def _prefix_kernel(
     q_ptr, k_ptr, mask_ptr, null_ptr, prefix_ptr,
     T, S, H, N, scale,
@@ -97,14 +107,12 @@ def _prefix_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     key_block, bn = tl.program_id(0), tl.program_id(1)
-    b, n = bn // N, bn % N
+    b, n, num_blocks, prefix_base = _program(bn, N, T, S, prefix_ptr, BLOCK_Q, CAUSAL)
     cols = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
     heads = tl.arange(0, BLOCK_H)
     q_base = q_ptr + b * stride_qb + n * stride_qn
     k_base = k_ptr + b * stride_kb + n * stride_kn
     mask_base = mask_ptr + b * stride_mb + n * stride_mn
-    num_blocks = tl.cdiv(T, BLOCK_Q)
-    prefix_base = prefix_ptr + bn * (num_blocks + 1) * S if CAUSAL else prefix_ptr + bn * S
     running = tl.full((BLOCK_K,), NEG, tl.float32)
     if HAS_NULL:
         running = running * 0.0 + tl.load(null_ptr + n)
@@ -143,15 +151,13 @@ def _forward_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr,
 ):
     block, bn = tl.program_id(0), tl.program_id(1)
-    b, n = bn // N, bn % N
+    b, n, num_blocks, prefix_base = _program(bn, N, T, S, prefix_ptr, BLOCK_Q, CAUSAL)
     rows = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     heads, value_heads = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_HV)
     q = _load_rows(q_ptr + b * stride_qb + n * stride_qn, rows, heads, T, H, stride_qt, stride_qh)
     k_base = k_ptr + b * stride_kb + n * stride_kn
     v_base = v_ptr + b * stride_vb + n * stride_vn
     mask_base = mask_ptr + b * stride_mb + n * stride_mn
-    num_blocks = tl.cdiv(T, BLOCK_Q)
-    prefix_base = prefix_ptr + bn * (num_blocks + 1) * S if CAUSAL else prefix_ptr + bn * S
     top = tl.full((BLOCK_Q,), NEG, tl.float32)
     total = tl.zeros((BLOCK_Q,), tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_HV), tl.float32)
@@ -228,7 +234,7 @@ def _key_gradient_kernel(
     query's share) in `start_ptr`. Not causal: the column sums of `D` in
     `later_ptr` (`(B, N, S)`)."""
     key_block, bn = tl.program_id(0), tl.program_id(1)
-    b, n = bn // N, bn % N
+    b, n, num_blocks, prefix_base = _program(bn, N, T, S, prefix_ptr, BLOCK_Q, CAUSAL)
     cols = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
     heads, value_heads = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_HV)
     q_base = q_ptr + b * stride_qb + n * stride_qn
@@ -236,8 +242,6 @@ def _key_gradient_kernel(
     k_base = k_ptr + b * stride_kb + n * stride_kn
     v_base = v_ptr + b * stride_vb + n * stride_vn
     mask_base = mask_ptr + b * stride_mb + n * stride_mn
-    num_blocks = tl.cdiv(T, BLOCK_Q)
-    prefix_base = prefix_ptr + bn * (num_blocks + 1) * S if CAUSAL else prefix_ptr + bn * S
     first = (key_block * BLOCK_K) // BLOCK_Q if CAUSAL_MASK else 0
     key_grad = tl.zeros((BLOCK_K, BLOCK_H), tl.float32)
     weighted_queries = tl.zeros((BLOCK_K, BLOCK_H), tl.float32)
@@ -296,7 +300,7 @@ def _query_gradient_kernel(
     """dQ of a query block (`dq_ptr`: strides of `q`), from the carries the
     key gradient kernel stored in `later_ptr`."""
     block, bn = tl.program_id(0), tl.program_id(1)
-    b, n = bn // N, bn % N
+    b, n, num_blocks, prefix_base = _program(bn, N, T, S, prefix_ptr, BLOCK_Q, CAUSAL)
     rows = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     heads, value_heads = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_HV)
     q = _load_rows(q_ptr + b * stride_qb + n * stride_qn, rows, heads, T, H, stride_qt, stride_qh)
@@ -306,8 +310,6 @@ def _query_gradient_kernel(
     k_base = k_ptr + b * stride_kb + n * stride_kn
     v_base = v_ptr + b * stride_vb + n * stride_vn
     mask_base = mask_ptr + b * stride_mb + n * stride_mn
-    num_blocks = tl.cdiv(T, BLOCK_Q)
-    prefix_base = prefix_ptr + bn * (num_blocks + 1) * S if CAUSAL else prefix_ptr + bn * S
     query_grad = tl.zeros((BLOCK_Q, BLOCK_H), tl.float32)
     for key_block in range(0, _key_blocks_seen(block, S, BLOCK_Q, BLOCK_K, CAUSAL_MASK)):
         cols = key_block * BLOCK_K + tl.arange(0, BLOCK_K)
