@@ -310,8 +310,8 @@ def test_layer_matches_the_oracle_with_masks(rng, options):
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.compile is PyTorch's")
 def test_torch_compile_breaks_the_graph_only_at_the_normalizations_choices(rng):
-    # Keras' `ops.cond` is a Python `if` on PyTorch: the fast or exact path is
-    # chosen between graphs. Nothing else in a call may break the graph (a
+    # `keras_dna.ops.backend.cond` is a Python `if` on PyTorch (as Keras's
+    # `ops.cond` is there): the fast or exact path is chosen between graphs. Nothing else in a call may break the graph (a
     # context variable made torch.compile run the whole call uncompiled).
     # Dynamo takes about 20 s to trace one call.
     import torch
@@ -325,7 +325,7 @@ def test_torch_compile_breaks_the_graph_only_at_the_normalizations_choices(rng):
     )(x, mask)
     where = {(r.user_stack[-1].filename, r.user_stack[-1].name) for r in explanation.break_reasons}
     assert {name for _, name in where} == {"cond"}, explanation.break_reasons
-    assert all(path.endswith("keras/src/backend/torch/core.py") for path, _ in where)
+    assert all(path.endswith("keras_dna/ops/backend.py") for path, _ in where)
 
 
 def test_per_head_masks_and_empty_sequences(rng):

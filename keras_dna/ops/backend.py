@@ -330,6 +330,16 @@ def torch_compiling():
     return torch.compiler.is_compiling()
 
 
+def cond(pred, true_fn, false_fn):
+    """`ops.cond(pred, true_fn, false_fn)`, but a plain Python `if` on
+    PyTorch, which is what Keras's PyTorch `cond` runs: Keras also builds a
+    `keras.Operation` there, whose global name counter `torch.compile`
+    guards on, so every compiled call recompiled the function around it."""
+    if keras.backend.backend() == "torch":
+        return true_fn() if bool(pred) else false_fn()
+    return ops.cond(pred, true_fn, false_fn)
+
+
 def pad_last_axis(x, extra):
     """`x` with `extra` zeros appended along its last axis.
 
@@ -378,7 +388,7 @@ def unless_trusted(trusted, output, fallback, *arrays):
     def exact():
         return ops.cast(fallback(*arrays), output.dtype)
 
-    return ops.cond(trusted, lambda: output, exact)
+    return cond(trusted, lambda: output, exact)
 
 
 def _unless_trusted_eagerly(trusted, output, fallback, *arrays):

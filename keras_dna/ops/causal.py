@@ -31,6 +31,7 @@ import math
 import keras
 from keras import ops
 
+from keras_dna.ops.backend import cond
 from keras_dna.ops.backend import cumsum
 from keras_dna.ops.backend import cumulative_logsumexp
 from keras_dna.ops.backend import maximum
@@ -227,7 +228,7 @@ def prefix_logsumexp_transpose(scores, key_lse, upstream):
             total = total + sign * ops.exp(scores + reverse_lse)
         return total
 
-    return ops.cond(ops.all(bounded), fast, exact)
+    return cond(ops.all(bounded), fast, exact)
 
 
 def _first_valid_terms(terms, valid):
@@ -258,7 +259,7 @@ def _first_valid_terms(terms, valid):
 
     if length is None:
         # An unknown length may be 0 at run time, with no row to gather.
-        return ops.cond(
+        return cond(
             ops.shape(terms)[-2] > 0, gather, lambda: ops.zeros_like(index, terms.dtype)
         ), key_seen
     return gather(), key_seen
@@ -426,7 +427,7 @@ def _exact_causal_weights(masked, valid, null, shift, key_sums, key_exact):
     """
 
     def keywise(masked, shift, key_sums, key_exact, *null):
-        return ops.cond(
+        return cond(
             ops.any(key_exact),
             lambda: (_exact_key_logsumexp(masked, null),),
             lambda: (shift + ops.log(key_sums),),
@@ -435,7 +436,7 @@ def _exact_causal_weights(masked, valid, null, shift, key_sums, key_exact):
     def by_key_blocks():
         return _over_key_blocks(keywise, 1, masked, shift, key_sums, key_exact, *null)[0]
 
-    key_lse = ops.cond(ops.any(key_exact), by_key_blocks, lambda: shift + ops.log(key_sums))
+    key_lse = cond(ops.any(key_exact), by_key_blocks, lambda: shift + ops.log(key_sums))
     return row_softmax(masked - key_lse, valid)[0]
 
 
@@ -461,13 +462,13 @@ def _exact_causal_gradient(masked, valid, null, softmax_part, shift, key_exact):
             grad = softmax_part - prefix_logsumexp_transpose(masked, key_lse, softmax_part)
             return (grad,) if not null else (grad, -softmax_part * ops.exp(null[0] - key_lse))
 
-        return ops.cond(
+        return cond(
             ops.any(key_exact),
             exact,
             lambda: _bounded_gradient(masked, valid, softmax_part, shift, null),
         )
 
-    grads = ops.cond(
+    grads = cond(
         ops.any(key_exact),
         lambda: _over_key_blocks(
             keywise, 1 + len(null), masked, valid, softmax_part, shift, key_exact, *null
@@ -563,7 +564,7 @@ def causal_weights(scores, valid, null_logits=None):
     # are computed outside the branch: a branch that computes a
     # score-sized result runs as one unfused, single-threaded task in
     # XLA on CPU, while passing a tensor through costs nothing.)
-    weights, saved = ops.cond(trusted, lambda: (fast_weights, key_sums), exact)
+    weights, saved = cond(trusted, lambda: (fast_weights, key_sums), exact)
     return weights, CausalResiduals(valid, null, trusted, saved, query_sums, null_terms, shift, key_exact)
 
 
@@ -581,7 +582,7 @@ def causal_weights_gradient(weights, residuals, upstream):
     )
     if null:
         fast_grad = (fast_grad, sum_like(-softmax_part * null_terms / saved, null[0]))
-    return ops.cond(
+    return cond(
         trusted,
         lambda: fast_grad,
         lambda: _exact_causal_gradient(saved, valid, null, softmax_part, shift, key_exact),

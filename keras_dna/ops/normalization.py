@@ -18,6 +18,7 @@ import math
 
 from keras import ops
 
+from keras_dna.ops.backend import cond
 from keras_dna.ops.backend import einsum
 from keras_dna.ops.backend import maximum
 from keras_dna.ops.numerics import at_least
@@ -139,8 +140,8 @@ def double_normalization(scores, valid, null_logits=None):
             # Masked scores far above the valid ones flush the valid terms.
             # A branch of its own: inside the weights' branch, XLA hoisted
             # the whole exact branch out of the conditional (measured).
-            key_lse = ops.cond(trusted, lambda: key_lse, lambda: _key_lse(scores, valid, null))
-        weights, query_sums = ops.cond(
+            key_lse = cond(trusted, lambda: key_lse, lambda: _key_lse(scores, valid, null))
+        weights, query_sums = cond(
             trusted,
             lambda: (fast_weights, query_sums),
             lambda: row_softmax(mask_scores(scores, valid) - key_lse, valid),
