@@ -308,6 +308,20 @@ def test_layer_matches_the_oracle_with_masks(rng, options):
     np.testing.assert_allclose(_numpy(output)[rows], expected[rows], atol=2e-5, rtol=0)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="the meta device is PyTorch's")
+def test_choices_on_the_meta_device_take_the_first_branch_as_keras_cond_does():
+    # Keras infers shapes on PyTorch's meta device, where no value can be
+    # read; its `cond` takes the first branch there.
+    import torch
+
+    from keras_dna.ops.backend import cond
+
+    meta = torch.zeros((), dtype=torch.bool, device="meta")
+    assert cond(meta, lambda: "true", lambda: "false") == "true"
+    assert cond(torch.tensor(False), lambda: "true", lambda: "false") == "false"
+    assert cond(torch.tensor(True), lambda: "true", lambda: "false") == "true"
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.compile is PyTorch's")
 def test_torch_compile_breaks_the_graph_only_at_the_normalizations_choices(rng):
     # `keras_dna.ops.backend.cond` is a Python `if` on PyTorch (as Keras's

@@ -334,8 +334,12 @@ def cond(pred, true_fn, false_fn):
     """`ops.cond(pred, true_fn, false_fn)`, but a plain Python `if` on
     PyTorch, which is what Keras's PyTorch `cond` runs: Keras also builds a
     `keras.Operation` there, whose global name counter `torch.compile`
-    guards on, so every compiled call recompiled the function around it."""
+    guards on, so every compiled call recompiled the function around it.
+    A predicate on the meta device (Keras's shape inference) takes
+    `true_fn`, as Keras's `cond` does."""
     if keras.backend.backend() == "torch":
+        if pred.is_meta:
+            return true_fn()
         return true_fn() if bool(pred) else false_fn()
     return ops.cond(pred, true_fn, false_fn)
 
@@ -384,23 +388,17 @@ def unless_trusted(trusted, output, fallback, *arrays):
     """
     if torch_compiling():
         return _torch_unless_trusted(trusted, output, fallback, *arrays)
-
-    def exact():
-        return ops.cast(fallback(*arrays), output.dtype)
-
-    return cond(trusted, lambda: output, exact)
+    return _unless_trusted(trusted, output, fallback, *arrays)
 
 
-def _unless_trusted_eagerly(trusted, output, fallback, *arrays):
-    if bool(trusted):
-        return output
-    return ops.cast(fallback(*arrays), output.dtype)
+def _unless_trusted(trusted, output, fallback, *arrays):
+    return cond(trusted, lambda: output, lambda: ops.cast(fallback(*arrays), output.dtype))
 
 
 # Made once, here: decorating it while Dynamo traces would make a new
 # function at every trace.
-_torch_unless_trusted = _unless_trusted_eagerly
+_torch_unless_trusted = _unless_trusted
 if keras.backend.backend() == "torch":
     import torch
 
-    _torch_unless_trusted = torch.compiler.disable(_unless_trusted_eagerly)
+    _torch_unless_trusted = torch.compiler.disable(_unless_trusted)
